@@ -1,0 +1,174 @@
+"""Building blocks shared by the vision tower and the text decoder.
+
+Conventions
+* Every parameter is an ``nnx.Param`` whose metadata ``logical_axes`` names its axes
+  (``embed``, ``heads``, ``kv_heads``, ``mlp``, ``vocab``, ``vision_embed``, ...). The
+  mapping from logical names to mesh axes lives in ``recap_jax.parallel``.
+* Repeated blocks are *stacked*: a block module built with ``stack=L`` holds every
+  parameter with a leading ``layers`` axis, and `scan_layers` runs it with ``jax.lax.scan``
+  (one compiled body, whatever the depth).
+* ``dtype`` is the compute dtype; parameters keep their own dtype and are cast on use.
+  Normalisation statistics and softmax are always computed in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LAYERS_AXIS = "layers"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """How one transformers checkpoint tensor maps onto one of our parameters.
+
+    hf_name: the tensor's name relative to its module's prefix; for stacked blocks it
+      contains ``{i}`` for the layer index (e.g. ``"layers.{i}.self_attn.q_proj.weight"``).
+    path: our parameter's path relative to the module (e.g. ``("layers", "self_attn", "q_proj", "kernel")``).
+    to_ours / to_hf: layout conversions of ONE layer's tensor (numpy in, numpy out).
+    stacked: whether our parameter has a leading ``layers`` axis filled from ``{i}`` = 0..L-1.
+    """
+
+    hf_name: str
+    path: tuple[str, ...]
+    to_ours: Callable[[Any], Any]
+    to_hf: Callable[[Any], Any]
+    stacked: bool = False
+
+
+def make_param(key: jax.Array, shape: Sequence[int], logical_axes: Sequence[str | None], *,
+               dtype: Any, stack: int | None = None, init: str = "normal", std: float = 0.02) -> nnx.Param:
+    """A parameter of ``shape`` (with a leading ``stack`` axis when stacked) and its axis names."""
+    shape = tuple(shape)
+    axes = tuple(logical_axes)
+    if len(axes) != len(shape):
+        raise ValueError(f"logical_axes {axes} do not match shape {shape}")
+    if stack is not None:
+        shape = (stack, *shape)
+        axes = (LAYERS_AXIS, *axes)
+    if init == "normal":
+        value = std * jax.random.normal(key, shape, jnp.float32)
+    elif init == "zeros":
+        value = jnp.zeros(shape, jnp.float32)
+    elif init == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    else:
+        raise ValueError(f"unknown init {init!r}")
+    return nnx.Param(value.astype(dtype), logical_axes=axes)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel is [in, out] (the transpose of PyTorch's weight)."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool,
+                 axes: tuple[str | None, str | None], rngs: nnx.Rngs, param_dtype: Any = jnp.float32,
+                 stack: int | None = None, std: float = 0.02):
+        self.kernel = make_param(rngs.params(), (in_features, out_features), axes, dtype=param_dtype,
+                                 stack=stack, std=std)
+        self.bias = (make_param(rngs.params(), (out_features,), axes[1:], dtype=param_dtype, stack=stack,
+                                init="zeros") if use_bias else None)
+
+    def __call__(self, x: jax.Array, dtype: Any) -> jax.Array:
+        y = jnp.dot(x.astype(dtype), self.kernel[...].astype(dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, with the statistics in float32 (as transformers' Qwen2RMSNorm)."""
+
+    def __init__(self, dim: int, *, eps: float, axis_name: str, rngs: nnx.Rngs,
+                 param_dtype: Any = jnp.float32, stack: int | None = None):
+        del rngs
+        self.eps = eps
+        self.scale = make_param(None, (dim,), (axis_name,), dtype=param_dtype, stack=stack, init="ones")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        input_dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(input_dtype) * normed.astype(input_dtype)
+
+
+class SwiGLU(nnx.Module):
+    """down(silu(gate(x)) * up(x)): the MLP of both towers (biases only in the vision tower)."""
+
+    def __init__(self, dim: int, hidden: int, *, use_bias: bool, embed_axis: str, mlp_axis: str,
+                 rngs: nnx.Rngs, param_dtype: Any = jnp.float32, stack: int | None = None):
+        kw = dict(use_bias=use_bias, rngs=rngs, param_dtype=param_dtype, stack=stack)
+        self.gate_proj = Linear(dim, hidden, axes=(embed_axis, mlp_axis), **kw)
+        self.up_proj = Linear(dim, hidden, axes=(embed_axis, mlp_axis), **kw)
+        self.down_proj = Linear(hidden, dim, axes=(mlp_axis, embed_axis), **kw)
+
+    def __call__(self, x: jax.Array, dtype: Any) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x, dtype)) * self.up_proj(x, dtype), dtype)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x * cos + rotate_half(x) * sin, computed in float32 and cast back to x's dtype.
+
+    cos/sin broadcast against x ([..., seq, heads, head_dim] with cos [..., seq, 1, head_dim]).
+    """
+    x32 = x.astype(jnp.float32)
+    return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Softmax attention with grouped-query heads.
+
+    q: [B, Sq, Hq, D]; k, v: [B, Sk, Hkv, D] with Hq a multiple of Hkv;
+    mask: boolean, broadcastable to [B, Hq, Sq, Sk] (True = may attend), or None.
+    Scores and softmax are float32; a query with nothing to attend to gets a uniform
+    (finite) distribution instead of NaN. Returns [B, Sq, Hq, D] in q's dtype.
+    """
+    batch, q_len, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    groups = num_heads // num_kv_heads
+    qg = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (head_dim ** -0.5)
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (batch, num_heads, q_len, k.shape[1]))
+        mask = mask.reshape(batch, num_kv_heads, groups, q_len, k.shape[1])
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
+    return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def scan_layers(stacked: nnx.Module, body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]], carry: Any,
+                xs: Any = None, *, remat: str = "none") -> tuple[Any, Any]:
+    """Runs ``body(layer, carry, x) -> (carry, y)`` over the layers of a stacked module.
+
+    ``xs`` (optional) holds per-layer inputs with a leading layer axis (e.g. a KV cache or a
+    full-attention flag); ``remat`` is a key of `REMAT_POLICIES`.
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat: {remat!r} is not one of {sorted(REMAT_POLICIES)}")
+    graphdef, state = nnx.split(stacked)
+
+    def step(carry, inputs):
+        layer_state, x = inputs
+        return body(nnx.merge(graphdef, layer_state), carry, x)
+
+    if remat != "none":
+        step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    return jax.lax.scan(step, carry, (state, xs))
