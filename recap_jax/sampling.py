@@ -1,0 +1,267 @@
+"""Jitted KV-cache generation for Qwen2.5-VL, and the trainer's log-probs of the same tokens.
+
+`generate` prefills each multimodal prompt once (the vision tower and the prompt's forward
+run once per prompt, not once per sample), repeats the prompt's KV cache for its G samples,
+then decodes every sample in one compiled ``lax.while_loop`` with per-sequence EOS stopping.
+
+Log-probs. The returned per-token log-probs are ``log_softmax(logits)`` of the model's raw
+logits: the distribution at temperature 1 without top-k/top-p truncation, whatever
+temperature/top-p/top-k were used to *draw* the token. This is what the trainer recomputes
+(`completion_logprobs`), so importance ratios pi_theta / pi_old start at exactly 1 up to
+floating-point noise; a sampler that reported its tempered, truncated distribution would bias
+every ratio.
+
+Static shapes: the prompt length is padded (on the left) up to a bucket from
+``prompt_buckets`` and the vision patches up to a multiple of ``patch_bucket``, so a stream
+of batches compiles a handful of times, not once per batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from recap_jax.models.qwen2_5_vl import text as text_lib
+from recap_jax.models.qwen2_5_vl.model import ModelInputs, prepare_inputs
+
+DEFAULT_PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+class SamplingParams(NamedTuple):
+    """How tokens are drawn (static inside jit). temperature 0 means greedy."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    eos_token_id: int | tuple[int, ...] = ()
+    pad_token_id: int = 0
+    num_samples: int = 1
+
+    def validate(self) -> "SamplingParams":
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be a positive integer, got {self.max_new_tokens!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k: must be >= 0 (0 = off), got {self.top_k!r}")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples: must be >= 1, got {self.num_samples!r}")
+        eos = (self.eos_token_id,) if isinstance(self.eos_token_id, int) else tuple(self.eos_token_id or ())
+        return self._replace(eos_token_id=eos)
+
+
+class GenerationOutput(NamedTuple):
+    """Completions of B * G sequences (sample g of prompt b at row b * G + g).
+
+    tokens: [B*G, max_new_tokens] int32, ``pad_token_id`` after the end;
+    logprobs: [B*G, max_new_tokens] float32, log pi(token) at temperature 1 (0 after the end);
+    lengths: [B*G] int32, generated tokens including the EOS token;
+    truncated: [B*G] bool, True when max_new_tokens was reached without an EOS.
+    """
+
+    tokens: Any
+    logprobs: Any
+    lengths: Any
+    truncated: Any
+
+
+# ----------------------------------------------------------------------------- drawing
+def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """Tempered logits with everything outside top-k / the top-p nucleus set to -inf."""
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # mass strictly before each sorted token; a token is kept while that mass < top_p
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep_sorted = mass_before < top_p
+        threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def draw_tokens(rng: jax.Array, logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
+    """(tokens [N], their log-probs under log_softmax(logits) at temperature 1)."""
+    if params.temperature == 0:
+        tokens = jnp.argmax(logits, axis=-1)
+    else:
+        tokens = jax.random.categorical(rng, filter_logits(logits, params.temperature, params.top_k, params.top_p))
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return tokens.astype(jnp.int32), jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+
+
+# ----------------------------------------------------------------------------- padding
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+    for b in sorted(buckets):
+        if length <= b:
+            return b
+    raise ValueError(f"prompt length {length} exceeds the largest bucket {max(buckets)}")
+
+
+def left_align(input_ids: np.ndarray, attention_mask: np.ndarray, length: int,
+               pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Moves every prompt's real tokens to the right end of a [B, length] buffer."""
+    batch = input_ids.shape[0]
+    ids = np.full((batch, length), pad_token_id, np.int32)
+    mask = np.zeros((batch, length), np.int32)
+    for b in range(batch):
+        real = input_ids[b][attention_mask[b].astype(bool)]
+        if len(real) > length:
+            raise ValueError(f"prompt {b}: {len(real)} tokens exceed the prompt length {length}")
+        if len(real):
+            ids[b, length - len(real):] = real
+            mask[b, length - len(real):] = 1
+    return ids, mask
+
+
+def prepare_prompts(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
+                    pad_token_id: int = 0, prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
+                    patch_bucket: int = 1024, **vision_kwargs) -> ModelInputs:
+    """Left-aligned, bucket-padded prompts with positions and vision inputs (host side)."""
+    ids = np.asarray(input_ids, np.int32)
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    length = bucket_length(int(mask.sum(-1).max()), prompt_buckets)
+    ids, mask = left_align(ids, mask, length, pad_token_id)
+    num_patches = None
+    if pixel_values is not None:
+        total = len(pixel_values) + len(vision_kwargs.get("pixel_values_videos") or ())
+        num_patches = -(-total // patch_bucket) * patch_bucket
+    return prepare_inputs(model.config, ids, mask, pixel_values, image_grid_thw, num_patches=num_patches,
+                          **vision_kwargs)
+
+
+# ----------------------------------------------------------------------------- decoding
+def first_completion_position(inputs: ModelInputs) -> jax.Array:
+    """[B, 1] M-RoPE position (all three rows) of the first generated token.
+
+    transformers' rope delta is max_position + 1 - num_real_tokens, and generated text
+    continues at num_real_tokens_so_far + delta, so the first completion token sits at
+    max_position + 1 whatever the padding.
+    """
+    real = jnp.sum(inputs.attention_mask.astype(jnp.int32), axis=-1, keepdims=True)
+    return real + inputs.rope_deltas.astype(jnp.int32)
+
+
+def _repeat_cache(cache: text_lib.KVCache, times: int) -> text_lib.KVCache:
+    return text_lib.KVCache(k=jnp.repeat(cache.k, times, axis=1), v=jnp.repeat(cache.v, times, axis=1),
+                            valid=jnp.repeat(cache.valid, times, axis=0), index=cache.index)
+
+
+def _is_eos(tokens: jax.Array, eos: tuple[int, ...]) -> jax.Array:
+    hit = jnp.zeros(tokens.shape, bool)
+    for e in eos:
+        hit = hit | (tokens == e)
+    return hit
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _generate_jit(graphdef, state, inputs: ModelInputs, params: SamplingParams, rng: jax.Array):
+    model = nnx.merge(graphdef, state)
+    batch, prompt_len = inputs.input_ids.shape
+    samples = params.num_samples
+    rows = batch * samples
+    steps = params.max_new_tokens
+
+    cache = text_lib.init_cache(model.config.text, batch, prompt_len + steps, model.dtype)
+    hidden, cache = model.hidden_states(inputs, cache)
+    first_logits = model.logits(hidden[:, -1])
+    cache = _repeat_cache(cache, samples)
+    start = jnp.repeat(first_completion_position(inputs), samples, axis=0)  # [rows, 1]
+    first_logits = jnp.repeat(first_logits, samples, axis=0)
+
+    rng, draw_rng = jax.random.split(rng)
+    token, logprob = draw_tokens(draw_rng, first_logits, params)
+    tokens = jnp.full((rows, steps), params.pad_token_id, jnp.int32).at[:, 0].set(token)
+    logprobs = jnp.zeros((rows, steps), jnp.float32).at[:, 0].set(logprob)
+    done = _is_eos(token, params.eos_token_id)
+    lengths = jnp.ones((rows,), jnp.int32)
+
+    def cond(carry):
+        step, _, _, _, done, _, _ = carry
+        return (step < steps) & ~jnp.all(done)
+
+    def body(carry):
+        step, cache, tokens, logprobs, done, lengths, rng = carry
+        last = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)  # [rows, 1]
+        positions = jnp.broadcast_to((start + step - 1)[None], (3, rows, 1))
+        embeds = model.language_model.embed(last)
+        hidden, cache = model.language_model(embeds, positions, jnp.ones((rows, 1), jnp.int32), cache)
+        rng, draw_rng = jax.random.split(rng)
+        token, logprob = draw_tokens(draw_rng, model.logits(hidden[:, 0]), params)
+        token = jnp.where(done, params.pad_token_id, token)
+        logprob = jnp.where(done, 0.0, logprob)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)
+        logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, logprob[:, None], step, axis=1)
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | _is_eos(token, params.eos_token_id)
+        return step + 1, cache, tokens, logprobs, done, lengths, rng
+
+    carry = (jnp.ones((), jnp.int32), cache, tokens, logprobs, done, lengths, rng)
+    _, _, tokens, logprobs, done, lengths, _ = jax.lax.while_loop(cond, body, carry)
+    return GenerationOutput(tokens, logprobs, lengths, ~done)
+
+
+def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *, max_new_tokens: int,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_token_id, rng: jax.Array,
+             num_samples: int = 1, pad_token_id: int | None = None,
+             prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS, patch_bucket: int = 1024,
+             **vision_kwargs) -> GenerationOutput:
+    """Samples ``num_samples`` (G) completions per prompt; see the module docstring.
+
+    Prompts may be left- or right-padded (``attention_mask`` marks real tokens); the inputs
+    have transformers' names and meanings. ``eos_token_id``: an id or a list of ids.
+    """
+    if pad_token_id is None:
+        pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    params = SamplingParams(max_new_tokens, float(temperature), float(top_p), int(top_k), eos_token_id,
+                            int(pad_token_id), int(num_samples)).validate()
+    inputs = prepare_prompts(model, input_ids, attention_mask, pixel_values, image_grid_thw,
+                             pad_token_id=pad_token_id, prompt_buckets=prompt_buckets, patch_bucket=patch_bucket,
+                             **vision_kwargs)
+    graphdef, state = nnx.split(model)
+    return _generate_jit(graphdef, state, jax.tree.map(jnp.asarray, inputs), params, rng)
+
+
+# ----------------------------------------------------------------------------- scoring
+def completion_logprobs(model, inputs: ModelInputs, completions: jax.Array, completion_mask: jax.Array, *,
+                        num_samples: int = 1, with_entropy: bool = False):
+    """The trainer's log pi(completion token) [B*G, C] (and optionally the entropy [B*G, C]).
+
+    inputs: B prompts as for `generate`; completions / completion_mask: [B*G, C], row b*G + g
+    is sample g of prompt b. The prompt (vision tower included) is embedded once and its
+    embeddings repeated G times; one forward then runs over prompt + completion. Completion
+    token j sits at M-RoPE position `first_completion_position` + j in all three rows, and is
+    predicted by the logits at sequence position prompt_len - 1 + j.
+    """
+    batch, prompt_len = inputs.input_ids.shape
+    steps = completions.shape[1]
+    completions = completions.astype(jnp.int32)
+    prompt_embeds = jnp.repeat(model.embed(inputs), num_samples, axis=0)
+    embeds = jnp.concatenate([prompt_embeds, model.language_model.embed(completions)], axis=1)
+    offsets = jnp.repeat(first_completion_position(inputs), num_samples, axis=0) + jnp.arange(steps)[None, :]
+    rows = batch * num_samples
+    positions = jnp.concatenate([jnp.repeat(inputs.position_ids, num_samples, axis=1),
+                                 jnp.broadcast_to(offsets[None], (3, rows, steps))], axis=2)
+    mask = jnp.concatenate([jnp.repeat(inputs.attention_mask, num_samples, axis=0),
+                            completion_mask.astype(jnp.int32)], axis=1)
+    hidden, _ = model.language_model(embeds, positions.astype(jnp.int32), mask)
+    logits = model.logits(hidden[:, prompt_len - 1:-1])
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    token_logp = jnp.take_along_axis(logp, completions[..., None], axis=-1)[..., 0]
+    real = completion_mask.astype(bool)
+    token_logp = jnp.where(real, token_logp, 0.0)
+    if not with_entropy:
+        return token_logp
+    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    return token_logp, jnp.where(real, entropy, 0.0)
