@@ -1,0 +1,90 @@
+"""Generation throughput: our jitted KV-cache sampler against transformers' generate, same weights.
+
+    python benchmarks/generation.py [--prompts 4] [--samples 4] [--new 64] [--repeats 3]
+
+Each of `--prompts` prompts holds one 224x224 image and 32 text tokens; each is sampled
+`--samples` times (G) for `--new` tokens (no EOS, so every row generates the same count).
+transformers gets the same work as `num_return_sequences=G`. Prints generated tokens/s of
+each and the ratio, from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+
+import jax
+import numpy as np
+import torch
+import transformers
+
+from benchmarks.model_forward import bench_config
+from recap_jax import sampling
+from recap_jax.models import qwen2_5_vl as qwen
+
+
+def timed(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    cfg = bench_config("float32")
+    rng = np.random.default_rng(0)
+    grid = np.array([[1, 16, 16]] * args.prompts)
+    row = [cfg.vision_start_token_id] + [cfg.image_token_id] * 64 + [cfg.vision_end_token_id]
+    ids = np.stack([row + rng.integers(0, 8000, 32).tolist() for _ in range(args.prompts)])
+    mask = np.ones_like(ids)
+    pixels = rng.normal(size=(int(grid.prod(-1).sum()), cfg.vision.patch_dim)).astype(np.float32)
+    generated = args.prompts * args.samples * args.new
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        hf = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(**cfg.to_hf_dict()))
+        hf.save_pretrained(tmp)
+        hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp, attn_implementation="sdpa").eval()
+        hf.generation_config.eos_token_id = None
+        ours = qwen.from_pretrained(tmp)
+
+    def run_torch():
+        with torch.no_grad():
+            hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                        pixel_values=torch.tensor(pixels), image_grid_thw=torch.tensor(grid),
+                        mm_token_type_ids=torch.tensor((ids == cfg.image_token_id).astype(np.int64)),
+                        do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=args.new,
+                        num_return_sequences=args.samples, pad_token_id=cfg.pad_token_id)
+
+    def run_ours():
+        out = sampling.generate(ours, ids, mask, pixels, grid, max_new_tokens=args.new, temperature=1.0,
+                                eos_token_id=[], num_samples=args.samples, rng=jax.random.key(0))
+        jax.block_until_ready(out)
+
+    results = {"transformers generate (sdpa)": timed(run_torch, args.repeats),
+               "recap_jax sampling.generate": timed(run_ours, args.repeats)}
+    ours_time = results["recap_jax sampling.generate"]
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} on "
+          f"{jax.devices()[0].platform}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"{args.prompts} prompts x G={args.samples} samples x {args.new} new tokens, float32")
+    print("| implementation | seconds | generated tokens/s | recap_jax speed-up |")
+    print("|---|---|---|---|")
+    for name, t in results.items():
+        print(f"| {name} | {t:.3f} | {generated / t:,.0f} | {t / ours_time:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
