@@ -203,3 +203,64 @@ def test_image_token_count_must_match_grid(checkpoint, ours):
     ids[0, np.where(ids[0] == cfg.image_token_id)[0][0]] = 5  # one placeholder too few
     with pytest.raises(qwen.InputError, match="image"):
         ours(ids, mask, pixel_values=pixels, image_grid_thw=grid)
+
+
+def test_video_and_image_logits_match_transformers(checkpoint, ours):
+    """A video (2 temporal patches, with second_per_grid_ts) and an image in one prompt."""
+    cfg, hf, _ = checkpoint
+    rng = np.random.default_rng(7)
+    image_grid, video_grid = np.array([[1, 4, 6]]), np.array([[2, 4, 4]])
+    n_video = int(video_grid.prod()) // cfg.vision.merge_unit
+    video = [cfg.vision_start_token_id] + [cfg.video_token_id] * n_video + [cfg.vision_end_token_id]
+    row = rng.integers(0, 200, 3).tolist() + image_tokens(cfg, image_grid[0]) + [9, 8] + video + [7, 6, 5]
+    ids = np.array([row])
+    mask = np.ones_like(ids)
+    image_pixels = rng.normal(size=(24, cfg.vision.patch_dim)).astype(np.float32)
+    video_pixels = rng.normal(size=(32, cfg.vision.patch_dim)).astype(np.float32)
+    seconds = np.array([1.5], np.float32)
+    token_type = np.where(ids == cfg.image_token_id, 1, np.where(ids == cfg.video_token_id, 2, 0))
+    with torch.no_grad():
+        expected = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                      pixel_values=torch.tensor(image_pixels), image_grid_thw=torch.tensor(image_grid),
+                      pixel_values_videos=torch.tensor(video_pixels), video_grid_thw=torch.tensor(video_grid),
+                      second_per_grid_ts=torch.tensor(seconds), mm_token_type_ids=torch.tensor(token_type)
+                      ).logits.numpy()
+    got = np.asarray(ours(ids, mask, pixel_values=image_pixels, image_grid_thw=image_grid,
+                          pixel_values_videos=video_pixels, video_grid_thw=video_grid, second_per_grid_ts=seconds))
+    assert np.abs(got - expected).max() <= LOGIT_ATOL
+
+
+def test_prefill_then_cached_decode_equals_full_forward_with_images(checkpoint, ours):
+    """Prefill an image prompt, feed the next tokens one at a time through the KV cache, and
+    compare each step's logits with the uncached forward over the whole sequence."""
+    from recap_jax import sampling
+    from recap_jax.models.qwen2_5_vl import text as text_lib
+
+    cfg, _, _ = checkpoint
+    rng = np.random.default_rng(8)
+    ids, mask, pixels, grid, _ = build_batch(cfg, CASES["left_padded_batch_with_different_image_counts"], rng)
+    steps = 5
+    continuation = rng.integers(0, 200, (ids.shape[0], steps))
+    inputs = jax.tree.map(jnp.asarray, qwen.prepare_inputs(cfg, ids, mask, pixels, grid))
+    # uncached reference over prompt + continuation (continuation positions follow the sampler's rule)
+    start = np.asarray(sampling.first_completion_position(inputs))
+    positions = np.concatenate([np.asarray(inputs.position_ids),
+                                np.broadcast_to((start + np.arange(steps))[None], (3, len(ids), steps))], axis=2)
+    full_inputs = inputs._replace(
+        input_ids=jnp.concatenate([inputs.input_ids, jnp.asarray(continuation, jnp.int32)], 1),
+        attention_mask=jnp.concatenate([inputs.attention_mask, jnp.ones((len(ids), steps), jnp.int32)], 1),
+        position_ids=jnp.asarray(positions, jnp.int32),
+        feature_index=jnp.concatenate([inputs.feature_index, -jnp.ones((len(ids), steps), jnp.int32)], 1))
+    reference, _ = ours.forward(full_inputs)
+    reference = np.asarray(reference)
+
+    cache = text_lib.init_cache(cfg.text, len(ids), ids.shape[1] + steps)
+    logits, cache = ours.forward(inputs, cache)
+    real = mask.astype(bool)
+    assert np.abs(np.asarray(logits)[real] - reference[:, :ids.shape[1]][real]).max() <= 1e-5
+    for j in range(steps):
+        token = jnp.asarray(continuation[:, j:j + 1], jnp.int32)
+        pos = jnp.broadcast_to(jnp.asarray(start + j, jnp.int32)[None], (3, len(ids), 1))
+        hidden, cache = ours.language_model(ours.language_model.embed(token), pos, jnp.ones_like(token), cache)
+        step_logits = np.asarray(ours.logits(hidden))[:, 0]
+        assert np.abs(step_logits - reference[:, ids.shape[1] + j]).max() <= 1e-5, j
