@@ -265,3 +265,20 @@ def completion_logprobs(model, inputs: ModelInputs, completions: jax.Array, comp
         return token_logp
     entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
     return token_logp, jnp.where(real, entropy, 0.0)
+
+
+def make_logprob_fn(graphdef, num_samples: int):
+    """The policy for `recap_jax.train_step.make_train_step`: ``logprob_fn(params, batch)``.
+
+    ``batch["prompt"]`` holds the B prompts' `ModelInputs`, ``batch["completions"]`` and
+    ``batch["completion_mask"]`` the B*G completions (row b*G + g = sample g of prompt b);
+    ``params`` is ``nnx.state(model)`` of a model split into ``graphdef``. Log-probs are at
+    temperature 1, like the sampler's.
+    """
+
+    def logprob_fn(params, batch):
+        model = nnx.merge(graphdef, params)
+        return completion_logprobs(model, batch["prompt"], batch["completions"], batch["completion_mask"],
+                                   num_samples=num_samples, with_entropy=True)
+
+    return logprob_fn
