@@ -1,0 +1,133 @@
+"""The record every data source yields, image decoding, and counting of skipped records."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import logging
+import threading
+from typing import Union
+
+import numpy as np
+
+__all__ = ["BadRecord", "Box", "Record", "SkipCounter", "decode_image", "format_box"]
+
+Box = tuple[int | float, int | float, int | float, int | float]
+Answer = Union[str, Box]
+
+# Decoding refuses images above this many pixels (decompression bombs, corrupt headers).
+MAX_IMAGE_PIXELS = 64_000_000
+
+_log = logging.getLogger(__name__)
+
+
+class BadRecord(ValueError):
+    """A record that cannot be used (missing/corrupt image, empty text, malformed box).
+
+    ``kind`` groups the reasons for counting: "image", "path", "text", "box", "schema".
+    """
+
+    def __init__(self, message: str, kind: str = "schema"):
+        super().__init__(message)
+        self.kind = kind
+
+
+def format_box(box: Box) -> str:
+    """``[x1, y1, x2, y2]`` text of a box, integers without a decimal point."""
+    parts = [str(int(v)) if float(v).is_integer() else f"{float(v):g}" for v in box]
+    return "[" + ", ".join(parts) + "]"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Record:
+    """One example of any source (synthetic or from disk).
+
+    Attributes:
+      id: unique within its source (e.g. ``reasoning-train-0-17`` or ``file.jsonl:42``).
+      source: task name in ``recap_jax.data.tasks.TASKS`` (e.g. "reasoning", "refcoco").
+      image: uint8 array [H, W, 3] (RGB), the original image.
+      question: the question text, without the task's prompt suffix and without ``<image>``.
+      answer: reference answer; a string, or for box tasks a 4-tuple ``(x1, y1, x2, y2)`` in
+        the original image's pixel frame (x right, y down; x2, y2 exclusive edges).
+    """
+
+    id: str
+    source: str
+    image: np.ndarray
+    question: str
+    answer: Answer
+
+    @property
+    def answer_text(self) -> str:
+        """The reference as text: the string itself, or ``[x1, y1, x2, y2]`` for a box."""
+        return self.answer if isinstance(self.answer, str) else format_box(self.answer)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the original image."""
+        return int(self.image.shape[0]), int(self.image.shape[1])
+
+
+def decode_image(data: bytes, *, what: str = "image") -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, ...) → uint8 RGB array [H, W, 3]; BadRecord if unusable."""
+    from PIL import Image
+
+    if not data:
+        raise BadRecord(f"{what}: empty image bytes", "image")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width <= 0 or height <= 0 or width * height > MAX_IMAGE_PIXELS:
+                raise BadRecord(f"{what}: image size {width}x{height} out of range", "image")
+            array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except BadRecord:
+        raise
+    except Exception as error:  # noqa: BLE001 -- PIL raises many types on corrupt data
+        raise BadRecord(f"{what}: cannot decode image ({type(error).__name__}: {error})",
+                        "image") from None
+    return array
+
+
+class SkipCounter:
+    """Counts bad records per source; logs each bad (file, index) once. Thread-safe.
+
+    A record that fails again (next epoch) is not counted twice: counts are of distinct
+    (source, file, index) keys.
+    """
+
+    def __init__(self, logger: logging.Logger | None = None):
+        self._logger = logger or _log
+        self._lock = threading.Lock()
+        self._seen: set[tuple[str, str, int]] = set()
+        self._by_source: collections.Counter[str] = collections.Counter()
+        self._by_reason: dict[str, collections.Counter[str]] = collections.defaultdict(
+            collections.Counter)
+
+    def skip(self, source: str, file: str, index: int, reason: BadRecord | str) -> None:
+        """Records that entry ``index`` of ``file`` (of ``source``) was skipped for ``reason``."""
+        kind = reason.kind if isinstance(reason, BadRecord) else "other"
+        key = (source, str(file), int(index))
+        with self._lock:
+            if key in self._seen:
+                return
+            self._seen.add(key)
+            self._by_source[source] += 1
+            self._by_reason[source][kind] += 1
+        self._logger.warning("skipping bad record of source %r: %s, index %d: %s",
+                             source, file, index, reason)
+
+    def count(self, source: str | None = None) -> int:
+        """Distinct bad records of ``source`` (of all sources if None)."""
+        with self._lock:
+            return sum(self._by_source.values()) if source is None else self._by_source[source]
+
+    def counts(self) -> dict[str, int]:
+        """{source: number of distinct bad records}."""
+        with self._lock:
+            return dict(self._by_source)
+
+    def reasons(self, source: str) -> dict[str, int]:
+        """{reason kind: count} for one source (see BadRecord.kind)."""
+        with self._lock:
+            return dict(self._by_reason.get(source, {}))

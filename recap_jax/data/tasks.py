@@ -1,0 +1,169 @@
+"""Task registry: what a source asks, how it is scored, and which objectives it contributes.
+
+A *task* describes one data source (recap-method.md, "Objectives"):
+- ``kind="rl"``: prompts are sampled G times and each reward function in ``rewards`` scores
+  every completion; each (source, reward) pair is one RECAP objective ``<source>/<reward>``.
+- ``kind="sft"``: next-token prediction on the reference answer; one objective
+  ``<source>/ntp``.
+
+The K objectives of a training mix, in the fixed order used for the weight vector lambda
+(shape [K]), come from :func:`objective_names`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+from recap_jax import rewards as rewards_lib
+
+__all__ = [
+    "ANSWER_SUFFIX",
+    "GROUNDING_QUESTION",
+    "NTP",
+    "TASKS",
+    "THINK_SUFFIX",
+    "Task",
+    "get_task",
+    "objective_names",
+    "register_task",
+]
+
+THINK_SUFFIX = (
+    "Output the thinking process in <think> </think> and final answer in <answer> </answer> tags."
+)
+ANSWER_SUFFIX = "Output the final answer in <answer> </answer> tags."
+# VLM-R1's referring-expression question; the phrase is formatted in.
+GROUNDING_QUESTION = (
+    "Please provide the bounding box coordinate of the region this sentence describes: {phrase}."
+)
+NTP = "ntp"
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One data source's role in training.
+
+    Attributes:
+      name: source name; objective names are ``<name>/<reward>`` or ``<name>/ntp``.
+      kind: "rl" (verifiable rewards on sampled completions) or "sft" (NTP on references).
+      prompt_template: user text around the record's question; must contain ``{question}``.
+      rewards: names in ``recap_jax.rewards.REWARDS``; one RECAP objective each (rl only).
+      eval_metrics: names in ``recap_jax.rewards.REWARDS`` used at evaluation; the first is
+        the headline metric.
+      answer_kind: "text" or "box" (reference is ``[x1, y1, x2, y2]`` in original pixels).
+      description: one line for humans.
+    """
+
+    name: str
+    kind: Literal["rl", "sft"]
+    prompt_template: str
+    rewards: tuple[str, ...] = ()
+    eval_metrics: tuple[str, ...] = ("accuracy",)
+    answer_kind: Literal["text", "box"] = "text"
+    description: str = ""
+
+    def __post_init__(self):
+        where = f"task {self.name!r}"
+        if not self.name or "/" in self.name:
+            raise ValueError(f"{where}: name must be non-empty and contain no '/'")
+        if self.kind not in ("rl", "sft"):
+            raise ValueError(f"{where}: kind must be 'rl' or 'sft', got {self.kind!r}")
+        if "{question}" not in self.prompt_template:
+            raise ValueError(f"{where}: prompt_template must contain '{{question}}'")
+        if self.kind == "rl" and not self.rewards:
+            raise ValueError(f"{where}: an rl task needs at least one reward")
+        if self.kind == "sft" and self.rewards:
+            raise ValueError(f"{where}: an sft task has no rewards (its objective is ntp)")
+        if len(set(self.rewards)) != len(self.rewards):
+            raise ValueError(f"{where}: duplicate rewards {self.rewards}")
+        for name in (*self.rewards, *self.eval_metrics):
+            if name not in rewards_lib.REWARDS:
+                raise ValueError(f"{where}: unknown reward/metric {name!r}; "
+                                 f"known: {sorted(rewards_lib.REWARDS)}")
+        if not self.eval_metrics:
+            raise ValueError(f"{where}: needs at least one eval metric")
+        if self.answer_kind not in ("text", "box"):
+            raise ValueError(f"{where}: answer_kind must be 'text' or 'box'")
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        """This task's objective names, ``<name>/<reward>`` (rl) or ``<name>/ntp`` (sft)."""
+        if self.kind == "sft":
+            return (f"{self.name}/{NTP}",)
+        return tuple(f"{self.name}/{reward}" for reward in self.rewards)
+
+    @property
+    def eval_metric(self) -> str:
+        """The headline evaluation metric."""
+        return self.eval_metrics[0]
+
+    def format_prompt(self, question: str) -> str:
+        """The user text for one record's question (the image goes in via the processor)."""
+        return self.prompt_template.format(question=question.strip())
+
+    def reward_fns(self) -> tuple[rewards_lib.RewardFn, ...]:
+        """The reward functions, in objective order."""
+        return tuple(rewards_lib.REWARDS[name] for name in self.rewards)
+
+
+def _rl(name, suffix, rewards, eval_metrics, description, answer_kind="text") -> Task:
+    return Task(name=name, kind="rl", prompt_template="{question} " + suffix, rewards=rewards,
+                eval_metrics=eval_metrics, answer_kind=answer_kind, description=description)
+
+
+_BUILTINS = (
+    # Offline synthetic suite (recap_jax.data.synthetic): the demo's hybrid setting, K = 5.
+    _rl("reasoning", THINK_SUFFIX, ("accuracy", "format_think"), ("accuracy",),
+        "synthetic counting/arithmetic over drawn shapes, digits and bars"),
+    _rl("grounding", ANSWER_SUFFIX, ("iou", "format_answer"), ("iou", "iou_thresholded"),
+        "synthetic referring expression -> box", answer_kind="box"),
+    Task("ocr", "sft", "{question}", eval_metrics=("ocr_char_f1", "ocr_exact"),
+         description="synthetic rendered text -> transcription"),
+    # The paper's hybrid setting.
+    _rl("thinklite", THINK_SUFFIX, ("accuracy", "format_think"), ("accuracy",),
+        "ThinkLite-VL-70k reasoning RL"),
+    _rl("refcoco", ANSWER_SUFFIX, ("iou", "format_answer"), ("iou", "iou_thresholded"),
+        "RefCOCO/+/g grounding replay (VLM-R1 jsonl)", answer_kind="box"),
+    Task("ocr_llava", "sft", "{question}", eval_metrics=("ocr_char_f1", "ocr_exact"),
+         description="LLaVA-OneVision OCR subsets, SFT replay"),
+    # The paper's RLVR-only setting (K = 8: 4 sources x {accuracy or iou, format_think}).
+    _rl("lisa", THINK_SUFFIX, ("iou_thresholded", "format_think"), ("iou", "iou_thresholded"),
+        "LISA-train grounding (IoU > 0.5 reward)", answer_kind="box"),
+    _rl("geoqav", THINK_SUFFIX, ("accuracy", "format_think"), ("accuracy",), "GeoQAV geometry"),
+    _rl("sat", THINK_SUFFIX, ("accuracy", "format_think"), ("accuracy",), "SAT spatial reasoning"),
+    _rl("scienceqa", THINK_SUFFIX, ("accuracy", "format_think"), ("accuracy",),
+        "ScienceQA multiple choice"),
+)
+
+TASKS: dict[str, Task] = {task.name: task for task in _BUILTINS}
+
+
+def register_task(task: Task, *, overwrite: bool = False) -> Task:
+    """Adds ``task`` to :data:`TASKS` (ValueError if the name is taken, unless overwrite)."""
+    if task.name in TASKS and not overwrite:
+        raise ValueError(f"task {task.name!r} is already registered; pass overwrite=True")
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    """The registered task called ``name`` (ValueError naming the known ones)."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}") from None
+
+
+def objective_names(task_names: Sequence[str] | Iterable[str]) -> list[str]:
+    """The objective names of a training mix, in a stable order: tasks in the given order,
+    each task's rewards in its declared order (``<source>/<reward>``, ``<source>/ntp``).
+
+    This order indexes the RECAP weight vector lambda. Duplicate task names are an error.
+    """
+    task_names = list(task_names)
+    duplicates = sorted({n for n in task_names if task_names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"tasks listed more than once: {duplicates}")
+    return [objective for name in task_names for objective in get_task(name).objectives]
