@@ -11,29 +11,17 @@ each and the ratio, from one run.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import tempfile
-import time
 
 import jax
 import numpy as np
 import torch
 import transformers
 
-from benchmarks.model_forward import bench_config
+from benchmarks.common import bench_config, image_prompts, machine_line, print_table, \
+    save_random_transformers_checkpoint, timed
 from recap_jax import sampling
 from recap_jax.models import qwen2_5_vl as qwen
-
-
-def timed(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def main():
@@ -44,19 +32,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    cfg = bench_config("float32")
-    rng = np.random.default_rng(0)
-    grid = np.array([[1, 16, 16]] * args.prompts)
-    row = [cfg.vision_start_token_id] + [cfg.image_token_id] * 64 + [cfg.vision_end_token_id]
-    ids = np.stack([row + rng.integers(0, 8000, 32).tolist() for _ in range(args.prompts)])
-    mask = np.ones_like(ids)
-    pixels = rng.normal(size=(int(grid.prod(-1).sum()), cfg.vision.patch_dim)).astype(np.float32)
+    cfg = bench_config()
+    ids, mask, pixels, grid = image_prompts(cfg, args.prompts, 32)
     generated = args.prompts * args.samples * args.new
 
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        hf = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(**cfg.to_hf_dict()))
-        hf.save_pretrained(tmp)
+        save_random_transformers_checkpoint(cfg, tmp)
         hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp, attn_implementation="sdpa").eval()
         hf.generation_config.eos_token_id = None
         ours = qwen.from_pretrained(tmp)
@@ -76,14 +57,9 @@ def main():
 
     results = {"transformers generate (sdpa)": timed(run_torch, args.repeats),
                "recap_jax sampling.generate": timed(run_ours, args.repeats)}
-    ours_time = results["recap_jax sampling.generate"]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} on "
-          f"{jax.devices()[0].platform}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(machine_line())
     print(f"{args.prompts} prompts x G={args.samples} samples x {args.new} new tokens, float32")
-    print("| implementation | seconds | generated tokens/s | recap_jax speed-up |")
-    print("|---|---|---|---|")
-    for name, t in results.items():
-        print(f"| {name} | {t:.3f} | {generated / t:,.0f} | {t / ours_time:.2f}x |")
+    print_table(results, "recap_jax sampling.generate", generated, "generated tokens", "seconds")
 
 
 if __name__ == "__main__":

@@ -12,10 +12,7 @@ AdamW. Prints tokens/s (prompt + completion tokens of all rows) and the ratio, f
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,21 +21,12 @@ import torch
 import transformers
 from flax import nnx
 
-from benchmarks.model_forward import bench_config
+from benchmarks.common import bench_config, image_prompts, machine_line, print_table, \
+    save_random_transformers_checkpoint, timed
 from recap_jax import grpo, sampling
 from recap_jax.models import qwen2_5_vl as qwen
 from recap_jax.train_state import TrainState, make_optimizer
 from recap_jax.train_step import make_train_step
-
-
-def timed(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def main():
@@ -49,22 +37,16 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    cfg = bench_config("float32")
-    rng = np.random.default_rng(0)
+    cfg = bench_config()
+    rng = np.random.default_rng(1)
     B, G, C = args.prompts, args.samples, args.completion
-    grid = np.array([[1, 16, 16]] * B)
-    row = [cfg.vision_start_token_id] + [cfg.image_token_id] * 64 + [cfg.vision_end_token_id]
-    ids = np.stack([row + rng.integers(0, 8000, 32).tolist() for _ in range(B)])
-    mask = np.ones_like(ids)
-    pixels = rng.normal(size=(int(grid.prod(-1).sum()), cfg.vision.patch_dim)).astype(np.float32)
+    ids, mask, pixels, grid = image_prompts(cfg, B, 32)
     completions = rng.integers(0, 8000, (B * G, C))
     rewards = rng.random((B * G, 1)).astype(np.float32)
     tokens = B * G * (ids.shape[1] + C)
 
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        hf = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(**cfg.to_hf_dict()))
-        hf.save_pretrained(tmp)
+        save_random_transformers_checkpoint(cfg, tmp)
         hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp, attn_implementation="sdpa").train()
         ours = qwen.from_pretrained(tmp)
 
@@ -107,14 +89,9 @@ def main():
 
     results = {"transformers fwd+bwd+AdamW (sdpa)": timed(run_torch, args.repeats),
                "recap_jax GRPO step (jit)": timed(run_ours, args.repeats)}
-    ours_time = results["recap_jax GRPO step (jit)"]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} on "
-          f"{jax.devices()[0].platform}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(machine_line())
     print(f"{B} prompts x G={G} x ({P} prompt + {C} completion) tokens, float32")
-    print("| implementation | seconds / step | tokens/s | recap_jax speed-up |")
-    print("|---|---|---|---|")
-    for name, t in results.items():
-        print(f"| {name} | {t:.3f} | {tokens / t:,.0f} | {t / ours_time:.2f}x |")
+    print_table(results, "recap_jax GRPO step (jit)", tokens, "tokens", "seconds / step")
 
 
 if __name__ == "__main__":
