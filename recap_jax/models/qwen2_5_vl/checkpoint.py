@@ -235,6 +235,8 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, *, param_
     if unmapped:  # a bug in our own specs, not in the checkpoint
         raise AssertionError(f"parameters without a checkpoint mapping: {unmapped}")
     _check_tensors(files, mappings, abstract, config)
+    if mesh is not None:  # every tensor the mesh cannot split, in one error, before reading any data
+        parallel.param_shardings(abstract_state, mesh, rules)
 
     values = {}
     for m in mappings:

@@ -22,12 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from recap_jax import parallel
 from recap_jax.models.qwen2_5_vl.config import TextConfig
 from recap_jax.models.qwen2_5_vl.layers import (LAYERS_AXIS, REMAT_POLICIES, RMSNorm, SwiGLU, TensorSpec,
                                                  apply_rotary, dot_product_attention, make_param, scan_layers)
 
 # Logical axis names of the KV cache buffers (k and v), for sharding rules in parallel.py.
 KV_CACHE_AXES = (LAYERS_AXIS, "batch", "cache_length", "kv_heads", "head_dim")
+# Logical axes of the residual stream [B, S, hidden]: rows split over the batch mesh axes.
+HIDDEN_AXES = ("batch", "length", "activation_embed")
 
 
 # ---------------------------------------------------------------------------- rotary
@@ -225,7 +228,7 @@ class TextModel(nnx.Module):
         attention_mask = jnp.asarray(attention_mask).astype(bool)
         cos, sin = mrope_cos_sin(position_ids, self.config)
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-        h = inputs_embeds.astype(self.dtype)
+        h = parallel.constrain(inputs_embeds.astype(self.dtype), HIDDEN_AXES)
         dtype = self.dtype
 
         if cache is None:
@@ -233,7 +236,7 @@ class TextModel(nnx.Module):
             mask = causal[None, None] & attention_mask[:, None, None, :]
 
             def body(layer, h, _):
-                h, _ = layer(h, cos, sin, mask, None, None, dtype)
+                h, _ = layer(parallel.constrain(h, HIDDEN_AXES), cos, sin, mask, None, None, dtype)
                 return h, None
 
             h, _ = scan_layers(self.layers, body, h, remat=self.remat)
@@ -247,7 +250,7 @@ class TextModel(nnx.Module):
         mask = valid[:, None, None, :] & (slots[None, :] <= query_slots[:, None])[None, None]
 
         def cached_body(layer, h, layer_cache):
-            return layer(h, cos, sin, mask, layer_cache, index, dtype)
+            return layer(parallel.constrain(h, HIDDEN_AXES), cos, sin, mask, layer_cache, index, dtype)
 
         h, (new_k, new_v) = scan_layers(self.layers, cached_body, h, (cache.k, cache.v), remat=self.remat)
         new_cache = KVCache(k=new_k, v=new_v, valid=valid, index=(index + seq_len).astype(jnp.int32))

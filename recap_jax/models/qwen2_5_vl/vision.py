@@ -27,11 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from recap_jax import parallel
 from recap_jax.models.qwen2_5_vl.config import VisionConfig
 from recap_jax.models.qwen2_5_vl.layers import (Linear, RMSNorm, SwiGLU, TensorSpec, apply_rotary,
                                                 dot_product_attention, make_param, scan_layers)
 
 PAD_SEGMENT = -1
+# Logical axes of the patch stream [num_patches, hidden]: patches split over the batch mesh axes.
+HIDDEN_AXES = ("vision_tokens", "activation_embed")
 
 
 # ---------------------------------------------------------------------- host-side metadata
@@ -290,7 +293,7 @@ class VisionTransformer(nnx.Module):
 
         def body(block, x, full_attention):
             segment_ids = jnp.where(full_attention, full_segments, window_segments)
-            return block(x, cos, sin, segment_ids, dtype), None
+            return block(parallel.constrain(x, HIDDEN_AXES), cos, sin, segment_ids, dtype), None
 
         x, _ = scan_layers(self.blocks, body, x, is_full, remat=self.remat)
         return self.merger(x, dtype)[inputs.reverse_index]
