@@ -137,3 +137,23 @@ def test_invalid_sampling_parameters_name_the_field():
                           (dict(top_k=-2), "top_k"), (dict(max_new_tokens=0), "max_new_tokens")]:
         with pytest.raises(ValueError, match=field):
             sampling.SamplingParams(**{"max_new_tokens": 4, **kwargs}).validate()
+
+
+def test_sharded_generation_equals_single_device(models):
+    """The sampler on a model sharded fsdp=4 x tensor=2 (8 simulated devices) draws the same
+    greedy tokens and log-probs as on one device."""
+    from recap_jax import parallel
+
+    cfg, _, ours = models
+    ids, mask, pixels, grid, _ = build_batch(cfg, [[2, (1, 4, 6), 3], [5], [(1, 8, 8), 1], [4, (1, 4, 4)]],
+                                             np.random.default_rng(9))
+    kwargs = dict(max_new_tokens=6, temperature=0.0, eos_token_id=[], num_samples=2, rng=jax.random.key(0))
+    single = sampling.generate(ours, ids, mask, pixels, grid, **kwargs)
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=4, tensor=2))
+    sharded_model = parallel.shard_model(ours, mesh)
+    kernel = sharded_model.language_model.layers.self_attn.q_proj.kernel[...]
+    assert kernel.sharding.shard_shape(kernel.shape) != kernel.shape  # really split
+    with parallel.use_mesh(mesh):
+        sharded = sampling.generate(sharded_model, ids, mask, pixels, grid, **kwargs)
+    np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(single.tokens))
+    np.testing.assert_allclose(np.asarray(sharded.logprobs), np.asarray(single.logprobs), atol=1e-4)
