@@ -19,6 +19,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryE
 
 from recap_jax.models.qwen2_5_vl import text as T
 from recap_jax.models.qwen2_5_vl.config import TextConfig
+from recap_jax.models.qwen2_5_vl.layers import variable_at
 
 F32_ATOL = 2e-5
 BATCH, SEQ = 3, 14
@@ -283,7 +284,7 @@ def test_spec_conversions_are_exact_inverses(text_case):
     rng = np.random.default_rng(4)
     for spec in T.text_tensor_specs(CONFIG):
         hf_shape = tuple(state[spec.hf_name.format(i=0)].shape)
-        our_shape = T._param_at(model, spec.path).shape[1 if spec.stacked else 0:]
+        our_shape = variable_at(model, spec.path).shape[1 if spec.stacked else 0:]
         hf_value = rng.normal(size=hf_shape).astype(np.float32)
         our_value = rng.normal(size=our_shape).astype(np.float32)
         assert spec.to_ours(hf_value).shape == our_shape, spec.hf_name

@@ -14,10 +14,11 @@ Conventions
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 LAYERS_AXIS = "layers"
@@ -39,6 +40,62 @@ class TensorSpec:
     to_ours: Callable[[Any], Any]
     to_hf: Callable[[Any], Any]
     stacked: bool = False
+
+
+def variable_at(module: nnx.Module, path: Sequence[str]) -> nnx.Variable:
+    """The parameter at ``path`` (attribute names) inside ``module``."""
+    node = module
+    for name in path:
+        node = getattr(node, name)
+    return node
+
+
+def load_from_specs(module: nnx.Module, specs: Sequence[TensorSpec], tensors: Mapping[str, Any], num_layers: int,
+                    *, prefix: str = "", what: str = "weights") -> None:
+    """Fills ``module`` in place from transformers-named tensors (a small, in-memory loader
+    for tests and tools; checkpoint.py is the streaming, sharded one).
+
+    Every spec'd tensor must be present (KeyError naming it); a converted tensor of the wrong
+    shape is a ValueError; a tensor under ``prefix`` that no spec names is a ValueError too
+    (it would otherwise be dropped silently).
+    """
+    used = set()
+
+    def fetch(name: str) -> np.ndarray:
+        key = prefix + name
+        if key not in tensors:
+            raise KeyError(f"{what}: missing tensor {key!r}")
+        used.add(key)
+        return np.asarray(tensors[key])
+
+    for spec in specs:
+        if spec.stacked:
+            value = np.stack([spec.to_ours(fetch(spec.hf_name.format(i=i))) for i in range(num_layers)])
+        else:
+            value = spec.to_ours(fetch(spec.hf_name))
+        variable = variable_at(module, spec.path)
+        if value.shape != variable.shape:
+            raise ValueError(f"{what}: {prefix + spec.hf_name} maps to shape {value.shape}, "
+                             f"but {'.'.join(spec.path)} has shape {variable.shape}")
+        variable.set_value(jnp.asarray(value, variable.dtype))
+    unknown = sorted(k for k in tensors if k.startswith(prefix) and k not in used)
+    if unknown:
+        raise ValueError(f"{what}: tensors with no counterpart in the model: {unknown[:5]}"
+                         f"{' ...' if len(unknown) > 5 else ''}")
+
+
+def export_to_specs(module: nnx.Module, specs: Sequence[TensorSpec], num_layers: int, *,
+                    prefix: str = "") -> dict[str, np.ndarray]:
+    """The inverse of `load_from_specs`: transformers-named numpy tensors of ``module``."""
+    out = {}
+    for spec in specs:
+        value = np.asarray(variable_at(module, spec.path)[...])
+        if spec.stacked:
+            for i in range(num_layers):
+                out[prefix + spec.hf_name.format(i=i)] = spec.to_hf(value[i])
+        else:
+            out[prefix + spec.hf_name] = spec.to_hf(value)
+    return out
 
 
 def make_param(key: jax.Array, shape: Sequence[int], logical_axes: Sequence[str | None], *,

@@ -25,7 +25,8 @@ from flax import nnx
 from recap_jax import parallel
 from recap_jax.models.qwen2_5_vl.config import TextConfig
 from recap_jax.models.qwen2_5_vl.layers import (LAYERS_AXIS, REMAT_POLICIES, RMSNorm, SwiGLU, TensorSpec,
-                                                 apply_rotary, dot_product_attention, make_param, scan_layers)
+                                                 apply_rotary, dot_product_attention, export_to_specs, load_from_specs,
+                                                 make_param, scan_layers)
 
 # Logical axis names of the KV cache buffers (k and v), for sharding rules in parallel.py.
 KV_CACHE_AXES = (LAYERS_AXIS, "batch", "cache_length", "kv_heads", "head_dim")
@@ -326,41 +327,12 @@ def text_tensor_specs(config: TextConfig) -> list[TensorSpec]:
     return specs
 
 
-def _param_at(module: nnx.Module, path: tuple[str, ...]) -> nnx.Param:
-    obj = module
-    for name in path:
-        obj = getattr(obj, name)
-    return obj
-
-
 def load_text_params(model: TextModel, tensors: Mapping[str, Any]) -> None:
-    """Fills `model` in place from transformers-named tensors (numpy-convertible, text-relative names).
-
-    A small loader for tests and tools; checkpoint.py is the streaming, sharded one.
-    """
-    num_layers = model.config.num_hidden_layers
-    for spec in text_tensor_specs(model.config):
-        names = [spec.hf_name.format(i=i) for i in range(num_layers)] if spec.stacked else [spec.hf_name]
-        missing = [n for n in names if n not in tensors]
-        if missing:
-            raise KeyError(f"text checkpoint: missing tensor(s) {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-        converted = [spec.to_ours(np.asarray(tensors[n])) for n in names]
-        value = np.stack(converted) if spec.stacked else converted[0]
-        param = _param_at(model, spec.path)
-        if value.shape != param.shape:
-            raise ValueError(f"text checkpoint: tensor {names[0]!r} converts to shape {value.shape}, "
-                             f"but parameter {'.'.join(spec.path)} has shape {param.shape}")
-        param[...] = jnp.asarray(value, dtype=param.dtype)
+    """Fills ``model`` in place from transformers-named tensors (text-relative names)."""
+    load_from_specs(model, text_tensor_specs(model.config), tensors, model.config.num_hidden_layers,
+                    what="text checkpoint")
 
 
 def text_params_to_hf(model: TextModel) -> dict[str, np.ndarray]:
     """The model's parameters as transformers-named numpy tensors (text-relative names)."""
-    out = {}
-    for spec in text_tensor_specs(model.config):
-        value = np.asarray(_param_at(model, spec.path)[...])
-        if spec.stacked:
-            for i in range(value.shape[0]):
-                out[spec.hf_name.format(i=i)] = spec.to_hf(value[i])
-        else:
-            out[spec.hf_name] = spec.to_hf(value)
-    return out
+    return export_to_specs(model, text_tensor_specs(model.config), model.config.num_hidden_layers)

@@ -30,7 +30,8 @@ from flax import nnx
 from recap_jax import parallel
 from recap_jax.models.qwen2_5_vl.config import VisionConfig
 from recap_jax.models.qwen2_5_vl.layers import (Linear, RMSNorm, SwiGLU, TensorSpec, apply_rotary,
-                                                dot_product_attention, make_param, scan_layers)
+                                                dot_product_attention, export_to_specs, load_from_specs, make_param,
+                                                scan_layers)
 
 PAD_SEGMENT = -1
 # Logical axes of the patch stream [num_patches, hidden]: patches split over the batch mesh axes.
@@ -341,51 +342,13 @@ def vision_tensor_specs(config: VisionConfig) -> list[TensorSpec]:
     return specs
 
 
-def _variable(module: nnx.Module, path: tuple[str, ...]) -> nnx.Variable:
-    node = module
-    for name in path:
-        node = getattr(node, name)
-    return node
-
-
 def load_vision_weights(model: VisionTransformer, tensors: Mapping[str, Any], prefix: str = "") -> None:
-    """Fills ``model``'s parameters from transformers-named tensors (e.g. a torch state_dict
-    converted to numpy), in place. Every spec'd tensor must be present; a tensor under
-    ``prefix`` that no spec names is an error (it would be silently dropped)."""
-    depth = model.config.depth
-    used = set()
-
-    def fetch(name):
-        key = prefix + name
-        if key not in tensors:
-            raise KeyError(f"vision weights: missing tensor {key!r}")
-        used.add(key)
-        return np.asarray(tensors[key])
-
-    for spec in vision_tensor_specs(model.config):
-        if spec.stacked:
-            value = np.stack([spec.to_ours(fetch(spec.hf_name.format(i=i))) for i in range(depth)])
-        else:
-            value = spec.to_ours(fetch(spec.hf_name))
-        variable = _variable(model, spec.path)
-        if value.shape != variable.shape:
-            raise ValueError(f"vision weights: {prefix + spec.hf_name} maps to shape {value.shape}, "
-                             f"but {'.'.join(spec.path)} has shape {variable.shape}")
-        variable.set_value(jnp.asarray(value, variable.dtype))
-    unknown = sorted(k for k in tensors if k.startswith(prefix) and k not in used)
-    if unknown:
-        raise ValueError(f"vision weights: tensors with no counterpart in the vision tower: {unknown[:5]}"
-                         f"{' ...' if len(unknown) > 5 else ''}")
+    """Fills ``model``'s parameters in place from transformers-named tensors (e.g. a torch
+    state_dict converted to numpy); see `layers.load_from_specs` for the errors."""
+    load_from_specs(model, vision_tensor_specs(model.config), tensors, model.config.depth, prefix=prefix,
+                    what="vision weights")
 
 
 def vision_weights_to_hf(model: VisionTransformer, prefix: str = "") -> dict[str, np.ndarray]:
     """The inverse of `load_vision_weights`: transformers-named numpy tensors of ``model``."""
-    out = {}
-    for spec in vision_tensor_specs(model.config):
-        value = np.asarray(_variable(model, spec.path)[...])
-        if spec.stacked:
-            for i in range(model.config.depth):
-                out[prefix + spec.hf_name.format(i=i)] = spec.to_hf(value[i])
-        else:
-            out[prefix + spec.hf_name] = spec.to_hf(value)
-    return out
+    return export_to_specs(model, vision_tensor_specs(model.config), model.config.depth, prefix=prefix)
