@@ -79,31 +79,14 @@ def prepare_inputs(config: Qwen2_5_VLConfig, input_ids, attention_mask=None, pix
     mask = np.ones_like(ids) if attention_mask is None else _as_numpy(attention_mask, np.int32)
     if mask.shape != ids.shape:
         raise InputError(f"attention_mask: shape {mask.shape} differs from input_ids {ids.shape}")
-    image_grid = None if image_grid_thw is None else _as_numpy(image_grid_thw, np.int64).reshape(-1, 3)
-    video_grid = None if video_grid_thw is None else _as_numpy(video_grid_thw, np.int64).reshape(-1, 3)
+    image_pixels, image_grid = _vision_part(config, pixel_values, image_grid_thw, "pixel_values", "image_grid_thw")
+    video_pixels, video_grid = _vision_part(config, pixel_values_videos, video_grid_thw, "pixel_values_videos",
+                                            "video_grid_thw")
     merge = config.vision.merge_unit
-
-    pieces, grids = [], []
-    num_image_features = 0
-    if image_grid is not None and len(image_grid):
-        image_pixels = _as_numpy(pixel_values, np.float32)
-        if image_pixels is None:
-            raise InputError("pixel_values: missing although image_grid_thw is given")
-        _check_pixels(image_pixels, image_grid, config, "pixel_values")
-        pieces.append(image_pixels)
-        grids.append(image_grid)
-        num_image_features = int(image_grid.prod(-1).sum()) // merge
-    elif pixel_values is not None:
-        raise InputError("image_grid_thw: missing although pixel_values is given")
-    num_video_features = 0
-    if video_grid is not None and len(video_grid):
-        video_pixels = _as_numpy(pixel_values_videos, np.float32)
-        if video_pixels is None:
-            raise InputError("pixel_values_videos: missing although video_grid_thw is given")
-        _check_pixels(video_pixels, video_grid, config, "pixel_values_videos")
-        pieces.append(video_pixels)
-        grids.append(video_grid)
-        num_video_features = int(video_grid.prod(-1).sum()) // merge
+    num_image_features = 0 if image_grid is None else int(image_grid.prod(-1).sum()) // merge
+    num_video_features = 0 if video_grid is None else int(video_grid.prod(-1).sum()) // merge
+    pieces = [p for p in (image_pixels, video_pixels) if p is not None]
+    grids = [g for g in (image_grid, video_grid) if g is not None]
 
     feature_index = np.maximum(
         _feature_index(ids, config.image_token_id, num_image_features, 0, "image"),
@@ -128,6 +111,20 @@ def prepare_inputs(config: Qwen2_5_VLConfig, input_ids, attention_mask=None, pix
         vision_inputs = vision.vision_inputs(grid, config.vision, num_patches=len(pixels))
     return ModelInputs(ids, mask, np.asarray(positions, np.int32), feature_index, pixels, vision_inputs,
                        np.asarray(deltas, np.int32).reshape(-1, 1))
+
+
+def _vision_part(config: Qwen2_5_VLConfig, pixels, grid_thw, pixels_name: str, grid_name: str):
+    """(pixels [patches, patch_dim], grid [n, 3]) of the images or of the videos, checked; Nones if absent."""
+    grid = None if grid_thw is None else _as_numpy(grid_thw, np.int64).reshape(-1, 3)
+    if grid is None or not len(grid):
+        if pixels is not None:
+            raise InputError(f"{grid_name}: missing although {pixels_name} is given")
+        return None, None
+    if pixels is None:
+        raise InputError(f"{pixels_name}: missing although {grid_name} is given")
+    pixels = _as_numpy(pixels, np.float32)
+    _check_pixels(pixels, grid, config, pixels_name)
+    return pixels, grid
 
 
 def _check_pixels(pixels: np.ndarray, grid: np.ndarray, config: Qwen2_5_VLConfig, name: str) -> None:
