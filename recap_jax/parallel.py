@@ -140,19 +140,7 @@ class MeshConfig:
     @classmethod
     def from_config(cls, config: Any = None) -> "MeshConfig":
         """From a MeshConfig, a mapping / ml_collections.ConfigDict of its fields, or None (defaults)."""
-        if config is None:
-            return cls()
-        if isinstance(config, cls):
-            return config
-        if hasattr(config, "to_dict"):  # ml_collections.ConfigDict
-            config = config.to_dict()
-        if not isinstance(config, Mapping):
-            raise MeshConfigError(f"mesh: expected a MeshConfig or a mapping of its fields, got {type(config)}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise MeshConfigError(f"mesh.{unknown[0]}: unknown field (known: {sorted(known)})")
-        return cls(**dict(config))
+        return dataclass_from_config(cls, config, "mesh", MeshConfigError)
 
     def axis_sizes(self, num_devices: int) -> dict[str, int]:
         """{axis: size} with -1 resolved, checked against ``num_devices``."""
@@ -169,6 +157,24 @@ class MeshConfig:
             _mesh_fail("fsdp", f"the mesh {shown} needs {product} devices but {num_devices} are available "
                                "(set one axis to -1 to take the rest)")
         return sizes
+
+
+def dataclass_from_config(cls, config: Any, section: str, error: type[Exception] = ValueError):
+    """``cls`` from an instance, a mapping / ml_collections.ConfigDict of its fields, or None
+    (defaults); an unknown field is an ``error`` naming ``<section>.<field>``."""
+    if config is None:
+        return cls()
+    if isinstance(config, cls):
+        return config
+    if hasattr(config, "to_dict"):  # ml_collections.ConfigDict
+        config = config.to_dict()
+    if not isinstance(config, Mapping):
+        raise error(f"{section}: expected a {cls.__name__} or a mapping of its fields, got {type(config)}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise error(f"{section}.{unknown[0]}: unknown field (known: {sorted(known)})")
+    return cls(**dict(config))
 
 
 def _is_int(value: Any) -> bool:

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from recap_jax.parallel import dataclass_from_config
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -48,15 +50,7 @@ class PrecisionConfig:
 
     @classmethod
     def from_config(cls, config: Any = None) -> "PrecisionConfig":
-        if config is None:
-            return cls()
-        if isinstance(config, cls):
-            return config
-        config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-        unknown = sorted(set(config) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"precision.{unknown[0]}: unknown field")
-        return cls(**config)
+        return dataclass_from_config(cls, config, "precision")
 
     def model_kwargs(self) -> dict[str, Any]:
         """``dtype``, ``param_dtype``, ``remat`` for the model constructors / from_pretrained."""

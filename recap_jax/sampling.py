@@ -133,10 +133,8 @@ def prepare_prompts(model, input_ids, attention_mask=None, pixel_values=None, im
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
     length = bucket_length(int(mask.sum(-1).max()), prompt_buckets)
     ids, mask = left_align(ids, mask, length, pad_token_id)
-    num_patches = None
-    if pixel_values is not None:
-        total = len(pixel_values) + len(vision_kwargs.get("pixel_values_videos") or ())
-        num_patches = -(-total // patch_bucket) * patch_bucket
+    total = sum(len(p) for p in (pixel_values, vision_kwargs.get("pixel_values_videos")) if p is not None)
+    num_patches = -(-total // patch_bucket) * patch_bucket if total else None
     return prepare_inputs(model.config, ids, mask, pixel_values, image_grid_thw, num_patches=num_patches,
                           **vision_kwargs)
 

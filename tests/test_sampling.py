@@ -157,3 +157,29 @@ def test_sharded_generation_equals_single_device(models):
         sharded = sampling.generate(sharded_model, ids, mask, pixels, grid, **kwargs)
     np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(single.tokens))
     np.testing.assert_allclose(np.asarray(sharded.logprobs), np.asarray(single.logprobs), atol=1e-4)
+
+
+def test_greedy_with_a_video_equals_transformers_generate(models):
+    """Video and image patches share one padded vision bucket; decoding continues M-RoPE
+    positions after the video's temporal positions exactly as transformers does."""
+    cfg, hf, ours = models
+    rng = np.random.default_rng(10)
+    video = [cfg.vision_start_token_id] + [cfg.video_token_id] * 8 + [cfg.vision_end_token_id]
+    image = [cfg.vision_start_token_id] + [cfg.image_token_id] * 4 + [cfg.vision_end_token_id]
+    ids = np.array([[5, 6] + image + [7] + video + [8, 9]])
+    mask = np.ones_like(ids)
+    image_pixels = rng.normal(size=(16, cfg.vision.patch_dim)).astype(np.float32)
+    video_pixels = rng.normal(size=(32, cfg.vision.patch_dim)).astype(np.float32)
+    image_grid, video_grid, seconds = np.array([[1, 4, 4]]), np.array([[2, 4, 4]]), np.array([2.0], np.float32)
+    token_type = np.where(ids == cfg.image_token_id, 1, np.where(ids == cfg.video_token_id, 2, 0))
+    with torch.no_grad():
+        hf.generation_config.eos_token_id = None
+        ref = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                          pixel_values=torch.tensor(image_pixels), image_grid_thw=torch.tensor(image_grid),
+                          pixel_values_videos=torch.tensor(video_pixels), video_grid_thw=torch.tensor(video_grid),
+                          second_per_grid_ts=torch.tensor(seconds), mm_token_type_ids=torch.tensor(token_type),
+                          do_sample=False, max_new_tokens=6, pad_token_id=cfg.pad_token_id).numpy()[:, ids.shape[1]:]
+    out = sampling.generate(ours, ids, mask, image_pixels, image_grid, max_new_tokens=6, temperature=0.0,
+                            eos_token_id=[], rng=jax.random.key(0), patch_bucket=64,
+                            pixel_values_videos=video_pixels, video_grid_thw=video_grid, second_per_grid_ts=seconds)
+    np.testing.assert_array_equal(np.asarray(out.tokens), ref)

@@ -5,7 +5,6 @@ with our from_pretrained, and compares float32 logits at every real position.
 """
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
