@@ -235,25 +235,26 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, *, param_
     if unmapped:  # a bug in our own specs, not in the checkpoint
         raise AssertionError(f"parameters without a checkpoint mapping: {unmapped}")
     _check_tensors(files, mappings, abstract, config)
-    if mesh is not None:  # every tensor the mesh cannot split, in one error, before reading any data
-        parallel.param_shardings(abstract_state, mesh, rules)
+    shardings = _shardings(abstract_state, mesh, rules)
 
     values = {}
     for m in mappings:
         shape, dt = abstract[m.path].shape, abstract[m.path].dtype
-        sharding = _sharding_for(flat[m.path], shape, mesh, rules)
         values[m.path] = jax.make_array_from_callback(
-            shape, sharding, _shard_callback(files, m, _num_layers(config, m), np.dtype(dt)))
+            shape, shardings[m.path], _shard_callback(files, m, _num_layers(config, m), np.dtype(dt)))
     for path_, variable in flat.items():
         variable.set_value(values[path_])
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def _sharding_for(variable, shape, mesh, rules) -> jax.sharding.Sharding:
+def _shardings(abstract_state, mesh, rules) -> dict[tuple[str, ...], jax.sharding.Sharding]:
+    """Each parameter's sharding by path: one device without a mesh; with one, the logical-axis
+    rules (a mesh that cannot split some tensor fails here, listing them all, before any read)."""
     if mesh is None:
-        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    axes = variable.get_metadata().get("logical_axes") or (None,) * len(shape)
-    return parallel.logical_to_sharding(axes, shape, mesh, rules)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return {path: device for path, _ in nnx.to_flat_state(abstract_state)}
+    shardings = parallel.param_shardings(abstract_state, mesh, rules)
+    return {path: v.get_value() for path, v in nnx.to_flat_state(shardings)}
 
 
 # ----------------------------------------------------------------------------- writing
