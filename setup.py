@@ -26,6 +26,8 @@ INSTALL_REQUIRES = [
     "math-verify>=0.7",
     "pyarrow>=15",
     "tensorboardX>=2.6",
+    # transformers renders chat templates with jinja2 but does not require it.
+    "jinja2>=3.1",
 ]
 
 TEST_REQUIRES = [
