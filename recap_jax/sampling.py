@@ -228,7 +228,14 @@ def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw
                              pad_token_id=pad_token_id, prompt_buckets=prompt_buckets, patch_bucket=patch_bucket,
                              **vision_kwargs)
     graphdef, state = nnx.split(model)
-    return _generate_jit(graphdef, state, jax.tree.map(jnp.asarray, inputs), params, rng)
+    return generate_prepared(graphdef, state, inputs, params, rng)
+
+
+def generate_prepared(graphdef, state, inputs: ModelInputs, params: SamplingParams,
+                      rng: jax.Array) -> GenerationOutput:
+    """`generate` on prompts already prepared by `prepare_prompts`, for a model split into
+    (graphdef, state): the form a training loop holds (the state is its params)."""
+    return _generate_jit(graphdef, state, jax.tree.map(jnp.asarray, inputs), params.validate(), rng)
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -54,6 +54,9 @@ class Task:
         the headline metric.
       answer_kind: "text" or "box" (reference is ``[x1, y1, x2, y2]`` in original pixels).
       description: one line for humans.
+      target_template: the completion an SFT warm-start teaches for this task, around the
+        reference answer text ``{answer}`` (e.g. ``<think></think><answer>{answer}</answer>``
+        for a think-format task), so that the warm-started policy earns format rewards.
     """
 
     name: str
@@ -63,6 +66,7 @@ class Task:
     eval_metrics: tuple[str, ...] = ("accuracy",)
     answer_kind: Literal["text", "box"] = "text"
     description: str = ""
+    target_template: str = "{answer}"
 
     def __post_init__(self):
         where = f"task {self.name!r}"
@@ -86,6 +90,8 @@ class Task:
             raise ValueError(f"{where}: needs at least one eval metric")
         if self.answer_kind not in ("text", "box"):
             raise ValueError(f"{where}: answer_kind must be 'text' or 'box'")
+        if "{answer}" not in self.target_template:
+            raise ValueError(f"{where}: target_template must contain '{{answer}}'")
 
     @property
     def objectives(self) -> tuple[str, ...]:
@@ -103,14 +109,24 @@ class Task:
         """The user text for one record's question (the image goes in via the processor)."""
         return self.prompt_template.format(question=question.strip())
 
+    def format_target(self, answer_text: str) -> str:
+        """The warm-start completion for a reference answer (see ``target_template``)."""
+        return self.target_template.replace("{answer}", answer_text.strip())
+
     def reward_fns(self) -> tuple[rewards_lib.RewardFn, ...]:
         """The reward functions, in objective order."""
         return tuple(rewards_lib.REWARDS[name] for name in self.rewards)
 
 
+THINK_TARGET = "<think></think><answer>{answer}</answer>"
+ANSWER_TARGET = "<answer>{answer}</answer>"
+
+
 def _rl(name, suffix, rewards, eval_metrics, description, answer_kind="text") -> Task:
+    target = THINK_TARGET if suffix == THINK_SUFFIX else ANSWER_TARGET
     return Task(name=name, kind="rl", prompt_template="{question} " + suffix, rewards=rewards,
-                eval_metrics=eval_metrics, answer_kind=answer_kind, description=description)
+                eval_metrics=eval_metrics, answer_kind=answer_kind, description=description,
+                target_template=target)
 
 
 _BUILTINS = (

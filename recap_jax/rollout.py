@@ -1,0 +1,323 @@
+"""The pieces the training loop is made of, each small and testable on its own:
+
+- `build_processor` / `build_model_config` / `init_params`: the tokenizer (a demo BPE built
+  deterministically from the synthetic corpus when training from scratch), the model config
+  and parameters (a Hugging Face directory, or a random model);
+- `open_sources`: train and held-out sources of ``config.data.sources``;
+- `WarmStartTargets`: a source whose answers are the task's formatted completions
+  (``<think></think><answer>3</answer>``), for the SFT warm-start;
+- `rl_batch` / `sft_batch`: a replay batch -> the train step's batch (sampling, decoding and
+  reward scoring happen in `rl_batch`);
+- `Evaluator`: greedy decoding on the held-out records, per-task metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recap_jax import rewards as rewards_lib
+from recap_jax import sampling
+from recap_jax.data import encode as encode_lib
+from recap_jax.data.records import Record
+from recap_jax.data.tasks import Task, get_task
+
+__all__ = ["Evaluator", "WarmStartTargets", "build_model_config", "build_processor",
+           "decode_completions", "open_sources", "prompt_inputs", "rl_batch", "score", "sft_batch"]
+
+PATCH_BUCKET = 256
+DEMO_CORPUS_RECORDS = 300
+
+
+# --------------------------------------------------------------------------- model, tokenizer
+
+
+def _mrope_section(head_dim: int) -> tuple[int, int, int]:
+    """Qwen's 1/4 temporal, 3/8 height, 3/8 width split of the head_dim / 2 frequencies."""
+    half = head_dim // 2
+    temporal = half // 4
+    height = (half - temporal) // 2
+    return temporal, height, half - temporal - height
+
+
+def build_model_config(config):
+    """The Qwen2_5_VLConfig of ``config.model`` (a directory's config.json or a preset)."""
+    from recap_jax.models import qwen2_5_vl as qwen
+    from recap_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
+
+    model = config.model
+    if model.path:
+        return Qwen2_5_VLConfig.from_json_file(model.path)
+    if model.preset != "tiny":
+        return qwen.PRESETS[model.preset]()
+    base = qwen.tiny(vocab_size=model.vocab_size, text_layers=model.text_layers,
+                     vision_depth=model.vision_depth,
+                     fullatt_block_indexes=(model.vision_depth - 1,))
+    head_dim = model.hidden_size // model.heads
+    text = dataclasses.replace(base.text, hidden_size=model.hidden_size,
+                               intermediate_size=model.intermediate_size,
+                               num_attention_heads=model.heads, num_key_value_heads=model.kv_heads,
+                               head_dim=head_dim, mrope_section=_mrope_section(head_dim))
+    vision = dataclasses.replace(base.vision, hidden_size=model.vision_hidden_size,
+                                 intermediate_size=2 * model.vision_hidden_size,
+                                 out_hidden_size=model.hidden_size)
+    return dataclasses.replace(base, text=text, vision=vision)
+
+
+def demo_corpus(config) -> list[str]:
+    """Texts the demo tokenizer learns its merges from: the chat template's words and the
+    prompts, targets and answers of the first records of every synthetic source."""
+    from recap_jax.data import synthetic
+
+    texts = ["system", "user", "assistant", "You are a helpful assistant."]
+    for name in config.data.sources:
+        if config.data.sources[name].kind != "synthetic":
+            continue
+        task = get_task(name)
+        for record in synthetic.generate(name, "train", DEMO_CORPUS_RECORDS):
+            texts += [task.format_prompt(record.question), task.format_target(record.answer_text)]
+    return texts
+
+
+def build_processor(config, workdir: str):
+    """The Qwen2_5_VLProcessor: tokenizer.path, else model.path, else the demo BPE (built once
+    into WORKDIR/tokenizer and reused on resume)."""
+    from recap_jax.models.qwen2_5_vl import processor as proc
+
+    directory = config.tokenizer.path or config.model.path
+    if not directory:
+        directory = os.path.join(workdir, "tokenizer")
+        if not os.path.exists(os.path.join(directory, "tokenizer.json")):
+            proc.build_demo_tokenizer(demo_corpus(config), config.model.vocab_size, directory)
+    return proc.Qwen2_5_VLProcessor.from_pretrained(directory,
+                                                    min_pixels=config.tokenizer.min_pixels,
+                                                    max_pixels=config.tokenizer.max_pixels)
+
+
+def check_tokenizer_matches(processor, model_config) -> None:
+    """ValueError if the tokenizer's special ids are not the model's."""
+    from recap_jax.models.qwen2_5_vl import processor as proc
+
+    ids = proc.special_token_ids(processor.tokenizer)
+    wrong = {k: (v, getattr(model_config, k)) for k, v in ids.items()
+             if getattr(model_config, k) != v}
+    if wrong:
+        raise ValueError("the tokenizer's special token ids differ from the model config's "
+                         "(tokenizer, model): " + ", ".join(f"{k}={v}" for k, v in wrong.items()))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def open_sources(config, split: str, skips=None) -> list:
+    """The sources of ``config.data.sources`` for split "train" or "eval" (an eval list entry
+    is None for a source without held-out data)."""
+    from recap_jax.data import sources as sources_lib
+    from recap_jax.data.synthetic import SyntheticSource
+
+    opened = []
+    for name, spec in config.data.sources.items():
+        if spec.kind == "synthetic":
+            size = spec.size if split == "train" else spec.eval_size
+            opened.append(SyntheticSource(name, split, size) if size else None)
+            continue
+        paths = [p.strip() for p in spec[split].split(",") if p.strip()]
+        if not paths:
+            opened.append(None)
+            continue
+        opened.append(sources_lib.open_source(
+            name, paths, image_root=spec.image_root or None, skips=skips,
+            max_records=(spec.max_records or None) if split == "train" else None,
+            adapter=spec.kind))
+    return opened
+
+
+class WarmStartTargets:
+    """A source whose records' answers are the task's warm-start completion text."""
+
+    def __init__(self, source):
+        self.source, self.name = source, source.name
+        self._task = get_task(source.name)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def blocks(self) -> np.ndarray:
+        return self.source.blocks
+
+    def where(self, i: int):
+        return self.source.where(i)
+
+    def load(self, i: int) -> Record:
+        record = self.source.load(i)
+        return dataclasses.replace(record, answer=self._task.format_target(record.answer_text))
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def prompt_inputs(model_config, batch: dict, prompt_buckets: Sequence[int]):
+    """ModelInputs (host numpy) of a replay batch's prompts, images included."""
+    pixels, grid = encode_lib.flat_vision_inputs(batch)
+    shim = types.SimpleNamespace(config=model_config)  # prepare_prompts reads model.config only
+    return sampling.prepare_prompts(shim, batch["input_ids"], batch["attention_mask"], pixels, grid,
+                                    pad_token_id=model_config.pad_token_id,
+                                    prompt_buckets=prompt_buckets, patch_bucket=PATCH_BUCKET)
+
+
+def decode_completions(tokenizer, tokens: np.ndarray, lengths: np.ndarray,
+                       drop_ids: Sequence[int]) -> list[str]:
+    """Completion texts: each row's first ``length`` tokens without EOS / padding ids; tag
+    tokens (<think>, <answer>) are kept as text."""
+    drop = np.asarray(list(drop_ids))
+    texts = []
+    for row, length in zip(tokens, lengths):
+        ids = row[:int(length)]
+        texts.append(tokenizer.decode(ids[~np.isin(ids, drop)].tolist(),
+                                      skip_special_tokens=False))
+    return texts
+
+
+def score(task: Task, texts: Sequence[str], references: Sequence[str],
+          image_sizes: np.ndarray, input_sizes: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """[N, len(names)] reward values of ``names`` (reward functions) for each completion."""
+    out = np.zeros((len(texts), len(names)), np.float32)
+    for row, (text, reference) in enumerate(zip(texts, references)):
+        context = {}
+        if task.answer_kind == "box":
+            context = dict(image_size=tuple(image_sizes[row]), input_size=tuple(input_sizes[row]))
+        for column, name in enumerate(names):
+            out[row, column] = rewards_lib.REWARDS[name](text, reference, **context)
+    return out
+
+
+def rl_batch(*, graphdef, params, batch: dict, task: Task, source_id: int, model_config,
+             processor, sampling_params: sampling.SamplingParams, rng: jax.Array,
+             num_reward_columns: int, prompt_buckets: Sequence[int]) -> tuple[dict, dict]:
+    """Samples G completions per prompt, scores them; returns (train-step batch, host stats)."""
+    inputs = prompt_inputs(model_config, batch, prompt_buckets)
+    out = jax.device_get(sampling.generate_prepared(graphdef, params, inputs, sampling_params, rng))
+    group = sampling_params.num_samples
+    texts = decode_completions(processor.tokenizer, out.tokens, out.lengths,
+                               (model_config.eos_token_id, model_config.pad_token_id))
+    repeat = lambda x: np.repeat(np.asarray(x), group, axis=0)  # noqa: E731
+    rewards = np.zeros((len(texts), num_reward_columns), np.float32)
+    rewards[:, :len(task.rewards)] = score(task, texts, repeat(batch["answer"]),
+                                           repeat(batch["image_size"]),
+                                           repeat(batch["input_size"]), task.rewards)
+    steps = out.tokens.shape[1]
+    mask = (np.arange(steps)[None, :] < out.lengths[:, None]).astype(np.int32)
+    step_batch = {"prompt": inputs, "completions": out.tokens, "completion_mask": mask,
+                  "source_id": np.full((len(texts),), source_id, np.int32),
+                  "rewards": rewards, "old_logprobs": out.logprobs,
+                  "truncated": np.asarray(out.truncated)}
+    stats = {"sampled_tokens": int(out.lengths.sum()), "texts": texts}
+    return step_batch, stats
+
+
+def sft_batch(*, batch: dict, source_id: int, model_config, num_reward_columns: int,
+              prompt_buckets: Sequence[int]) -> tuple[dict, dict]:
+    """Reference answers as the completions of an SFT (NTP) step; (train-step batch, stats)."""
+    inputs = prompt_inputs(model_config, batch, prompt_buckets)
+    answers, mask = batch["answer_ids"], batch["answer_mask"]
+    rows = answers.shape[0]
+    source_ids = np.asarray(batch.get("source_id", np.full((rows,), source_id)), np.int32)
+    step_batch = {"prompt": inputs, "completions": answers.astype(np.int32),
+                  "completion_mask": mask.astype(np.int32), "source_id": source_ids,
+                  "rewards": np.zeros((rows, num_reward_columns), np.float32),
+                  "old_logprobs": np.zeros(answers.shape, np.float32),
+                  "truncated": np.zeros((rows,), bool)}
+    return step_batch, {"trained_tokens": int(mask.sum() + batch["attention_mask"].sum())}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class Evaluator:
+    """Greedy decoding of each task's held-out records; per-task eval metrics.
+
+    Records are encoded once; batches are padded to ``batch_size`` by repeating the last
+    record (one compiled shape per task), the padding rows are not scored.
+    """
+
+    def __init__(self, sources: Sequence[Any], processor, model_config, *, num_examples: int,
+                 batch_size: int, max_new_tokens: int, prompt_buckets: Sequence[int],
+                 answer_buckets: Sequence[int]):
+        self.processor, self.model_config = processor, model_config
+        self.batch_size, self.prompt_buckets = batch_size, tuple(prompt_buckets)
+        self.params = sampling.SamplingParams(
+            max_new_tokens, temperature=0.0, eos_token_id=model_config.eos_token_id,
+            pad_token_id=model_config.pad_token_id, num_samples=1).validate()
+        encoder = encode_lib.RecordEncoder(processor, model_config,
+                                           max_prompt_tokens=max(prompt_buckets),
+                                           max_answer_tokens=max(answer_buckets))
+        self.tasks: dict[str, tuple[Task, list]] = {}
+        for source in sources:
+            if source is None:
+                continue
+            task = get_task(source.name)
+            count = min(num_examples, len(source))
+            examples = []
+            for i in range(count):
+                record = source.load(i)
+                examples.append((encoder.encode(task, record), record.answer_text))
+            if examples:
+                self.tasks[source.name] = (task, examples)
+
+    def _batch(self, examples) -> dict:
+        arrays = [a for a, _ in examples]
+        arrays += [arrays[-1]] * (self.batch_size - len(arrays))
+        length = max(len(a["input_ids"]) for a in arrays)
+        ids = np.full((len(arrays), length), self.model_config.pad_token_id, np.int32)
+        mask = np.zeros_like(ids)
+        for row, a in enumerate(arrays):
+            ids[row, length - len(a["input_ids"]):] = a["input_ids"]
+            mask[row, length - len(a["input_ids"]):] = 1
+        patches = [len(a["pixel_values"]) for a in arrays]
+        pixels = np.zeros((len(arrays), max(patches), arrays[0]["pixel_values"].shape[1]),
+                          np.float32)
+        for row, a in enumerate(arrays):
+            pixels[row, :patches[row]] = a["pixel_values"]
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
+                "num_patches": np.asarray(patches),
+                "image_grid_thw": np.stack([a["image_grid_thw"] for a in arrays]),
+                "image_size": np.stack([a["image_size"] for a in arrays]),
+                "input_size": np.stack([a["input_size"] for a in arrays])}
+
+    def __call__(self, graphdef, params) -> dict[str, dict[str, float]]:
+        """{task: {metric: mean, "completion_length": mean tokens, "num_examples": n}}."""
+        results = {}
+        for name, (task, examples) in self.tasks.items():
+            values, lengths = [], []
+            for start in range(0, len(examples), self.batch_size):
+                chunk = examples[start:start + self.batch_size]
+                batch = self._batch(chunk)
+                inputs = prompt_inputs(self.model_config, batch, self.prompt_buckets)
+                out = jax.device_get(sampling.generate_prepared(
+                    graphdef, params, inputs, self.params, jax.random.key(0)))
+                texts = decode_completions(
+                    self.processor.tokenizer, out.tokens, out.lengths,
+                    (self.model_config.eos_token_id, self.model_config.pad_token_id))[:len(chunk)]
+                values.append(score(task, texts, [a for _, a in chunk], batch["image_size"],
+                                    batch["input_size"], task.eval_metrics))
+                lengths.append(out.lengths[:len(chunk)])
+            table = np.concatenate(values).mean(axis=0)
+            results[name] = {metric: float(v) for metric, v in zip(task.eval_metrics, table)}
+            results[name]["completion_length"] = float(np.concatenate(lengths).mean())
+            results[name]["num_examples"] = len(examples)
+        return results
+
+
+def to_device(tree: Any, sharding=None) -> Any:
+    """Host arrays -> device arrays (replicated on ``sharding``'s mesh when given)."""
+    if sharding is None:
+        return jax.tree.map(jnp.asarray, tree)
+    return jax.device_put(tree, sharding)

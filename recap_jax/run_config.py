@@ -1,0 +1,348 @@
+"""The run config of `python -m recap_jax.train`: every field, its meaning, its validation, and
+the table of RL methods (RECAP and the paper's baselines).
+
+A config file (configs/*.py) defines ``get_config()`` returning ``base_config()`` with its
+changes; the command line overrides any field (``--config.rl.steps=20``). `validate` runs
+before anything is built or compiled and names the field and the allowed values of the first
+problem it finds. Fields outside scripts may set: ``seed``, ``sft.steps``, ``rl.steps``,
+``rl.method``, ``checkpoint.every_steps``, ``eval.every_steps``.
+
+Methods (``rl.method``; recap-method.md, "Mixing baselines"). Every method draws each batch
+from one source (homogeneous batches, as the released code); they differ in which sources,
+how often each is drawn, the objective weights lambda and the KL term:
+
+  reasoning_only  the primary (reasoning) source alone, lambda = 1
+  uniform         every source in turn (equal shares, round robin), lambda = 1
+  propmix         a source per batch with probability proportional to its size, lambda = 1
+  coreset         like propmix, replay sources cut to half the primary's volume, lambda = 1
+  lwf             uniform + KL to the frozen warm-start policy (beta 0.01, k3)
+  modomodo        fixed shares (``data.modomodo_shares``), vision tower frozen, lambda = 1
+  recap           every source in turn, lambda from RECAP (``recap.variant``: released | paper)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+__all__ = ["METHODS", "Method", "ConfigError", "base_config", "validate", "source_names"]
+
+
+class ConfigError(ValueError):
+    """An invalid config value; the message names the field (``rl.temperature``, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """What an ``rl.method`` changes: sources used, replay strategy, weights, KL, frozen parts."""
+
+    strategy: str
+    replay: bool = True
+    recap: bool = False
+    beta: float = 0.0
+    freeze_vision: bool = False
+
+
+METHODS = {
+    "reasoning_only": Method("round_robin", replay=False),
+    "uniform": Method("round_robin"),
+    "propmix": Method("propmix"),
+    "coreset": Method("coreset"),
+    "lwf": Method("round_robin", beta=0.01),
+    "modomodo": Method("modomodo", freeze_vision=True),
+    "recap": Method("round_robin", recap=True),
+}
+RECAP_VARIANTS = ("released", "paper")
+SOURCE_KINDS = ("synthetic", "thinklite", "refcoco", "ocr_llava", "lisa", "geoqav", "sat",
+                "scienceqa")
+PRESETS = ("tiny", "3b", "7b")
+
+
+def source_config(kind: str = "synthetic", *, train: str = "", eval: str = "",  # noqa: A002
+                  image_root: str = "", size: int = 2000, eval_size: int = 64,
+                  max_records: int = 0) -> ml_collections.ConfigDict:
+    """One entry of ``data.sources`` (the key is the task name, e.g. "reasoning").
+
+    kind: "synthetic" (generated offline, ``size`` train / ``eval_size`` eval records) or a
+      dataset adapter of recap_jax.data.sources (thinklite, refcoco, ocr_llava, lisa, ...).
+    train, eval: comma-separated files (jsonl / json / parquet) of the train and held-out
+      splits; eval "" = no evaluation of this source.
+    image_root: the directory image paths are relative to (and confined to).
+    max_records: read at most this many train records (0 = all).
+    """
+    return ml_collections.ConfigDict(dict(kind=kind, train=train, eval=eval, image_root=image_root,
+                                          size=size, eval_size=eval_size,
+                                          max_records=max_records))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field with its default; configs/*.py start from this."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # seeds the model init, the data order and the sampler
+
+    c.model = dict(
+        path="",  # a Hugging Face Qwen2.5-VL directory; "" = a random model of `preset`
+        preset="tiny",  # tiny | 3b | 7b (only when path = "")
+        # tiny only: sizes of the from-scratch demo model (vocab = the demo tokenizer's)
+        vocab_size=512, hidden_size=64, intermediate_size=128, text_layers=2, heads=4,
+        kv_heads=2, vision_depth=2, vision_hidden_size=32,
+        param_dtype="float32", compute_dtype="float32",  # see recap_jax.precision
+        remat="none",  # none | full | save_dots
+    )
+    c.tokenizer = dict(
+        path="",  # "" = model.path, or (from scratch) a demo BPE built into WORKDIR/tokenizer
+        min_pixels=3136, max_pixels=12845056,
+    )
+    c.mesh = dict(spec="", distributed=False)  # "" = one device; e.g. "fsdp=-1", "data=2,fsdp=4"
+
+    c.data = dict(
+        sources=ml_collections.ConfigDict(),  # task name -> source_config(...)
+        primary="",  # the reasoning source, source id 0 (default: the first name in sorted order)
+        modomodo_shares="",  # comma-separated shares per source for modomodo ("" = the paper's)
+        prompt_buckets=(128, 256, 512, 1024, 2048, 4096),
+        answer_buckets=(16, 32, 64, 128, 256, 512, 1024),
+        patch_buckets=(64, 256, 1024, 4096, 16384),
+        num_parallel_calls=2, prefetch=2,
+    )
+    c.sft = dict(
+        steps=0,  # warm-start steps of next-token prediction on every source's targets (0 = none)
+        batch_size=32, learning_rate=1e-3, warmup_fraction=0.05, max_grad_norm=1.0,
+        weight_decay=0.0,
+    )
+    c.rl = dict(
+        steps=100, method="recap",
+        prompts_per_step=8,  # B prompts per step (one source per step)
+        group_size=4,  # G completions per prompt
+        max_new_tokens=32, temperature=1.0, top_p=1.0, top_k=0,
+        learning_rate=1e-6, warmup_fraction=0.1, max_grad_norm=1.0, weight_decay=0.0,
+        weighting="reward",  # reward (released code) | loss (paper)
+        advantage_normalization="group", loss_aggregation="token-mean",
+        epsilon_low=0.2, epsilon_high=0.2, dual_clip_c=0.0,  # 0 = no dual clip
+        beta=-1.0,  # KL coefficient; -1 = the method's (0, lwf 0.01)
+        kl_estimator="k3", mask_truncated_completions=False,
+        num_iterations=1, num_minibatches=1,
+        max_bad_steps=5,  # stop (after saving) when this many steps in a row are not finite
+    )
+    c.recap = dict(variant="released", window=10, temperature=5.0, alpha=0.5)
+    c.checkpoint = dict(every_steps=50, keep=2)  # RL steps between checkpoints; kept N at a time
+    c.eval = dict(
+        every_steps=0,  # RL steps between evaluations (0 = before and after RL only)
+        num_examples=64, batch_size=16, max_new_tokens=32,
+    )
+    c.log = dict(every_steps=10, tensorboard=True)
+    return c
+
+
+def source_names(config) -> list[str]:
+    """Source order (source ids, objective order): ``data.primary`` first, then the others by
+    name (ConfigDict keys have no insertion order)."""
+    names = sorted(config.data.sources.keys())
+    primary = config.data.primary if config.data.primary in names else None
+    return ([primary] if primary else []) + [n for n in names if n != primary]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"config.{field}={value!r} is invalid; allowed: {allowed}")
+
+
+def _int(config, field: str, low: int) -> None:
+    value = _get(config, field)
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+        _fail(field, value, f"an int >= {low}")
+
+
+def _number(config, field: str, low: float, high: float = math.inf, *,
+            low_open: bool = False) -> None:
+    value = _get(config, field)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        _fail(field, value, f"a number in {bracket}{low}, {high}]")
+
+
+def _choice(config, field: str, allowed: Sequence[str]) -> None:
+    if _get(config, field) not in allowed:
+        _fail(field, _get(config, field), " | ".join(allowed))
+
+
+def _get(config, field: str) -> Any:
+    node = config
+    for part in field.split("."):
+        node = node[part]
+    return node
+
+
+def _paths(value: str) -> list[str]:
+    return [p.strip() for p in str(value).split(",") if p.strip()]
+
+
+def validate(config, *, check_paths: bool = True) -> None:
+    """Raises ConfigError for the first invalid field (before anything is built)."""
+    for section in ("model", "tokenizer", "mesh", "data", "sft", "rl", "recap", "checkpoint",
+                    "eval", "log"):
+        if section not in config:
+            _fail(section, None, "a section (start configs from run_config.base_config())")
+    _int(config, "seed", 0)
+    _validate_model(config, check_paths)
+    _validate_data(config, check_paths)
+    for field in ("sft.steps",):
+        _int(config, field, 0)
+    _int(config, "sft.batch_size", 1)
+    _int(config, "rl.steps", 0)
+    _choice(config, "rl.method", tuple(METHODS))
+    _int(config, "rl.prompts_per_step", 1)
+    _int(config, "rl.group_size", 1)
+    _int(config, "rl.max_new_tokens", 1)
+    _number(config, "rl.temperature", 0.0, math.inf, low_open=True)
+    _number(config, "rl.top_p", 0.0, 1.0, low_open=True)
+    _int(config, "rl.top_k", 0)
+    for stage in ("sft", "rl"):
+        _number(config, f"{stage}.learning_rate", 0.0, math.inf, low_open=True)
+        _number(config, f"{stage}.warmup_fraction", 0.0, 0.999)
+        _number(config, f"{stage}.max_grad_norm", 0.0, math.inf, low_open=True)
+        _number(config, f"{stage}.weight_decay", 0.0)
+    _number(config, "rl.epsilon_low", 0.0, 0.999)
+    _number(config, "rl.epsilon_high", 0.0)
+    dual = config.rl.dual_clip_c
+    if dual != 0:
+        _number(config, "rl.dual_clip_c", 1.0, math.inf, low_open=True)
+    if config.rl.beta != -1:
+        _number(config, "rl.beta", 0.0)
+    _int(config, "rl.num_iterations", 1)
+    _int(config, "rl.num_minibatches", 1)
+    _int(config, "rl.max_bad_steps", 1)
+    rows = config.rl.prompts_per_step * config.rl.group_size
+    if rows % (config.rl.num_minibatches * config.rl.group_size):
+        _fail("rl.num_minibatches", config.rl.num_minibatches,
+              f"a divisor of rl.prompts_per_step={config.rl.prompts_per_step}")
+    if config.sft.batch_size % config.rl.num_minibatches:
+        _fail("sft.batch_size", config.sft.batch_size,
+              f"a multiple of rl.num_minibatches={config.rl.num_minibatches}")
+    _choice(config, "recap.variant", RECAP_VARIANTS)
+    _int(config, "recap.window", 1)
+    _number(config, "recap.temperature", 0.0, math.inf, low_open=True)
+    if config.recap.alpha != "anneal":
+        _number(config, "recap.alpha", 0.0, 1.0)
+    _int(config, "checkpoint.every_steps", 0)
+    _int(config, "checkpoint.keep", 1)
+    _int(config, "eval.every_steps", 0)
+    _int(config, "eval.num_examples", 0)
+    _int(config, "eval.batch_size", 1)
+    _int(config, "eval.max_new_tokens", 1)
+    _int(config, "log.every_steps", 1)
+    _validate_mesh(config)
+
+
+def _validate_model(config, check_paths: bool) -> None:
+    model = config.model
+    if model.path:
+        if check_paths and not os.path.isfile(os.path.join(model.path, "config.json")):
+            _fail("model.path", model.path, "a Hugging Face Qwen2.5-VL directory holding "
+                                            "config.json and *.safetensors")
+    else:
+        _choice(config, "model.preset", PRESETS)
+        if model.preset != "tiny" and not config.tokenizer.path:
+            _fail("tokenizer.path", config.tokenizer.path,
+                  f"a tokenizer directory (model.preset={model.preset!r} from scratch "
+                  "needs the real Qwen tokenizer)")
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "text_layers", "heads",
+                  "kv_heads", "vision_depth", "vision_hidden_size"):
+        _int(config, f"model.{field}", 1)
+    if model.vocab_size < 300:
+        _fail("model.vocab_size", model.vocab_size, "an int >= 300 (256 bytes + special tokens)")
+    if model.heads % model.kv_heads:
+        _fail("model.kv_heads", model.kv_heads, f"a divisor of model.heads={model.heads}")
+    _choice(config, "model.param_dtype", ("float32", "bfloat16"))
+    _choice(config, "model.compute_dtype", ("float32", "bfloat16", "float16"))
+    _choice(config, "model.remat", ("none", "full", "save_dots"))
+    if config.tokenizer.path and check_paths and not os.path.isdir(config.tokenizer.path):
+        _fail("tokenizer.path", config.tokenizer.path, "an existing tokenizer directory")
+    _int(config, "tokenizer.min_pixels", 1)
+    _int(config, "tokenizer.max_pixels", config.tokenizer.min_pixels)
+
+
+def _validate_data(config, check_paths: bool) -> None:
+    from recap_jax.data.tasks import TASKS
+
+    names = source_names(config)
+    if not names:
+        _fail("data.sources", {}, "at least one source (task name -> source_config(...))")
+    for name in names:
+        if name not in TASKS:
+            _fail(f"data.sources.{name}", name, f"a registered task: {' | '.join(sorted(TASKS))}")
+        source = config.data.sources[name]
+        field = f"data.sources.{name}"
+        _choice(config, f"{field}.kind", SOURCE_KINDS)
+        if source.kind == "synthetic":
+            from recap_jax.data.synthetic import SYNTHETIC_TASKS
+
+            if name not in SYNTHETIC_TASKS:
+                _fail(field, name, f"a synthetic task ({' | '.join(SYNTHETIC_TASKS)}) for kind "
+                                   "'synthetic'")
+            _int(config, f"{field}.size", 1)
+            _int(config, f"{field}.eval_size", 0)
+        else:
+            if not _paths(source.train):
+                _fail(f"{field}.train", source.train, "comma-separated data files")
+            if check_paths:
+                for key in ("train", "eval"):
+                    for path in _paths(source[key]):
+                        if not os.path.exists(path):
+                            _fail(f"{field}.{key}", path, "existing files")
+                if source.image_root and not os.path.isdir(source.image_root):
+                    _fail(f"{field}.image_root", source.image_root, "an existing directory")
+        _int(config, f"{field}.max_records", 0)
+    if config.data.primary and config.data.primary not in names:
+        _fail("data.primary", config.data.primary, " | ".join(names))
+    if config.data.modomodo_shares:
+        try:
+            shares = [float(x) for x in config.data.modomodo_shares.split(",")]
+        except ValueError:
+            shares = []
+        if len(shares) != len(names) or min(shares) < 0 or sum(shares) <= 0:
+            _fail("data.modomodo_shares", config.data.modomodo_shares,
+                  f"{len(names)} comma-separated numbers >= 0 (one per source), not all 0")
+    elif config.rl.method == "modomodo":
+        from recap_jax.data.replay import MODOMODO_SHARES
+
+        missing = [n for n in names if n not in MODOMODO_SHARES]
+        if missing:
+            _fail("data.modomodo_shares", "", f"explicit shares: the paper's cover only "
+                                              f"{sorted(MODOMODO_SHARES)}, not {missing}")
+    for field in ("prompt_buckets", "answer_buckets", "patch_buckets"):
+        values = tuple(config.data[field])
+        if not values or any(not isinstance(v, int) or v < 1 for v in values):
+            _fail(f"data.{field}", values, "a non-empty tuple of ints >= 1")
+    _int(config, "data.num_parallel_calls", 1)
+    _int(config, "data.prefetch", 1)
+
+
+def _validate_mesh(config) -> None:
+    if not config.mesh.spec:
+        return
+    import jax
+
+    from recap_jax.parallel import MeshConfigError, parse_mesh_spec
+
+    try:
+        mesh = parse_mesh_spec(config.mesh.spec)
+        sizes = mesh.axis_sizes(jax.device_count())
+    except MeshConfigError as error:
+        raise ConfigError(f"config.mesh.spec={config.mesh.spec!r}: {error}") from None
+    batch_shards = sizes["data"] * sizes["fsdp"]
+    rows = config.rl.prompts_per_step
+    for field, value in (("rl.prompts_per_step", rows), ("sft.batch_size", config.sft.batch_size),
+                         ("eval.batch_size", config.eval.batch_size)):
+        if value % batch_shards:
+            _fail(field, value, f"a multiple of the mesh's batch shards (data x fsdp = "
+                                f"{batch_shards} for mesh {config.mesh.spec!r})")
