@@ -33,6 +33,7 @@ Eval lines: eval/<task>/<metric>, eval/<task>/completion_length.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -478,19 +479,18 @@ def run_rl(setup: Setup, params, resumed) -> Any:
 # --------------------------------------------------------------------------- entry points
 
 
+def _resume_target(setup: Setup, meta: dict):
+    """A fresh train state of the checkpoint's stage (the structure a restore fills)."""
+    if meta["stage"] == "sft":
+        return _sft_state(setup, setup.initial_params)[1]
+    method, _, _, _, objectives, _, recap_config = _rl_plan(setup)
+    recap_state = recap.init(recap_config, objectives.num_objectives) if recap_config else None
+    return _stage_state(setup, setup.initial_params, _rl_optimizer(setup, method), 1, recap_state)
+
+
 def _resume(setup: Setup):
     """The newest complete checkpoint, restored into the state of its stage; None if none."""
-    config = setup.config
-
-    def like(meta):
-        if meta["stage"] == "sft":
-            return _sft_state(setup, setup.initial_params)[1]
-        method = run_config.METHODS[config.rl.method]
-        objectives, recap_config = _rl_plan(setup)[4], _rl_plan(setup)[6]
-        recap_state = recap.init(recap_config, objectives.num_objectives) if recap_config else None
-        return _stage_state(setup, setup.initial_params, _rl_optimizer(setup, method), 1,
-                            recap_state)
-
+    like = functools.partial(_resume_target, setup)
     resumed = setup.checkpoints.restore_latest(like)
     if resumed is not None:
         meta = resumed.meta

@@ -16,3 +16,20 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def short_run(tmp_path_factory):
+    """(workdir, final params, config) of one short demo run (tests/short_run.py), trained
+    once per test worker and shared by the end-to-end tests (group them with
+    @pytest.mark.xdist_group("short_run") so one worker runs them all)."""
+    from recap_jax import train
+    from tests.short_run import short_config
+
+    config = short_config()
+    workdir = tmp_path_factory.mktemp("short_run")
+    params = train.train(config, str(workdir))
+    return workdir, params, config

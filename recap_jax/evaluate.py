@@ -1,0 +1,75 @@
+"""Evaluate a training run's checkpoint on the held-out records of every task (greedy).
+
+    python -m recap_jax.evaluate --config configs/demo.py --workdir DIR [--step N]
+
+``--step`` is a checkpoint step as listed in WORKDIR/checkpoints (SFT step, or sft.steps + RL
+step); the default is the newest. Prints a per-task table and writes it to
+WORKDIR/eval/checkpoint_<N>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+
+from recap_jax import run_config, train as train_lib
+
+__all__ = ["evaluate", "main"]
+
+
+def evaluate(config, workdir: str, step: int | None = None) -> tuple[int, dict]:
+    """(checkpoint step, {task: {metric: value}}) of checkpoint ``step`` (default: newest)."""
+    run_config.validate(config)
+    setup = train_lib._setup(config, workdir)
+    try:
+        steps = setup.checkpoints.steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {setup.checkpoints.directory}")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint {step} in {setup.checkpoints.directory}; "
+                                    f"there are {steps}")
+        like = train_lib._resume_target(setup, setup.checkpoints.read_meta(step))
+        restored = setup.checkpoints.restore(step, like)
+        results = setup.evaluator(setup.graphdef, restored.state.params)
+    finally:
+        setup.log.close()
+        setup.checkpoints.close()
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    with open(os.path.join(workdir, "eval", f"checkpoint_{step}.json"), "w") as handle:
+        json.dump({"checkpoint": step, "tasks": results}, handle, indent=1)
+    return step, results
+
+
+def main(argv=None) -> int:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "the run's configs/*.py file",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "the run's output directory")
+    flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def _main(_):
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity("warning")
+        try:
+            step, results = evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.step)
+        except (run_config.ConfigError, FileNotFoundError) as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            return 1
+        print(train_lib.format_eval_table(results, f"checkpoint {step} "
+                                                   f"({jax.default_backend()})"), flush=True)
+        return 0
+
+    app.run(_main, argv=argv)
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""End to end: `recap_jax.train` on configs/demo.py shrunk by overrides (SFT then RL), resume
+from a checkpoint, `recap_jax.evaluate`, the warm-start directory."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from recap_jax import train
+from recap_jax.metrics_log import read_jsonl
+from tests.short_run import ROOT, SHORT_RUN_OVERRIDES, cli_overrides, short_config
+
+pytestmark = pytest.mark.xdist_group("short_run")
+OBJECTIVES = ["reasoning/accuracy", "reasoning/format_think", "grounding/format_answer",
+              "grounding/iou", "ocr/ntp"]
+TIMING_KEYS = {"time", "tokens_per_s", "step_time_s", "eval_time_s"}
+
+
+def lines(workdir, stage=None):
+    records, bad = read_jsonl(str(workdir / "metrics.jsonl"))
+    assert not bad
+    return [r for r in records if stage is None or r["stage"] == stage]
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def assert_params_equal(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_demo_runs_sft_then_rl_with_replay_and_recap(short_run):
+    workdir, params, config = short_run
+    sft, rl, evals = lines(workdir, "sft"), lines(workdir, "rl"), lines(workdir, "eval")
+    assert [r["step"] for r in sft] == list(range(1, config.sft.steps + 1))
+    assert [r["step"] for r in rl] == list(range(1, config.rl.steps + 1))
+    assert [r["step"] for r in evals] == [0, config.rl.steps]
+    # warm-start: mixed batches of all three sources; the summed next-token loss falls
+    assert all(f"ntp_loss/{name}" in sft[0] for name in ("reasoning/ntp", "grounding/ntp", "ocr/ntp"))
+    assert sft[-1]["loss"] < sft[0]["loss"]
+    # RL: round robin over the three sources, the primary first
+    assert [r["source"] for r in rl] == ["reasoning", "grounding", "ocr", "reasoning"]
+    for record in rl:
+        assert sorted(k[len("weight/"):] for k in record if k.startswith("weight/")) == \
+            sorted(OBJECTIVES)
+        assert all(f"recap/c/{o}" in record and f"recap/i/{o}" in record for o in OBJECTIVES)
+        present = [k.split("/", 1)[1] for k in record if k.startswith(("reward/", "ntp_loss/"))]
+        assert present and all(o.startswith(record["source"] + "/") for o in present)
+        assert all(0.0 <= record[f"reward/{o}"] <= 1.0 for o in present if "ntp" not in o)
+    for task, metrics in (("reasoning", ["accuracy"]), ("grounding", ["iou", "iou_thresholded"]),
+                          ("ocr", ["ocr_char_f1", "ocr_exact"])):
+        for metric in metrics + ["completion_length"]:
+            assert all(f"eval/{task}/{metric}" in r for r in evals)
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    total = config.sft.steps + config.rl.steps
+    # every 2 steps in both stages, kept 3 at a time: SFT step 2 was rotated out
+    assert steps == [config.sft.steps, total - 2, total]
+    assert list((workdir / "tensorboard").iterdir())
+
+
+def test_warmstart_directory_holds_the_sft_policy(short_run):
+    """WORKDIR/warmstart loads with from_pretrained; RL then moved away from it."""
+    from flax import nnx
+
+    from recap_jax.models import qwen2_5_vl as qwen
+
+    workdir, params, _ = short_run
+    warm = nnx.split(qwen.from_pretrained(workdir / "warmstart"))[1]
+    changed = [not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(warm), jax.tree.leaves(params))]
+    assert any(changed)
+    assert (workdir / "warmstart" / "tokenizer.json").exists()
+
+
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(short_run, tmp_path):
+    """Stopped after the RL checkpoint at step 2 (later checkpoint removed), restarted: the
+    final params are bitwise equal and metrics.jsonl reads the same (timings aside)."""
+    workdir, params, config = short_run
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(workdir, resumed_dir)
+    total = config.sft.steps + config.rl.steps
+    shutil.rmtree(resumed_dir / "checkpoints" / str(total))
+    resumed_params = train.train(short_config(), str(resumed_dir))
+    assert_params_equal(params, resumed_params)
+    assert without_timing(lines(resumed_dir)) == without_timing(lines(workdir))
+    superseded, _ = read_jsonl(str(resumed_dir / "metrics.superseded.jsonl"))
+    assert sorted({(r["stage"], r["step"]) for r in superseded}) == [
+        ("eval", 4), ("rl", 3), ("rl", 4)]
+
+
+def test_resume_from_the_end_of_sft(short_run, tmp_path):
+    """Only checkpoints up to the end of SFT left: RL restarts from the restored warm-start
+    and ends bitwise where the uninterrupted run ended."""
+    workdir, params, config = short_run
+    resumed_dir = tmp_path / "from_sft"
+    shutil.copytree(workdir, resumed_dir)
+    for step in (resumed_dir / "checkpoints").iterdir():
+        if step.name.isdigit() and int(step.name) > config.sft.steps:
+            shutil.rmtree(step)
+    resumed_params = train.train(short_config(), str(resumed_dir))
+    assert_params_equal(params, resumed_params)
+    assert without_timing(lines(resumed_dir)) == without_timing(lines(workdir))
+
+
+def test_evaluate_prints_the_table_of_a_checkpoint(short_run):
+    """`python -m recap_jax.evaluate` on the final checkpoint reproduces the run's final eval
+    line (same params, greedy decoding) and prints one row per task and metric."""
+    workdir, _, config = short_run
+    total = config.sft.steps + config.rl.steps
+    command = [sys.executable, "-m", "recap_jax.evaluate", "--config",
+               str(ROOT / "configs" / "demo.py"), "--workdir", str(workdir),
+               "--step", str(total), *cli_overrides()]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = lines(workdir, "eval")[-1]
+    table = json.loads((workdir / "eval" / f"checkpoint_{total}.json").read_text())["tasks"]
+    for task, metrics in table.items():
+        for metric, value in metrics.items():
+            if metric == "num_examples":
+                continue
+            assert value == pytest.approx(final[f"eval/{task}/{metric}"], abs=1e-6)
+            row = [line for line in result.stdout.splitlines()
+                   if line.split()[:2] == [task, metric]]
+            assert row and float(row[0].split()[2]) == pytest.approx(value, abs=1e-4)
+
+
+def test_cli_overrides_reach_the_config(tmp_path):
+    """--config.x=v overrides and a bad value fails before anything is built."""
+    command = [sys.executable, "-m", "recap_jax.train", "--config", str(ROOT / "configs" / "demo.py"),
+               "--workdir", str(tmp_path / "bad"), *cli_overrides({"rl.method": "nonsense"})]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 1
+    assert "rl.method" in result.stderr and "recap" in result.stderr
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+    assert SHORT_RUN_OVERRIDES  # the same overrides the shared run uses
