@@ -117,13 +117,16 @@ def check_tokenizer_matches(processor, model_config) -> None:
 
 
 def open_sources(config, split: str, skips=None) -> list:
-    """The sources of ``config.data.sources`` for split "train" or "eval" (an eval list entry
-    is None for a source without held-out data)."""
+    """The sources of ``config.data.sources`` for split "train" or "eval", in source-id order
+    (run_config.source_names); an eval entry is None for a source without held-out data."""
     from recap_jax.data import sources as sources_lib
     from recap_jax.data.synthetic import SyntheticSource
 
+    from recap_jax.run_config import source_names
+
     opened = []
-    for name, spec in config.data.sources.items():
+    for name in source_names(config):
+        spec = config.data.sources[name]
         if spec.kind == "synthetic":
             size = spec.size if split == "train" else spec.eval_size
             opened.append(SyntheticSource(name, split, size) if size else None)

@@ -121,6 +121,8 @@ def _setup(config, workdir: str) -> Setup:
     skips = SkipCounter(_log)
     names = run_config.source_names(config)
     train_sources = rollout.open_sources(config, "train", skips)
+    if [source.name for source in train_sources] != names:  # source ids index both
+        raise AssertionError(f"sources {[s.name for s in train_sources]} != names {names}")
     eval_sources = rollout.open_sources(config, "eval", skips)
     data = config.data
     evaluator = rollout.Evaluator(eval_sources, processor, model_config,

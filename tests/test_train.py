@@ -141,3 +141,17 @@ def test_cli_overrides_reach_the_config(tmp_path):
     assert "rl.method" in result.stderr and "recap" in result.stderr
     assert not (tmp_path / "bad" / "checkpoints").exists()
     assert SHORT_RUN_OVERRIDES  # the same overrides the shared run uses
+
+
+def test_sources_open_in_source_id_order():
+    """Source id s means the same source for the replay, the objectives and the logs: the
+    primary first, then by name (ConfigDict keys come back sorted, not as written)."""
+    from recap_jax import rollout, run_config
+
+    config = short_config()
+    names = run_config.source_names(config)
+    assert names == ["reasoning", "grounding", "ocr"]
+    assert [s.name for s in rollout.open_sources(config, "train")] == names
+    assert [s.name for s in rollout.open_sources(config, "eval")] == names
+    config.data.primary = "ocr"
+    assert run_config.source_names(config) == ["ocr", "grounding", "reasoning"]
