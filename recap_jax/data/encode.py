@@ -24,7 +24,8 @@ import numpy as np
 from recap_jax.data.records import BadRecord, Record
 from recap_jax.data.tasks import Task
 
-__all__ = ["ARRAY_FIELDS", "RecordEncoder", "bucket", "collate", "flat_vision_inputs"]
+__all__ = ["ARRAY_FIELDS", "PROMPT_OVERFLOWS", "RecordEncoder", "bucket", "collate",
+           "flat_vision_inputs"]
 
 # Fields of one encoded example and their (dtype, rank).
 ARRAY_FIELDS = {
@@ -42,58 +43,154 @@ def bucket(length: int, buckets: Sequence[int], what: str) -> int:
     raise ValueError(f"{what} of {length} exceeds the largest bucket {max(buckets)}")
 
 
+PROMPT_OVERFLOWS = ("skip", "truncate")
+
+
 class RecordEncoder:
     """Turns a Record into model arrays with a Qwen2_5_VLProcessor and a model config.
 
     Thread-safe (tf.data calls it from several threads): chat templating and tokenisation are
     serialised, image preprocessing (processor.preprocess_image) runs in parallel. The result
     equals Qwen2_5_VLProcessor([prompt], [[image]]) followed by rope.get_rope_index.
+
+    A prompt longer than ``max_prompt_tokens`` is, by ``prompt_overflow``: "skip", a
+    BadRecord; "truncate", cut by dropping tokens of the question from its end until it fits
+    (chat template, image tokens and the task's instruction suffix kept whole), reported to
+    ``encode``'s ``note`` callback as kind "truncated".
     """
 
     def __init__(self, processor, model_config, *, max_prompt_tokens: int,
-                 max_answer_tokens: int):
+                 max_answer_tokens: int, prompt_overflow: str = "skip"):
         from recap_jax.models.qwen2_5_vl import processor as processor_lib
 
+        if prompt_overflow not in PROMPT_OVERFLOWS:
+            raise ValueError(f"prompt_overflow must be one of {PROMPT_OVERFLOWS}, "
+                             f"got {prompt_overflow!r}")
         self.processor = processor
         self.model_config = model_config
         self.max_prompt_tokens, self.max_answer_tokens = max_prompt_tokens, max_answer_tokens
+        self.prompt_overflow = prompt_overflow
         ids = processor_lib.special_token_ids(processor.tokenizer)
         self.eos_id, self.pad_id = ids["eos_token_id"], ids["pad_token_id"]
         self.patch_dim = model_config.vision.patch_dim
         self._image_pad = processor_lib.IMAGE_PAD
+        # Chat/vision control tokens may not appear as text in a record: they would become
+        # real control tokens (a second image slot, an early end of turn).
+        self._control_tokens = (processor_lib.IMAGE_PAD, processor_lib.VIDEO_PAD,
+                                processor_lib.VISION_START, processor_lib.VISION_END,
+                                processor_lib.IM_START, processor_lib.IM_END,
+                                processor_lib.ENDOFTEXT)
         self._lock = threading.Lock()
 
-    def prompt_text(self, task: Task, record: Record) -> str:
-        """The chat-formatted prompt with one image placeholder and the task's prompt text."""
+    def prompt_text(self, task: Task, record: Record, question: str | None = None) -> str:
+        """The chat-formatted prompt with one image placeholder and the task's prompt text
+        (``question`` replaces the record's, e.g. a truncated one)."""
+        question = record.question if question is None else question
         messages = [{"role": "user", "content": [
-            {"type": "image"}, {"type": "text", "text": task.format_prompt(record.question)}]}]
+            {"type": "image"}, {"type": "text", "text": task.format_prompt(question)}]}]
         with self._lock:
             return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
-    def encode(self, task: Task, record: Record) -> dict[str, np.ndarray]:
-        """One example's arrays (see the module docstring); BadRecord if it cannot be used."""
+    def _check_text(self, record: Record) -> None:
+        """BadRecord for an empty or non-text question/answer, or one holding control tokens."""
+        try:
+            answer = record.answer_text
+        except (TypeError, ValueError) as error:  # a box answer that is not 4 numbers
+            raise BadRecord(f"box: malformed answer {record.answer!r:.80} ({error})",
+                            "box") from None
+        for what, value in (("question", record.question), ("answer", answer)):
+            if not isinstance(value, str):
+                raise BadRecord(f"text: {what} is a {type(value).__name__}, not text", "text")
+            if not value.strip():
+                raise BadRecord(f"text: {what} is empty", "text")
+            found = [token for token in self._control_tokens if token in value]
+            if found:
+                raise BadRecord(f"text: {what} contains the control token(s) {found}", "text")
+
+    def _prompt_ids(self, text: str, image_tokens: int) -> np.ndarray:
+        """Token ids of a chat prompt with its image placeholder expanded to ``image_tokens``
+        copies (what Qwen2_5_VLProcessor.__call__ does for one image)."""
+        expanded = text.replace(self._image_pad, self._image_pad * image_tokens)
+        with self._lock:
+            input_ids = np.asarray(self.processor.tokenizer(expanded)["input_ids"], np.int64)
+        if int(np.sum(input_ids == self.processor.image_token_id)) != image_tokens:
+            raise ValueError(f"the tokenizer split {self._image_pad}; it must be one added token")
+        return input_ids
+
+    def _question_cuts(self, question: str) -> list[int]:
+        """Character offsets where the question's tokens start (cut points for truncation);
+        every character offset if the tokenizer gives no offsets."""
+        try:
+            with self._lock:
+                offsets = self.processor.tokenizer(
+                    question, add_special_tokens=False,
+                    return_offsets_mapping=True)["offset_mapping"]
+        except (NotImplementedError, KeyError, TypeError, ValueError):
+            return list(range(len(question)))
+        return sorted({int(start) for start, _ in offsets if int(start) < len(question)})
+
+    def _truncated_prompt(self, task: Task, record: Record, image_tokens: int,
+                          length: int) -> tuple[np.ndarray, str]:
+        """(prompt ids, question) with the question cut at the last token boundary whose
+        prompt fits max_prompt_tokens; BadRecord if even one question token does not fit."""
+        question = record.question.strip()
+        cuts = self._question_cuts(question)[1:]  # cut at 0 = no question left
+        limit = self.max_prompt_tokens
+
+        def ids_at(k: int) -> np.ndarray:
+            return self._prompt_ids(self.prompt_text(task, record, question[:cuts[k]]),
+                                    image_tokens)
+
+        # Search for the largest k whose prompt fits. The first probe assumes one prompt
+        # token less per dropped question token, the second is its neighbour (usually the
+        # answer), then bisection.
+        low, high, found = 0, len(cuts) - 1, None
+        probe, probes = min(high, max(low, len(cuts) - (length - limit))), 0
+        while low <= high:
+            ids = ids_at(probe)
+            fits = len(ids) <= limit
+            if fits:
+                found, low = (ids, probe), probe + 1
+            else:
+                high = probe - 1
+            probes += 1
+            probe = (low if fits else high) if probes == 1 else (low + high) // 2
+        if found is None:
+            raise BadRecord(f"text: prompt has {length} tokens (max {limit}) and does not fit "
+                            "even with its question cut to one token", "text")
+        ids, k = found
+        return ids, question[:cuts[k]]
+
+    def encode(self, task: Task, record: Record, note=None) -> dict[str, np.ndarray]:
+        """One example's arrays (see the module docstring); BadRecord if it cannot be used.
+
+        ``note(kind, message)``, if given, is called when the record was used but altered
+        (kind "truncated": its question was cut to fit max_prompt_tokens).
+        """
         from recap_jax.models.qwen2_5_vl import rope
 
         from recap_jax.models.qwen2_5_vl import processor as processor_lib
 
-        text = self.prompt_text(task, record)
+        self._check_text(record)
         try:  # outside the lock: PIL resizing releases the GIL, so threads overlap here
             pixels, grid = processor_lib.preprocess_image(record.image,
                                                           **self.processor.image_kwargs)
-        except (ValueError, TypeError) as error:  # e.g. extreme aspect ratio
+        except (ValueError, TypeError, OSError) as error:  # e.g. extreme aspect ratio, empty
+            # image, or a path where an array belongs
             raise BadRecord(f"image: cannot preprocess ({error})", "image") from None
-        # What Qwen2_5_VLProcessor.__call__ does for one image: one <|image_pad|> per merged
-        # patch, then tokenise.
         image_tokens = int(np.prod(grid)) // self.processor.merge_size ** 2
-        expanded = text.replace(self._image_pad, self._image_pad * image_tokens)
-        with self._lock:
-            input_ids = np.asarray(self.processor.tokenizer(expanded)["input_ids"], np.int64)
-            answer = self.processor.tokenizer(record.answer_text, add_special_tokens=False)
-        if int(np.sum(input_ids == self.processor.image_token_id)) != image_tokens:
-            raise ValueError(f"the tokenizer split {self._image_pad}; it must be one added token")
+        input_ids = self._prompt_ids(self.prompt_text(task, record), image_tokens)
         if len(input_ids) > self.max_prompt_tokens:
-            raise BadRecord(f"text: prompt has {len(input_ids)} tokens "
-                            f"(max {self.max_prompt_tokens})", "text")
+            if self.prompt_overflow == "skip":
+                raise BadRecord(f"text: prompt has {len(input_ids)} tokens "
+                                f"(max {self.max_prompt_tokens})", "text")
+            length = len(input_ids)
+            input_ids, question = self._truncated_prompt(task, record, image_tokens, length)
+            if note is not None:
+                note("truncated", f"prompt of {length} tokens cut to {len(input_ids)} (max "
+                     f"{self.max_prompt_tokens}); question kept up to {question[-40:]!r}")
+        with self._lock:
+            answer = self.processor.tokenizer(record.answer_text, add_special_tokens=False)
         answer_ids = np.asarray([*answer["input_ids"], self.eos_id], dtype=np.int32)
         if len(answer_ids) > self.max_answer_tokens:
             raise BadRecord(f"text: answer has {len(answer_ids)} tokens "

@@ -93,7 +93,8 @@ class SkipCounter:
     """Counts bad records per source; logs each bad (file, index) once. Thread-safe.
 
     A record that fails again (next epoch) is not counted twice: counts are of distinct
-    (source, file, index) keys.
+    (source, file, index) keys. Records that were used but altered (e.g. a prompt truncated
+    to fit) are counted apart, with `note` / `notes`; they are not skips.
     """
 
     def __init__(self, logger: logging.Logger | None = None):
@@ -102,6 +103,9 @@ class SkipCounter:
         self._seen: set[tuple[str, str, int]] = set()
         self._by_source: collections.Counter[str] = collections.Counter()
         self._by_reason: dict[str, collections.Counter[str]] = collections.defaultdict(
+            collections.Counter)
+        self._noted: set[tuple[str, str, str, int]] = set()
+        self._notes: dict[str, collections.Counter[str]] = collections.defaultdict(
             collections.Counter)
 
     def skip(self, source: str, file: str, index: int, reason: BadRecord | str) -> None:
@@ -131,3 +135,27 @@ class SkipCounter:
         """{reason kind: count} for one source (see BadRecord.kind)."""
         with self._lock:
             return dict(self._by_reason.get(source, {}))
+
+    def note(self, source: str, kind: str, file: str, index: int, message: str) -> None:
+        """Counts that entry ``index`` of ``file`` was used but altered (``kind``, e.g.
+        "truncated"). Distinct (source, kind, file, index) keys are counted; the first of
+        each (source, kind) is logged as a warning, later ones at debug level."""
+        key = (source, kind, str(file), int(index))
+        with self._lock:
+            if key in self._noted:
+                return
+            self._noted.add(key)
+            self._notes[source][kind] += 1
+            first = self._notes[source][kind] == 1
+        if first:
+            self._logger.warning("record of source %r %s (%s, index %d): %s; further ones of "
+                                 "this source are counted, not logged", source, kind, file,
+                                 index, message)
+        else:
+            self._logger.debug("record of source %r %s (%s, index %d): %s", source, kind, file,
+                               index, message)
+
+    def notes(self, source: str) -> dict[str, int]:
+        """{kind: count} of the used-but-altered records of one source (see `note`)."""
+        with self._lock:
+            return dict(self._notes.get(source, {}))

@@ -88,7 +88,12 @@ class ReplayConfig:
       coreset_ratio: replay volume cap as a fraction of the primary volume.
       seed: seeds the per-epoch permutations, the coreset subsets and the source draws.
       prompt_buckets / answer_buckets / patch_buckets: padded lengths of prompts, reference
-        answers and per-example patch lists; longer examples are skipped as bad records.
+        answers and per-example patch lists; longer examples are skipped as bad records,
+        except prompts under prompt_overflow="truncate".
+      prompt_overflow: a prompt longer than max(prompt_buckets) is "skip"ped (a bad record,
+        counted) or "truncate"d: question tokens are dropped from its end until it fits
+        (template, image tokens and task suffix kept), counted in ``skips.notes(source)``
+        as "truncated", logged once per source.
       num_parallel_calls: chunks encoded at once per source; chunk_size: stream positions per
         python call (amortises tf.py_function overhead); prefetch: batches read ahead.
       probe_limit: at start-up each source must yield a usable record within this many.
@@ -108,8 +113,12 @@ class ReplayConfig:
     chunk_size: int = 8
     prefetch: int = 2
     probe_limit: int = 256
+    prompt_overflow: str = "skip"
 
     def __post_init__(self):
+        if self.prompt_overflow not in encode_lib.PROMPT_OVERFLOWS:
+            raise ValueError(f"ReplayConfig.prompt_overflow {self.prompt_overflow!r} unknown; "
+                             f"one of {encode_lib.PROMPT_OVERFLOWS}")
         if self.batch_size < 1:
             raise ValueError(f"ReplayConfig.batch_size must be >= 1, got {self.batch_size}")
         if self.strategy not in STRATEGIES:
@@ -256,7 +265,11 @@ class _ExampleLoader:
     def encode(self, position: int) -> tuple[dict[str, np.ndarray], Record]:
         index = self.stream.index_at(position)
         record = self.stream.source.load(index)
-        return self.encoder.encode(self.task, record), record
+
+        def note(kind: str, message: str) -> None:  # used but altered (e.g. truncated)
+            self.skips.note(self.stream.name, kind, *self.stream.source.where(index), message)
+
+        return self.encoder.encode(self.task, record, note=note), record
 
     def example(self, position: int) -> tuple[dict[str, np.ndarray], str, str, bool]:
         """(arrays, answer text, record id, ok); a bad record is counted and gives ok=False."""
@@ -381,7 +394,7 @@ class ReplayIterator:
                         for source, length in zip(sources, lengths)]
         self.encoder = encode_lib.RecordEncoder(
             processor, model_config, max_prompt_tokens=max(config.prompt_buckets),
-            max_answer_tokens=max(config.answer_buckets))
+            max_answer_tokens=max(config.answer_buckets), prompt_overflow=config.prompt_overflow)
         self._fingerprint = self._make_fingerprint(lengths)
         self._choice_position, self._positions = self._initial_positions(state)
         self._batches = 0 if state is None else int(state["batches"])

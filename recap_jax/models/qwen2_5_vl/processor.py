@@ -457,6 +457,8 @@ class Qwen2_5_VLProcessor:
             all_grids += [g for _, g in processed]
         token_lists = self.tokenizer(expanded)["input_ids"]
         for i, (ids, expected) in enumerate(zip(token_lists, expected_pads)):
+            if not ids:  # a row of padding only: nothing to condition on, NaN attention
+                raise ValueError(f"sample {i}: empty prompt (no tokens)")
             found = sum(1 for t in ids if t == self.image_token_id)
             if found != expected:
                 raise ValueError(f"sample {i}: expected {expected} image tokens after tokenisation, found {found}; "
