@@ -88,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = dict(
         path="",  # a Hugging Face Qwen2.5-VL directory; "" = a random model of `preset`
+        require_path=False,  # True: the config fine-tunes a pretrained model; path must be set
         preset="tiny",  # tiny | 3b | 7b (only when path = "")
         # tiny only: sizes of the from-scratch demo model (vocab = the demo tokenizer's)
         vocab_size=512, hidden_size=64, intermediate_size=128, text_layers=2, heads=4,
@@ -245,6 +246,10 @@ def validate(config, *, check_paths: bool = True) -> None:
 
 def _validate_model(config, check_paths: bool) -> None:
     model = config.model
+    if model.require_path and not model.path:
+        _fail("model.path", model.path, "a local Hugging Face Qwen2.5-VL directory (this config "
+                                        "post-trains a pretrained model: pass "
+                                        "--config.model.path=/path/to/Qwen2.5-VL)")
     if model.path:
         if check_paths and not os.path.isfile(os.path.join(model.path, "config.json")):
             _fail("model.path", model.path, "a Hugging Face Qwen2.5-VL directory holding "

@@ -155,3 +155,11 @@ def test_sources_open_in_source_id_order():
     assert [s.name for s in rollout.open_sources(config, "eval")] == names
     config.data.primary = "ocr"
     assert run_config.source_names(config) == ["ocr", "grounding", "reasoning"]
+
+
+def test_analysis_notebook_runs_on_a_real_run(short_run, monkeypatch):
+    """colabs/analysis.ipynb, executed headless on the short run's workdir: every cell runs,
+    the four figures and the before/after table of every task come out."""
+    from tests.test_analysis import test_notebook_runs_headless_on_a_workdir
+
+    test_notebook_runs_headless_on_a_workdir(short_run[0], monkeypatch)
