@@ -10,13 +10,16 @@ lists each leaf's pytree path, shape and dtype. Restoring first compares that li
 state the current config builds, so a checkpoint from another config is refused with every
 mismatch listed, before any array is read. A checkpoint that cannot be read (a save killed
 half-way that orbax did not finalise, a truncated or deleted file) is reported with its path
-and the previous complete one is used.
+and the previous complete one is used; the damaged one is moved to
+``<directory>_damaged/<step>-<ns>`` (its step will be written again; nothing is deleted).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import time
 from typing import Any, NamedTuple
 
 import jax
@@ -124,6 +127,7 @@ class RunCheckpoints:
                                                enable_async_checkpointing=False)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("state", "meta"))
+        self.set_aside: list[str] = []  # damaged checkpoints moved away by restore_latest
 
     def steps(self) -> list[int]:
         self._manager.reload()
@@ -168,9 +172,21 @@ class RunCheckpoints:
             except CheckpointMismatch:
                 raise
             except Exception as error:  # noqa: BLE001 - any read failure means "damaged"
-                _log.warning("checkpoint %s is damaged or incomplete (%s: %s); trying the "
-                             "previous one", self.path(step), type(error).__name__, error)
+                moved = self._set_aside(step)
+                _log.warning("checkpoint %s is damaged or incomplete (%s: %s); moved to %s, "
+                             "trying the previous one", self.path(step), type(error).__name__,
+                             error, moved)
         return None
+
+    def _set_aside(self, step: int) -> str:
+        """Moves a damaged checkpoint out of the manager's way (its step will be written
+        again) into a sibling ``<directory>_damaged/`` folder; nothing is deleted."""
+        target = os.path.join(f"{self.directory}_damaged", f"{step}-{time.time_ns()}")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.move(self.path(step), target)
+        self._manager.reload()
+        self.set_aside.append(target)
+        return target
 
     def close(self) -> None:
         self._manager.close()

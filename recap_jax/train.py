@@ -48,14 +48,14 @@ import optax
 from flax import nnx
 
 from recap_jax import grpo, recap, rollout, run_config, sampling
-from recap_jax.checkpointing import RunCheckpoints
+from recap_jax.checkpointing import CheckpointMismatch, RunCheckpoints
 from recap_jax.data.records import SkipCounter
 from recap_jax.data.tasks import get_task
 from recap_jax.metrics_log import MetricsLog
 from recap_jax.train_state import TrainState, make_optimizer
 from recap_jax.train_step import make_train_step
 
-__all__ = ["TrainingStopped", "train", "main"]
+__all__ = ["CheckpointsUnreadable", "TrainingStopped", "train", "main"]
 
 _log = logging.getLogger("recap_jax.train")
 RL_RNG_OFFSET = 1_000_003  # RL step keys fold in (offset + step), disjoint from SFT's
@@ -64,6 +64,10 @@ RL_RNG_OFFSET = 1_000_003  # RL step keys fold in (offset + step), disjoint from
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (too many non-finite steps in a row); a checkpoint holding
     the last good state was saved first."""
+
+
+class CheckpointsUnreadable(RuntimeError):
+    """The workdir has checkpoints but none can be read; the run refuses to start over them."""
 
 
 # --------------------------------------------------------------------------- setup
@@ -86,6 +90,12 @@ class Setup:
     checkpoints: RunCheckpoints
     log: MetricsLog
     skips: SkipCounter
+    on_step: Any = None  # callable(stage, step, line) after each logged step, or None
+
+    def record(self, stage: str, step: int, line: dict) -> None:
+        self.log.write(stage, step, line)
+        if self.on_step is not None:
+            self.on_step(stage, step, line)
 
 
 def _dtype(name: str):
@@ -312,7 +322,7 @@ def run_sft(setup: Setup, params, resumed) -> Any:
             line.update(_objective_values(objectives.names, metrics, weights, None))
             line.update(tokens_per_s=stats["trained_tokens"] / clock.times[-1],
                         step_time_s=clock.times[-1])
-            setup.log.write("sft", step, line)
+            setup.record("sft", step, line)
             if step % config.log.every_steps == 0 or step == total:
                 print(_progress("sft", step, total, line, clock.eta(total - step)), flush=True)
             save = lambda: _save(setup, step, state, "sft", step, replay, bad_steps)  # noqa: E731,B023
@@ -464,7 +474,7 @@ def run_rl(setup: Setup, params, resumed) -> Any:
                     step_time_s=clock.times[-1])
         line.update(_objective_values(objectives.names, metrics, np.asarray(weights),
                                       jax.device_get(state.recap_state) if recap_config else None))
-        setup.log.write("rl", step, line)
+        setup.record("rl", step, line)
         if step % config.log.every_steps == 0 or step == rl.steps:
             print(_progress("rl", step, rl.steps, line, clock.eta(rl.steps - step)), flush=True)
         save = lambda: _save(setup, offset + step, state, "rl", step, replay, bad_steps)  # noqa: E731,B023
@@ -494,6 +504,11 @@ def _resume(setup: Setup):
     """The newest complete checkpoint, restored into the state of its stage; None if none."""
     like = functools.partial(_resume_target, setup)
     resumed = setup.checkpoints.restore_latest(like)
+    if resumed is None and setup.checkpoints.set_aside:
+        raise CheckpointsUnreadable(
+            f"every checkpoint in {setup.checkpoints.directory} is damaged (see the warnings "
+            f"above); they were moved to {setup.checkpoints.set_aside}, nothing was deleted "
+            "or overwritten. Run again to start over, or restore them by hand.")
     if resumed is not None:
         meta = resumed.meta
         moved = setup.log.rewind(meta["stage"], meta["stage_step"])
@@ -510,12 +525,17 @@ def _write_config(config, workdir: str) -> None:
         json.dump(config.to_dict(), handle, indent=1, default=str)
 
 
-def train(config, workdir: str) -> Any:
-    """Runs (or resumes) the whole job; returns the final params."""
+def train(config, workdir: str, *, on_step=None) -> Any:
+    """Runs (or resumes) the whole job; returns the final params.
+
+    on_step: optional callable(stage, step, line) run after each step's metrics line is
+    written (monitoring, tests).
+    """
     run_config.validate(config)
     os.makedirs(workdir, exist_ok=True)
     _write_config(config, workdir)
     setup = _setup(config, workdir)
+    setup.on_step = on_step
     try:
         resumed = _resume(setup)
         params = setup.initial_params
@@ -559,7 +579,8 @@ def main(argv=None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         try:
             train(flags.FLAGS.config, flags.FLAGS.workdir)
-        except (run_config.ConfigError, TrainingStopped) as error:
+        except (run_config.ConfigError, TrainingStopped, CheckpointsUnreadable,
+                CheckpointMismatch) as error:
             print(f"error: {error}", file=sys.stderr, flush=True)
             return 1
         return 0
