@@ -1,0 +1,431 @@
+#!/usr/bin/env python
+"""The paper's finding in miniature: does reasoning-only RL forget perception, and does RECAP
+keep it while matching reasoning?
+
+    python experiments/forgetting_in_miniature/run.py --out /tmp/fim_sweep
+    python experiments/forgetting_in_miniature/run.py --out DIR --seeds 0,1,2 \
+        --methods reasoning_only,uniform,recap,recap_paper
+
+1. Warm-starts ONCE: `python -m recap_jax.train --config configs/demo.py` with the SHARED and
+   WARMSTART overrides below (SFT only, rl.steps=0) into DIR/warmstart_run; its step-0
+   evaluation is the "warm-start" row of the tables.
+2. Runs every method x seed from that same warm-start (model.path = tokenizer.path =
+   DIR/warmstart_run/warmstart, sft.steps=0), each in DIR/<method>/seed_<s>, as a subprocess
+   (memory growth stays out of this process; a crash is reported and the sweep goes on).
+3. Writes RESULTS.md and results.json next to this file (--results-dir to change): eval
+   metrics at the warm-start and after RL (mean +- std over seeds), lambda trajectories,
+   completion lengths, rewards seen during RL.
+
+Resume-friendly: a run whose workdir holds DONE.json with the same overrides is skipped; an
+interrupted run is restarted in its workdir (recap_jax.train resumes from its checkpoints);
+a DONE.json with different overrides stops the sweep (use another --out). --report-only
+rebuilds the tables from what is on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+CONFIG = REPO / "configs" / "demo.py"
+
+# --------------------------------------------------------------------------- overrides
+# Everything not listed here is configs/demo.py. Values are passed as --config.<key>=<value>.
+
+# Both stages (the RL runs must evaluate exactly what the warm-start evaluated).
+SHARED = {
+    # 256 held-out records per task instead of 64: the differences we look for are a few
+    # points, and with 64 records one binary metric has a standard error of ~0.06.
+    "data.sources.reasoning.eval_size": 256,
+    "data.sources.grounding.eval_size": 256,
+    "data.sources.ocr.eval_size": 256,
+    "eval.num_examples": 256,
+    "eval.batch_size": 64,  # fewer, larger greedy-decoding calls (CPU)
+    "log.tensorboard": False,  # metrics.jsonl is all we read
+}
+
+# The SFT warm-start (from scratch, demo tokenizer). See README.md / RESULTS.md for the pilots
+# behind these values.
+WARMSTART = {
+    "rl.steps": 0,  # SFT + the step-0 evaluation only
+    # 1000 steps instead of the demo's 300 (~6-10 min on 2 shared cores). Pilots (RESULTS.md):
+    # neither 300 nor 1000-1500 steps, nor lr 5e-4..1e-2, batch 16, warm-up 30 %, a larger
+    # model or OCR upscaling make the model use the image; 1000 steps give the best priors
+    # (reasoning 0.45 vs 0.39, grounding IoU 0.04 vs 0.01 at 300 steps).
+    "sft.steps": 1000,
+    "checkpoint.every_steps": 200,  # resumable if interrupted
+}
+
+# Every RL run (one per method and seed).
+RL = {
+    "sft.steps": 0,  # model.path / tokenizer.path are added: DIR/warmstart_run/warmstart
+    "rl.steps": 150,  # 50 batches per source under round robin (the demo: 20); ~1-1.5 min
+    # The demo's 2e-5 barely moves the tiny model; pilots (one seed, reasoning_only): 3e-4 ->
+    # grounding IoU 0.042 -> 0.030, OCR unchanged; 1e-3 -> IoU 0.042 -> 0.000, OCR F1
+    # 0.070 -> 0.044 (RESULTS.md). 1e-3 is the setting where reasoning-only forgets.
+    "rl.learning_rate": 1e-3,
+    # W scaled to the run: an objective's history only advances on steps where its source is
+    # drawn (every 3rd step under round robin), and variant `paper` keeps lambda = 1 until
+    # 2W values exist: W = 10 would leave it at 1 for the first 60 of 150 steps.
+    "recap.window": 5,
+    "checkpoint.every_steps": 50,
+    "log.every_steps": 25,
+}
+
+# rl.method and its own settings, per label. Shares of modomodo are per source in source-id
+# order (reasoning, grounding, ocr); the paper's shares are for its four RLVR-only sources, so
+# we give the target (reasoning) half and split the rest (its other trait, the frozen vision
+# tower, comes with the method).
+METHODS = {
+    "reasoning_only": {"rl.method": "reasoning_only"},
+    "uniform": {"rl.method": "uniform"},
+    "propmix": {"rl.method": "propmix"},
+    "coreset": {"rl.method": "coreset"},
+    "lwf": {"rl.method": "lwf"},
+    "modomodo": {"rl.method": "modomodo", "data.modomodo_shares": "0.5,0.25,0.25"},
+    "recap": {"rl.method": "recap", "recap.variant": "released"},
+    "recap_paper": {"rl.method": "recap", "recap.variant": "paper"},
+}
+DEFAULT_SEEDS = (0, 1, 2)
+TASK_METRICS = (("reasoning", "accuracy"), ("grounding", "iou"), ("ocr", "ocr_char_f1"),
+                ("ocr", "ocr_exact"))
+TRAJECTORY_POINTS = 6  # lambda reported at this many evenly spaced RL steps
+DONE_FILE = "DONE.json"
+
+
+# --------------------------------------------------------------------------- running
+
+
+def command_line(workdir: Path, overrides: dict) -> list[str]:
+    flags = [f"--config.{key}={value}" for key, value in overrides.items()]
+    return [sys.executable, "-m", "recap_jax.train", f"--config={CONFIG}",
+            f"--workdir={workdir}", *flags]
+
+
+def _normalised(overrides: dict) -> dict:
+    return json.loads(json.dumps(overrides, sort_keys=True, default=str))
+
+
+def is_done(workdir: Path, overrides: dict) -> bool:
+    """True if ``workdir`` finished with these overrides; SystemExit if with others."""
+    marker = workdir / DONE_FILE
+    if not marker.exists():
+        return False
+    done = json.loads(marker.read_text())
+    if done.get("overrides") != _normalised(overrides):
+        raise SystemExit(f"{marker} records a run with other overrides than this run.py's:\n"
+                         f"  on disk: {done.get('overrides')}\n  now:     "
+                         f"{_normalised(overrides)}\nuse another --out (or delete {workdir}).")
+    return True
+
+
+def run_training(label: str, workdir: Path, overrides: dict) -> bool:
+    """Runs (or resumes) one training job; True when it finished."""
+    if is_done(workdir, overrides):
+        print(f"[skip] {label}: finished earlier ({workdir})", flush=True)
+        return True
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "train.log"
+    print(f"[run ] {label} -> {workdir} (log {log_path})", flush=True)
+    began = time.time()
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"\n=== {datetime.datetime.now().isoformat()} {' '.join(command_line(workdir, overrides))}\n")
+        log.flush()
+        code = subprocess.call(command_line(workdir, overrides), cwd=REPO, stdout=log,
+                               stderr=subprocess.STDOUT)
+    wall = time.time() - began
+    if code != 0:
+        print(f"[FAIL] {label}: exit {code} after {wall:.0f} s; last lines of {log_path}:\n"
+              + "".join(log_path.read_text().splitlines(True)[-15:]), flush=True)
+        return False
+    (workdir / DONE_FILE).write_text(json.dumps(
+        {"overrides": _normalised(overrides), "wall_s": wall,
+         "finished": datetime.datetime.now().isoformat()}, indent=1))
+    print(f"[done] {label}: {wall:.0f} s", flush=True)
+    return True
+
+
+def warmstart_overrides() -> dict:
+    return {**SHARED, **WARMSTART}
+
+
+def rl_overrides(out: Path, method: str, seed: int) -> dict:
+    warm = out / "warmstart_run" / "warmstart"
+    return {**SHARED, **RL, "model.path": str(warm), "tokenizer.path": str(warm),
+            **METHODS[method], "seed": seed}
+
+
+# --------------------------------------------------------------------------- reading runs
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _evals(lines: list[dict]) -> dict[int, dict]:
+    return {line["step"]: line for line in lines if line.get("stage") == "eval"}
+
+
+def summarise_run(workdir: Path) -> dict | None:
+    """Eval before/after, lambda trajectory, completion lengths and rewards of one RL run."""
+    lines = read_metrics(workdir)
+    evals = _evals(lines)
+    rl = [line for line in lines if line.get("stage") == "rl"]
+    if 0 not in evals or not rl or max(evals) != rl[-1]["step"]:
+        return None
+    last = rl[-1]["step"]
+    weights = [k for k in rl[0] if k.startswith("weight/")]  # objective order
+    points = sorted({max(1, round(last * i / (TRAJECTORY_POINTS - 1)))
+                     for i in range(TRAJECTORY_POINTS)})
+    by_step = {line["step"]: line for line in rl}
+    reasoning_steps = [line for line in rl if line.get("source") == "reasoning"]
+    tail = reasoning_steps[-max(1, len(reasoning_steps) // 5):]
+    rewards = {}
+    for line in rl:
+        for key, value in line.items():
+            if key.startswith(("reward/", "ntp_loss/")):
+                rewards.setdefault(key, []).append(value)
+    done = workdir / DONE_FILE
+    return {
+        "before": {k: v for k, v in evals[0].items() if k.startswith("eval/")},
+        "after": {k: v for k, v in evals[last].items() if k.startswith("eval/")},
+        "rl_steps": last,
+        "source_counts": {s: sum(line.get("source") == s for line in rl)
+                          for s in sorted({line.get("source") for line in rl})},
+        "weights": {str(step): {k.split("/", 1)[1]: by_step[step][k] for k in weights}
+                    for step in points if step in by_step},
+        "rl_completion_length_reasoning": _mean([x["completion_length_mean"]
+                                                 for x in reasoning_steps]),
+        "rl_completion_length_reasoning_last20pct": _mean([x["completion_length_mean"]
+                                                           for x in tail]),
+        "reward_first_half": {k: _mean(v[:len(v) // 2]) for k, v in rewards.items()},
+        "reward_second_half": {k: _mean(v[len(v) // 2:]) for k, v in rewards.items()},
+        "wall_s": json.loads(done.read_text())["wall_s"] if done.exists() else None,
+    }
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _std(values) -> float:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if len(values) < 2:
+        return float("nan")
+    mean = _mean(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Mean and std (over seeds, ddof=1) of every number of the per-run summaries."""
+    def walk(items):
+        first = items[0]
+        if isinstance(first, dict):
+            keys = [k for k in first if all(k in item for item in items)]
+            return {k: walk([item[k] for item in items]) for k in keys}
+        if isinstance(first, (int, float)) and not isinstance(first, bool):
+            return {"mean": _mean(items), "std": _std(items), "n": len(items)}
+        return None
+    return walk(runs)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(stat: dict | None, digits: int = 3) -> str:
+    if not stat or not math.isfinite(stat["mean"]):
+        return "-"
+    if not math.isfinite(stat["std"]):
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _delta(after: dict | None, before: float | None) -> str:
+    if not after or before is None or not math.isfinite(after["mean"]):
+        return "-"
+    return f"{after['mean'] - before:+.3f}"
+
+
+def render_markdown(results: dict) -> str:
+    warm = results["warmstart"]
+    methods = results["methods"]
+    out = ["# Forgetting in miniature: results", "",
+           (f"Generated by `{results['command']}` on {results['generated']} "
+           f"(machine: {results['machine']})."), "",
+           ("Each method starts from the same warm-start and runs with the seeds listed; values "
+           "are mean ± std over seeds (sample std); evaluation is greedy decoding on "
+           f"{SHARED['eval.num_examples']} held-out records per task."), ""]
+    out += ["## Eval at the warm-start and after RL", "",
+            "| method | seeds | reasoning acc | grounding IoU | OCR char F1 | OCR exact |",
+            "|---|---|---|---|---|---|"]
+    before = warm.get("eval", {})
+    out.append("| warm-start (RL step 0) | - | " + " | ".join(
+        f"{before.get(f'eval/{t}/{m}', float('nan')):.3f}" for t, m in TASK_METRICS) + " |")
+    for label, entry in methods.items():
+        agg = entry.get("aggregate")
+        if not agg:
+            out.append(f"| {label} | - | not run | | | |")
+            continue
+        cells = [_fmt(agg["after"].get(f"eval/{t}/{m}")) for t, m in TASK_METRICS]
+        out.append(f"| {label} | {','.join(map(str, entry['seeds']))} | " + " | ".join(cells) + " |")
+    out += ["", "Change from the warm-start (mean over seeds):", "",
+            "| method | Δ reasoning acc | Δ grounding IoU | Δ OCR char F1 | Δ OCR exact |",
+            "|---|---|---|---|---|"]
+    for label, entry in methods.items():
+        agg = entry.get("aggregate")
+        if agg:
+            out.append(f"| {label} | " + " | ".join(
+                _delta(agg["after"].get(f"eval/{t}/{m}"), before.get(f"eval/{t}/{m}"))
+                for t, m in TASK_METRICS) + " |")
+    out += ["", "## Completion lengths (tokens)", "",
+            ("| method | RL reasoning samples (all steps) | RL reasoning (last 20%) | eval reasoning "
+            "| eval grounding | eval OCR |"), "|---|---|---|---|---|---|"]
+    out.append("| warm-start | - | - | " + " | ".join(
+        f"{before.get(f'eval/{t}/completion_length', float('nan')):.2f}"
+        for t in ("reasoning", "grounding", "ocr")) + " |")
+    for label, entry in methods.items():
+        agg = entry.get("aggregate")
+        if agg:
+            out.append(f"| {label} | {_fmt(agg['rl_completion_length_reasoning'], 2)} | "
+                       f"{_fmt(agg['rl_completion_length_reasoning_last20pct'], 2)} | " + " | ".join(
+                           _fmt(agg["after"].get(f"eval/{t}/completion_length"), 2)
+                           for t in ("reasoning", "grounding", "ocr")) + " |")
+    out += ["", "## Objective weights lambda over RL (mean over seeds)", ""]
+    for label, entry in methods.items():
+        agg = entry.get("aggregate")
+        if not agg or not label.startswith("recap"):
+            continue
+        steps = sorted(agg["weights"], key=int)
+        objectives = list(agg["weights"][steps[0]]) if steps else []
+        out += [f"### {label}", "", "| RL step | " + " | ".join(objectives) + " |",
+                "|---|" + "---|" * len(objectives)]
+        for step in steps:
+            out.append(f"| {step} | " + " | ".join(
+                _fmt(agg["weights"][step][o], 3) for o in objectives) + " |")
+        out.append("")
+    out += ["## Rewards seen during RL (batch means; first half -> second half of the run)", "",
+            "| method | " + " | ".join(REWARD_KEYS) + " |", "|---|" + "---|" * len(REWARD_KEYS)]
+    for label, entry in methods.items():
+        agg = entry.get("aggregate")
+        if agg:
+            cells = []
+            for key in REWARD_KEYS:
+                first = agg["reward_first_half"].get(key)
+                second = agg["reward_second_half"].get(key)
+                cells.append(f"{first['mean']:.3f} -> {second['mean']:.3f}" if first and second
+                             else "-")
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+    out += ["", "## Runs", "",
+            ("| method | seeds finished | seeds failed/missing | RL steps | batches per source "
+            "(seed 0) | wall s per run |"), "|---|---|---|---|---|---|"]
+    for label, entry in methods.items():
+        agg = entry.get("aggregate")
+        counts = entry["runs"][0]["source_counts"] if entry.get("runs") else {}
+        out.append(f"| {label} | {','.join(map(str, entry['seeds'])) or '-'} | "
+                   f"{','.join(map(str, entry['missing'])) or '-'} | "
+                   f"{_fmt(agg['rl_steps'], 0) if agg else '-'} | "
+                   f"{', '.join(f'{k} {v}' for k, v in counts.items()) or '-'} | "
+                   f"{_fmt(agg['wall_s'], 0) if agg and agg.get('wall_s') else '-'} |")
+    out += ["", f"Warm-start: {warm.get('wall_s') and round(warm['wall_s'])} s.", ""]
+    return "\n".join(out)
+
+
+REWARD_KEYS = ("reward/reasoning/accuracy", "reward/reasoning/format_think", "reward/grounding/iou",
+               "reward/grounding/format_answer", "ntp_loss/ocr/ntp")
+
+
+def collect(out: Path, methods: list[str], seeds: list[int], command: str) -> dict:
+    warm_dir = out / "warmstart_run"
+    warm_eval = _evals(read_metrics(warm_dir)).get(0, {})
+    done = warm_dir / DONE_FILE
+    results = {
+        "command": command,
+        "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "machine": f"CPU, {os.cpu_count()} cores, shared with other jobs",
+        "overrides": {"shared": SHARED, "warmstart": WARMSTART, "rl": RL, "methods": METHODS},
+        "warmstart": {"eval": {k: v for k, v in warm_eval.items() if k.startswith("eval/")},
+                      "wall_s": json.loads(done.read_text())["wall_s"] if done.exists() else None},
+        "methods": {},
+    }
+    for method in methods:
+        runs, finished, missing = [], [], []
+        for seed in seeds:
+            summary = summarise_run(out / method / f"seed_{seed}")
+            (runs.append(summary), finished.append(seed)) if summary else missing.append(seed)
+        results["methods"][method] = {"seeds": finished, "missing": missing, "runs": runs,
+                                      "aggregate": aggregate(runs) if runs else None}
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, type=Path, help="workdirs go here (not the repo)")
+    parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)))
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated subset of {', '.join(METHODS)}")
+    parser.add_argument("--results-dir", type=Path, default=HERE,
+                        help="where RESULTS.md and results.json go")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the report")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+    out = args.out.resolve()
+    if REPO in out.parents or out == REPO:
+        parser.error(f"--out {out} is inside the repository; use a path outside it (e.g. /tmp)")
+    command = "python experiments/forgetting_in_miniature/run.py " + " ".join(
+        a if " " not in a else repr(a) for a in (argv if argv is not None else sys.argv[1:]))
+    if not args.report_only:
+        began = time.time()
+        if not run_training("warm-start", out / "warmstart_run", warmstart_overrides()):
+            return 1
+        jobs = [(m, s) for s in seeds for m in methods]  # seed-major: every method gets seed 0 first
+        for index, (method, seed) in enumerate(jobs, 1):
+            elapsed = (time.time() - began) / 60
+            print(f"--- [{index}/{len(jobs)}] {method} seed {seed} ({elapsed:.1f} min elapsed)",
+                  flush=True)
+            run_training(f"{method}/seed_{seed}", out / method / f"seed_{seed}",
+                         rl_overrides(out, method, seed))
+            try:  # the report after every run; a reporting bug must not stop the sweep
+                write_results(collect(out, methods, seeds, command), args.results_dir)
+            except Exception:  # noqa: BLE001
+                traceback.print_exc()
+    results = collect(out, methods, seeds, command)
+    write_results(results, args.results_dir)
+    print(f"wrote {args.results_dir / 'RESULTS.md'} and results.json", flush=True)
+    return 0
+
+
+NOTES_MARKER = "<!-- notes: everything below this line is hand-written; run.py keeps it -->"
+
+
+def write_results(results: dict, directory: Path) -> None:
+    """results.json and RESULTS.md; RESULTS.md's hand-written part (after NOTES_MARKER) is
+    kept when the tables are regenerated."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    path = directory / "RESULTS.md"
+    notes = ""
+    if path.exists() and NOTES_MARKER in path.read_text():
+        notes = path.read_text().split(NOTES_MARKER, 1)[1]
+    path.write_text(render_markdown(results) + "\n" + NOTES_MARKER + (notes or "\n"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
