@@ -1,8 +1,16 @@
 """Jitted KV-cache generation for Qwen2.5-VL, and the trainer's log-probs of the same tokens.
 
 `generate` prefills each multimodal prompt once (the vision tower and the prompt's forward
-run once per prompt, not once per sample), repeats the prompt's KV cache for its G samples,
-then decodes every sample in one compiled ``lax.while_loop`` with per-sequence EOS stopping.
+run once per prompt, not once per sample), keeps the prompt's KV cache once as a prefix shared
+by its G samples (each sample's cache holds only its completion), then decodes every sample in
+one compiled ``lax.while_loop`` with per-sequence EOS stopping.
+
+Speed (a decode step is bound by reading the weights and the cache): each layer's cache buffer
+is updated in place, the rotary tables of every step are computed once, tokens are drawn by
+inverting the CDF (`sample_categorical`) rather than with V Gumbel draws, and on CPU the
+decoder weights are sliced out of their layer stack once before the loop
+(`TextModel.split_layers`: a transient copy of the decoder weights, which halves the bytes a
+CPU decode step reads; accelerators, where the copy would cost scarce memory, slice per step).
 
 Log-probs. The returned per-token log-probs are ``log_softmax(logits)`` of the model's raw
 logits: the distribution at temperature 1 without top-k/top-p truncation, whatever
@@ -91,12 +99,40 @@ def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: floa
     return logits
 
 
+def sample_categorical(rng: jax.Array, logits: jax.Array, block: int = 128) -> jax.Array:
+    """One draw per row from softmax(logits) [N, V] (-inf = never), by inverting the CDF.
+
+    One uniform u per row, scaled to the total mass, instead of V Gumbel variables (what
+    ``jax.random.categorical`` draws, which on CPU costs more than the model's output
+    projection). The CDF is inverted in two levels to keep it O(V): the first block of
+    ``block`` tokens whose cumulative mass exceeds u, then the first token in that block. A
+    token of probability 0 never exceeds the running sum of the ones before it, so it is
+    never drawn (when rounding leaves u past the block's own running sum, the block's last
+    token of positive probability is taken).
+    """
+    rows, vocab = logits.shape
+    blocks = -(-vocab // block)
+    probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    probs = jnp.pad(probs, ((0, 0), (0, blocks * block - vocab))).reshape(rows, blocks, block)
+    block_mass = jnp.sum(probs, axis=-1)  # [N, blocks]
+    block_cdf = jnp.cumsum(block_mass, axis=-1)
+    total = block_cdf[:, -1:]
+    u = jax.random.uniform(rng, total.shape, jnp.float32) * total
+    u = jnp.minimum(u, jnp.nextafter(total, jnp.zeros_like(total)))  # strictly below the total
+    chosen = jnp.sum(block_cdf <= u, axis=-1, keepdims=True)  # [N, 1]: first block whose cdf > u
+    before = jnp.take_along_axis(block_cdf - block_mass, chosen, axis=-1)
+    in_block = jnp.take_along_axis(probs, chosen[:, :, None], axis=1)[:, 0]  # [N, block]
+    offset = jnp.sum(before + jnp.cumsum(in_block, axis=-1) <= u, axis=-1)
+    last_positive = block - 1 - jnp.argmax(in_block[:, ::-1] > 0, axis=-1)
+    return chosen[:, 0] * block + jnp.minimum(offset, last_positive)
+
+
 def draw_tokens(rng: jax.Array, logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
     """(tokens [N], their log-probs under log_softmax(logits) at temperature 1)."""
     if params.temperature == 0:
         tokens = jnp.argmax(logits, axis=-1)
     else:
-        tokens = jax.random.categorical(rng, filter_logits(logits, params.temperature, params.top_k, params.top_p))
+        tokens = sample_categorical(rng, filter_logits(logits, params.temperature, params.top_k, params.top_p))
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return tokens.astype(jnp.int32), jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
 
@@ -151,9 +187,10 @@ def first_completion_position(inputs: ModelInputs) -> jax.Array:
     return real + inputs.rope_deltas.astype(jnp.int32)
 
 
-def _repeat_cache(cache: text_lib.KVCache, times: int) -> text_lib.KVCache:
-    return text_lib.KVCache(k=jnp.repeat(cache.k, times, axis=1), v=jnp.repeat(cache.v, times, axis=1),
-                            valid=jnp.repeat(cache.valid, times, axis=0), index=cache.index)
+def _split_weights_once() -> bool:
+    """Whether to copy the decoder layers out of their stack before the decode loop (CPU only,
+    see the module docstring)."""
+    return jax.default_backend() == "cpu"
 
 
 def _is_eos(tokens: jax.Array, eos: tuple[int, ...]) -> jax.Array:
@@ -171,12 +208,18 @@ def _generate_jit(graphdef, state, inputs: ModelInputs, params: SamplingParams, 
     rows = batch * samples
     steps = params.max_new_tokens
 
-    cache = text_lib.init_cache(model.config.text, batch, prompt_len + steps, model.dtype)
-    hidden, cache = model.hidden_states(inputs, cache)
-    first_logits = model.logits(hidden[:, -1])
-    cache = _repeat_cache(cache, samples)
+    text = model.language_model
+    layers = text.split_layers() if _split_weights_once() else None
+    # the prompt's cache, kept once per prompt and shared by its G samples (the decode prefix)
+    prompt_cache = text_lib.init_cache(model.config.text, batch, prompt_len, model.dtype)
+    hidden, prompt_cache = text(model.embed(inputs), inputs.position_ids, inputs.attention_mask, prompt_cache,
+                                layers=layers)
+    first_logits = jnp.repeat(model.logits(hidden[:, -1]), samples, axis=0)
+    # completion token j is fed at step j + 1 into slot j, at M-RoPE position start + j
+    cache = text_lib.init_cache(model.config.text, rows, steps, model.dtype)
     start = jnp.repeat(first_completion_position(inputs), samples, axis=0)  # [rows, 1]
-    first_logits = jnp.repeat(first_logits, samples, axis=0)
+    offsets = jnp.broadcast_to((start + jnp.arange(steps)[None, :])[None], (3, rows, steps))
+    cos_table, sin_table = text_lib.mrope_cos_sin(offsets, model.config.text)  # once, not per step and layer
 
     rng, draw_rng = jax.random.split(rng)
     token, logprob = draw_tokens(draw_rng, first_logits, params)
@@ -192,9 +235,10 @@ def _generate_jit(graphdef, state, inputs: ModelInputs, params: SamplingParams, 
     def body(carry):
         step, cache, tokens, logprobs, done, lengths, rng = carry
         last = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)  # [rows, 1]
-        positions = jnp.broadcast_to((start + step - 1)[None], (3, rows, 1))
-        embeds = model.language_model.embed(last)
-        hidden, cache = model.language_model(embeds, positions, jnp.ones((rows, 1), jnp.int32), cache)
+        positions = jax.lax.dynamic_slice_in_dim(offsets, step - 1, 1, axis=2)
+        rotary = tuple(jax.lax.dynamic_slice_in_dim(t, step - 1, 1, axis=1) for t in (cos_table, sin_table))
+        hidden, cache = text(text.embed(last), positions, jnp.ones((rows, 1), jnp.int32), cache, layers=layers,
+                             prefix=prompt_cache, rotary=rotary)
         rng, draw_rng = jax.random.split(rng)
         token, logprob = draw_tokens(draw_rng, model.logits(hidden[:, 0]), params)
         token = jnp.where(done, params.pad_token_id, token)

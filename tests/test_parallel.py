@@ -362,9 +362,12 @@ def test_memory_tool_bytes_match_the_real_shards(sharded, tmp_path, capsys):
     # about 1/8 of the unsharded model (q/k/v biases have no hidden axis: split over tensor only)
     full = sum(x.nbytes for x in jax.tree.leaves(params))
     assert full / 8 < plan.params < full / 6
-    # KV cache: k and v, L x (B*G) x (P+T) x kv_heads x head_dim float32, rows over fsdp=4, kv heads over tensor=2
+    # KV cache: k and v, L x kv_heads x head_dim float32 per slot; the prompt's 12 slots once
+    # per prompt (B = 8 rows), the 6 completion slots per sample (B*G = 16 rows); rows over
+    # fsdp=4, kv heads over tensor=2
     t = CFG.text
-    assert plan.kv_cache == 2 * t.num_hidden_layers * (16 // 4) * (12 + 6) * (t.num_key_value_heads // 2) * \
+    slots_per_device = (8 // 4) * 12 + (16 // 4) * 6
+    assert plan.kv_cache == 2 * t.num_hidden_layers * slots_per_device * (t.num_key_value_heads // 2) * \
         t.head_dim * 4
     assert plan.temporaries > 0 and plan.step_peak >= plan.params + plan.opt_state
     assert "does not fit in 0.001 GiB per device" in out

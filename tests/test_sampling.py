@@ -132,6 +132,26 @@ def test_draws_follow_the_filtered_distribution(temperature, top_k, top_p):
     np.testing.assert_allclose(np.asarray(logprobs), raw[np.asarray(tokens)], atol=1e-5)
 
 
+def test_inverse_cdf_draws_over_many_blocks_follow_the_distribution():
+    """`sample_categorical` inverts the CDF block by block: 7 blocks of 16 with a partial last
+    one, the largest mass in its last token, and tokens of probability 0 that are never drawn."""
+    rng = np.random.default_rng(11)
+    vocab, n = 100, 40_000
+    logits = rng.normal(scale=1.5, size=vocab).astype(np.float32)
+    logits[rng.random(vocab) < 0.4] = -np.inf
+    logits[vocab - 1] = 3.0
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    draw = jax.jit(lambda key: sampling.sample_categorical(key, jnp.broadcast_to(jnp.asarray(logits), (n, vocab)),
+                                                           block=16))
+    tokens = np.asarray(draw(jax.random.key(3)))
+    assert tokens.min() >= 0 and tokens.max() < vocab
+    freq = np.bincount(tokens, minlength=vocab) / n
+    assert np.all(freq[p == 0] == 0)
+    tolerance = 4.5 * np.sqrt(p * (1 - p) / n) + 1e-9  # fails only on a real difference
+    assert np.all(np.abs(freq - p) <= tolerance), np.abs(freq - p).max()
+
+
 def test_invalid_sampling_parameters_name_the_field():
     for kwargs, field in [(dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"),
                           (dict(top_k=-2), "top_k"), (dict(max_new_tokens=0), "max_new_tokens")]:

@@ -171,13 +171,17 @@ def bytes_per_device(tree: Any) -> int:
 
 def kv_cache_bytes_per_device(config: config_lib.Qwen2_5_VLConfig, workload: Workload, mesh, dtype,
                               rules=None) -> int:
-    """k and v of B*G sequences of prompt + completion tokens, as `sampling.generate` holds them."""
-    t = config.text
-    shape = (t.num_hidden_layers, workload.batch * workload.group_size,
-             workload.prompt_len + workload.completion_len, t.num_key_value_heads, t.head_dim)
-    spec = parallel.logical_to_spec(text_lib.KV_CACHE_AXES, shape, mesh, rules, strict=False)
-    shard = jax.sharding.NamedSharding(mesh, spec).shard_shape(shape)
-    return 2 * math.prod(shard) * np.dtype(dtype).itemsize
+    """k and v as `sampling.generate` holds them: the prompt's cache once per prompt (shared by
+    its G samples as a prefix) and each of the B*G samples' completion slots."""
+
+    def cache_bytes(rows: int, length: int) -> int:
+        shape = text_lib.kv_cache_shape(config.text, rows, length)
+        spec = parallel.logical_to_spec(text_lib.KV_CACHE_AXES, shape, mesh, rules, strict=False)
+        shard = jax.sharding.NamedSharding(mesh, spec).shard_shape(shape)
+        return 2 * math.prod(shard) * np.dtype(dtype).itemsize
+
+    return (cache_bytes(workload.batch, workload.prompt_len)
+            + cache_bytes(workload.batch * workload.group_size, workload.completion_len))
 
 
 # ----------------------------------------------------------------------------- the plan

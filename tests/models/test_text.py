@@ -238,6 +238,33 @@ def test_two_chunk_prefill_then_decode_matches_transformers(text_case):
     assert _max_abs_on(c["mask"], hidden, c["hf_padded"]) <= F32_ATOL
 
 
+def test_decoding_after_a_shared_prefix_matches_transformers(text_case):
+    """G = 2 continuations of each left-padded prompt, decoded against the prompt's cache kept
+    once (``prefix``, as the sampler does for its G samples), equal transformers run on each
+    full sequence: prompt repeated, then that row's own continuation."""
+    c = text_case
+    prompt, samples = 8, 2
+    rows, length = BATCH * samples, SEQ - prompt
+    own = np.random.default_rng(7).normal(size=(rows, length, CONFIG.hidden_size)).astype(np.float32)
+    own[::samples] = c["embeds"][:, prompt:]
+    positions = np.repeat(c["positions"], samples, axis=1)
+    full = np.concatenate([np.repeat(c["embeds"][:, :prompt], samples, axis=0), own], axis=1)
+    reference = _hf_forward(c["hf"], full, positions, np.repeat(c["mask"], samples, axis=0))[:, prompt:]
+
+    graphdef, state = nnx.split(c["model"])
+    prefill = jax.jit(lambda state, embeds, positions, mask: nnx.merge(graphdef, state)(
+        embeds, positions, mask, T.init_cache(CONFIG, BATCH, prompt))[1])
+    decode = jax.jit(lambda state, embeds, positions, cache, prefix: nnx.merge(graphdef, state)(
+        embeds, positions, None, cache, prefix=prefix))
+    prefix = prefill(state, c["embeds"][:, :prompt], c["positions"][:, :, :prompt], c["mask"][:, :prompt])
+    cache, outputs = T.init_cache(CONFIG, rows, length), []
+    for start, size in ((0, 2), (2, 1), (3, 1), (4, 2)):
+        hidden, cache = decode(state, own[:, start:start + size],
+                               positions[:, :, prompt + start:prompt + start + size], cache, prefix)
+        outputs.append(np.asarray(hidden))
+    assert float(np.max(np.abs(np.concatenate(outputs, axis=1) - reference))) <= F32_ATOL
+
+
 def test_cached_keys_equal_transformers_cache(text_case):
     c = text_case
     _, cache = _cached_pass(c["forward"], c["embeds"], c["positions"], c["mask"], [SEQ], max_len=SEQ)
@@ -245,10 +272,13 @@ def test_cached_keys_equal_transformers_cache(text_case):
         out = c["hf"](inputs_embeds=torch.from_numpy(c["embeds"]), position_ids=torch.from_numpy(c["positions"]),
                       attention_mask=torch.from_numpy(c["mask"]), use_cache=True)
     real = c["mask"].astype(bool)
+    assert len(cache.k) == len(cache.v) == len(out.past_key_values.layers)
     for i, layer in enumerate(out.past_key_values.layers):
-        for ours, theirs in ((cache.k[i], layer.keys), (cache.v[i], layer.values)):
-            theirs = theirs.numpy().transpose(0, 2, 1, 3)  # [B, Hkv, S, D] -> [B, S, Hkv, D]
-            assert _max_abs_on(real, ours, theirs) <= F32_ATOL
+        # ours: keys [B, Hkv, D, S], values [B, Hkv, S, D]; theirs: both [B, Hkv, S, D]
+        for ours, theirs in ((np.swapaxes(cache.k[i], 2, 3), layer.keys), (cache.v[i], layer.values)):
+            assert ours.shape == theirs.shape
+            slots_first = (0, 2, 1, 3)  # -> [B, S, Hkv, D], to select the real slots
+            assert _max_abs_on(real, ours.transpose(slots_first), theirs.numpy().transpose(slots_first)) <= F32_ATOL
 
 
 def test_decode_step_compiles_once(text_case):
@@ -266,6 +296,9 @@ def test_cache_overflow_and_bad_shapes_are_clear_errors(text_case):
         model(c["embeds"][:, :3], c["positions"][:, :, :3], c["mask"][:, :3], cache)
     with pytest.raises(ValueError, match="position_ids"):
         model(c["embeds"], c["positions"][:2], c["mask"])
+    with pytest.raises(ValueError, match="prefix: 2 shared sequences do not divide the batch of 3"):
+        model(c["embeds"][:, :1], c["positions"][:, :, :1], None, T.init_cache(CONFIG, BATCH, 2),
+              prefix=T.init_cache(CONFIG, 2, 4))
     with pytest.raises(ValueError, match="attention_mask"):
         model(c["embeds"], c["positions"], c["mask"][:, 1:])
 

@@ -188,20 +188,102 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     mask: boolean, broadcastable to [B, Hq, Sq, Sk] (True = may attend), or None.
     Scores and softmax are float32; a query with nothing to attend to gets a uniform
     (finite) distribution instead of NaN. Returns [B, Sq, Hq, D] in q's dtype.
+
+    Computed as `cached_attention` on heads-major keys and values: transposing k and v
+    ([B, Sk, ...], linear in Sk) lets the scores come out of the matmul as [.., Sq, Sk]; left
+    to itself XLA:CPU produced them as [.., Sk, Sq] and transposed every [Sq, Sk] block
+    (the largest cost of the vision tower's attention).
+    """
+    return cached_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask)
+
+
+def _apply_mask(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """``where(mask, scores, finfo.min)`` for float32 scores, written as a clamped additive bias:
+    bit-identical for finite scores, and XLA:CPU fuses it into far cheaper code than a select
+    on a broadcast mask (a third of the vision tower's time, where Sq = Sk = all patches)."""
+    neg = jnp.finfo(jnp.float32).min
+    return jnp.maximum(scores + jnp.where(mask, 0.0, neg), neg)
+
+
+def _rows_mask(mask: jax.Array, batch: int, num_kv_heads: int, groups: int, q_len: int, kv_len: int) -> jax.Array:
+    """A mask broadcastable to [B, Hkv * G, Sq, Sk] as one broadcastable to [B, Hkv, G * Sq, Sk]
+    (the query rows of `cached_attention`: row g * Sq + i is query i of head g of the group).
+
+    A mask shared by all heads ([B or 1, 1, Sq, Sk], the usual case) is only repeated over
+    the G rows of a group; it is never materialised per head.
+    """
+    mask = jnp.asarray(mask)
+    if mask.ndim == 4 and mask.shape[1] == 1:
+        if groups == 1:
+            return mask
+        shared = jnp.broadcast_to(mask[:, :, None], (mask.shape[0], 1, groups, q_len, kv_len))
+        return shared.reshape(mask.shape[0], 1, groups * q_len, kv_len)
+    mask = jnp.broadcast_to(mask, (batch, num_kv_heads * groups, q_len, kv_len))
+    return mask.reshape(batch, num_kv_heads, groups * q_len, kv_len)
+
+
+def cached_attention(q: jax.Array, keys_t: jax.Array, values: jax.Array, mask: jax.Array | None,
+                     prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> jax.Array:
+    """`dot_product_attention` over a KV cache's layout, optionally after a shared prefix.
+
+    q: [B, Sq, Hq, D]; keys_t: [B, Hkv, D, Sk] (transposed); values: [B, Hkv, Sk, D];
+    mask: boolean, broadcastable to [B, Hq, Sq, Sk], or None.
+    prefix: None, or (keys_t [Bp, Hkv, D, P], values [Bp, Hkv, P, D], mask [Bp, P] bool)
+      of P slots shared by groups of B / Bp consecutive rows (row r reads prefix row
+      r // (B / Bp)), attended before the row's own slots: one softmax over P + Sk keys.
+      The G samples of one prompt share its cache this way, so decoding reads the prompt's
+      keys once per prompt, not once per sample.
+
+    The G * Sq queries of each KV head (times B / Bp for the prefix) are the rows of plain
+    batched matmuls, [rows, D] x [D, keys] then [rows, keys] x [keys, D]: the layouts
+    XLA:CPU's matmul kernels read without packing or transposing the cache. Scores and
+    softmax are float32, as in `dot_product_attention`. Returns [B, Sq, Hq, D].
     """
     batch, q_len, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
-    groups = num_heads // num_kv_heads
-    qg = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (head_dim ** -0.5)
+    num_kv_heads, kv_len = keys_t.shape[1], keys_t.shape[3]
+    rows = num_heads // num_kv_heads * q_len
+    qh = q.reshape(batch, q_len, num_kv_heads, rows // q_len, head_dim).transpose(0, 2, 3, 1, 4)
+    qh = qh.reshape(batch, num_kv_heads, rows, head_dim)
+    scores = jnp.einsum("bhmd,bhdk->bhmk", qh, keys_t, preferred_element_type=jnp.float32) * (head_dim ** -0.5)
     if mask is not None:
-        mask = jnp.broadcast_to(mask, (batch, num_heads, q_len, k.shape[1]))
-        mask = mask.reshape(batch, num_kv_heads, groups, q_len, k.shape[1])
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
+        scores = _apply_mask(scores, _rows_mask(mask, batch, num_kv_heads, rows // q_len, q_len, kv_len))
+    if prefix is None:
+        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+        out = jnp.einsum("bhmk,bhkd->bhmd", probs, values)  # [B, Hkv, G * Sq, D]
+    else:
+        out = _attend_after_prefix(qh, scores, values, prefix)
+    out = out.reshape(batch, num_kv_heads, rows // q_len, q_len, head_dim).transpose(0, 3, 1, 2, 4)
     return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+def _attend_after_prefix(qh: jax.Array, scores: jax.Array, values: jax.Array,
+                         prefix: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+    """`cached_attention`'s weighted values over the prefix's slots then the rows' own slots.
+
+    qh: [B, Hkv, M, D] query rows; scores: [B, Hkv, M, Sk] (own slots, scaled and masked);
+    values: [B, Hkv, Sk, D]. The prefix's queries are regrouped so that the B / Bp rows of a
+    group form one matmul against their shared prefix. Returns [B, Hkv, M, D].
+    """
+    prefix_keys_t, prefix_values, prefix_mask = prefix
+    batch, num_kv_heads, rows, head_dim = qh.shape
+    groups, prefix_len = prefix_keys_t.shape[0], prefix_keys_t.shape[3]
+    share = batch // groups
+
+    def to_groups(x):  # [B, Hkv, M, n] -> [Bp, Hkv, share * M, n]
+        x = x.reshape(groups, share, num_kv_heads, rows, x.shape[-1]).transpose(0, 2, 1, 3, 4)
+        return x.reshape(groups, num_kv_heads, share * rows, x.shape[-1])
+
+    def from_groups(x):  # the inverse of to_groups
+        x = x.reshape(groups, num_kv_heads, share, rows, x.shape[-1]).transpose(0, 2, 1, 3, 4)
+        return x.reshape(batch, num_kv_heads, rows, x.shape[-1])
+
+    prefix_scores = jnp.einsum("bhmd,bhdk->bhmk", to_groups(qh), prefix_keys_t,
+                               preferred_element_type=jnp.float32) * (head_dim ** -0.5)
+    prefix_scores = _apply_mask(prefix_scores, prefix_mask[:, None, None, :])
+    probs = jax.nn.softmax(jnp.concatenate([from_groups(prefix_scores), scores], axis=-1), axis=-1)
+    probs = probs.astype(values.dtype)
+    prefix_out = jnp.einsum("bhmk,bhkd->bhmd", to_groups(probs[..., :prefix_len]), prefix_values)
+    return from_groups(prefix_out) + jnp.einsum("bhmk,bhkd->bhmd", probs[..., prefix_len:], values)
 
 
 REMAT_POLICIES = {

@@ -7,10 +7,14 @@ decoder layers stacked on a leading ``layers`` axis and the attention heads kept
 own axis (q_proj kernel ``[embed, heads, head_dim]``) so that tensor parallelism can shard
 heads. The output projection (lm_head) is not here: ``model.py`` owns it.
 
-KV cache: one static-shape buffer per layer, ``[B, max_len, kv_heads, head_dim]``, stacked
-over layers. A call with a cache writes its S new tokens at slots ``[index, index + S)``, so
-one compiled function serves prefill (S = prompt length) and decode (S = 1). Slot order is
-time order; rotary positions come from ``position_ids`` and are independent of slots.
+KV cache: static-shape buffers per layer, keys ``[B, kv_heads, head_dim, max_len]`` and
+values ``[B, kv_heads, max_len, head_dim]``: separate buffers, so that decoding updates each
+in place, in the layouts that attention reads with plain batched matmuls (`cached_attention`),
+copying nothing. A call with a cache writes its S new tokens at slots
+``[index, index + S)``, so one compiled function serves prefill (S = prompt length) and decode
+(S = 1). Slot order is time order; rotary positions come from ``position_ids`` and are
+independent of slots. With a cache the layers run as an unrolled Python loop (see
+`TextModel.__call__`), without one as a ``lax.scan`` over the stacked layers.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ from flax import nnx
 from recap_jax import parallel
 from recap_jax.models.qwen2_5_vl.config import TextConfig
 from recap_jax.models.qwen2_5_vl.layers import (LAYERS_AXIS, REMAT_POLICIES, RMSNorm, SwiGLU, TensorSpec,
-                                                 apply_rotary, dot_product_attention, export_to_specs, load_from_specs,
-                                                 make_param, scan_layers)
+                                                 apply_rotary, cached_attention, dot_product_attention, export_to_specs,
+                                                 load_from_specs, make_param, scan_layers)
 
-# Logical axis names of the KV cache buffers (k and v), for sharding rules in parallel.py.
-KV_CACHE_AXES = (LAYERS_AXIS, "batch", "cache_length", "kv_heads", "head_dim")
+# Logical axis names of the cached values stacked over layers, shape `kv_cache_shape` (the keys
+# swap the last two), for sharding rules in parallel.py; one layer's buffer drops the first.
+KV_CACHE_AXES = (LAYERS_AXIS, "batch", "kv_heads", "cache_length", "head_dim")
 # Logical axes of the residual stream [B, S, hidden]: rows split over the batch mesh axes.
 HIDDEN_AXES = ("batch", "length", "activation_embed")
 
@@ -78,25 +83,40 @@ def mrope_cos_sin(position_ids: jax.Array, config: TextConfig) -> tuple[jax.Arra
 class KVCache(NamedTuple):
     """Per-layer keys/values of the tokens seen so far (a pytree; static shapes).
 
-    k, v: [num_layers, B, max_len, kv_heads, head_dim] in the compute dtype (keys after RoPE).
+    k: tuple of num_layers arrays [B, kv_heads, head_dim, max_len] (keys after RoPE,
+      transposed: ``k[i][b, h, :, t]`` is the key of head h at slot t in layer i);
+    v: tuple of num_layers arrays [B, kv_heads, max_len, head_dim]; both in the compute dtype.
     valid: [B, max_len] bool; True where a real (non-padding) token has been written.
     index: int32 scalar; the next free slot (the number of slots written so far).
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     valid: jax.Array
     index: jax.Array
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.valid.shape[1]
+
+
+def kv_cache_shape(config: TextConfig, batch: int, max_len: int) -> tuple[int, ...]:
+    """Shape of the cached values of all layers stacked, in `KV_CACHE_AXES` order (the keys
+    have the same size, with the last two axes swapped)."""
+    return (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
+
+
+def _layer_cache_shapes(config: TextConfig, batch: int, max_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    values = kv_cache_shape(config, batch, max_len)[1:]
+    return (*values[:2], values[3], values[2]), values
 
 
 def init_cache(config: TextConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
     """An empty cache for ``batch`` sequences of up to ``max_len`` tokens."""
-    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+    k_shape, v_shape = _layer_cache_shapes(config, batch, max_len)
+    layers = range(config.num_hidden_layers)
+    return KVCache(k=tuple(jnp.zeros(k_shape, dtype) for _ in layers),
+                   v=tuple(jnp.zeros(v_shape, dtype) for _ in layers),
                    valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
 
@@ -135,7 +155,10 @@ class OutputProjection(nnx.Module):
                                  dtype=param_dtype, stack=stack)
 
     def __call__(self, x: jax.Array, dtype: Any) -> jax.Array:
-        return jnp.einsum("bsnd,nde->bse", x.astype(dtype), self.kernel[...].astype(dtype))
+        # one [.., N*D] x [N*D, E] matmul: contracting (n, d) as two axes lets XLA:CPU pick a
+        # d-major layout for x and transpose the whole kernel at every call
+        kernel = self.kernel[...].astype(dtype)
+        return jnp.dot(x.astype(dtype).reshape(*x.shape[:-2], -1), kernel.reshape(-1, kernel.shape[-1]))
 
 
 class Attention(nnx.Module):
@@ -149,24 +172,29 @@ class Attention(nnx.Module):
         self.v_proj = HeadsProjection(c.hidden_size, c.num_key_value_heads, c.head_dim, heads_axis="kv_heads", **kw)
         self.o_proj = OutputProjection(c.num_attention_heads, c.head_dim, c.hidden_size, **kw)
 
-    def __call__(self, x, cos, sin, mask, layer_cache, cache_index, dtype):
+    def __call__(self, x, cos, sin, mask, layer_cache, cache_index, dtype, prefix=None):
         """x [B, S, E]; cos/sin [B, S, 1, D]; mask broadcastable to [B, 1, S, keys].
 
-        layer_cache: None, or (k, v) of this layer, [B, max_len, Hkv, D]; the new keys and
-        values are written at slot cache_index and the queries attend to the whole buffer.
+        layer_cache: None, or (k, v) of this layer, [B, Hkv, D, max_len] and [B, Hkv, max_len, D];
+        the new keys and values are written at slots [cache_index, cache_index + S) (in place)
+        and the queries attend to the whole buffer, after ``prefix`` (a shared, read-only
+        (k, v, mask) of this layer, see `cached_attention`) when given.
         Returns (output [B, S, E], updated (k, v) or None).
         """
         q = apply_rotary(self.q_proj(x, dtype), cos, sin)
         k = apply_rotary(self.k_proj(x, dtype), cos, sin)
         v = self.v_proj(x, dtype)
-        if layer_cache is not None:
-            cached_k, cached_v = layer_cache
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), start)
-            v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), start)
-            layer_cache = (k, v)
-        out = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask)
-        return self.o_proj(out, dtype), layer_cache
+        if layer_cache is None:
+            return self.o_proj(dot_product_attention(q, k, v, mask), dtype), None
+        cached_k, cached_v = layer_cache
+        k = jax.lax.dynamic_update_slice(cached_k, k.transpose(0, 2, 3, 1).astype(cached_k.dtype),
+                                         (0, 0, 0, cache_index))
+        v = jax.lax.dynamic_update_slice(cached_v, v.transpose(0, 2, 1, 3).astype(cached_v.dtype),
+                                         (0, 0, cache_index, 0))
+        if prefix is not None:
+            prefix = (prefix[0].astype(dtype), prefix[1].astype(dtype), prefix[2])
+        out = cached_attention(q, k.astype(dtype), v.astype(dtype), mask, prefix)
+        return self.o_proj(out, dtype), (k, v)
 
 
 class DecoderLayer(nnx.Module):
@@ -182,8 +210,9 @@ class DecoderLayer(nnx.Module):
         self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, use_bias=False, embed_axis="embed", mlp_axis="mlp",
                           rngs=rngs, param_dtype=param_dtype, stack=stack)
 
-    def __call__(self, h, cos, sin, mask, layer_cache, cache_index, dtype):
-        attn, layer_cache = self.self_attn(self.input_layernorm(h), cos, sin, mask, layer_cache, cache_index, dtype)
+    def __call__(self, h, cos, sin, mask, layer_cache, cache_index, dtype, prefix=None):
+        attn, layer_cache = self.self_attn(self.input_layernorm(h), cos, sin, mask, layer_cache, cache_index, dtype,
+                                           prefix)
         h = h + attn
         h = h + self.mlp(self.post_attention_layernorm(h), dtype)
         return h, layer_cache
@@ -212,22 +241,44 @@ class TextModel(nnx.Module):
         """input_ids [B, S] -> token embeddings [B, S, hidden] in the compute dtype."""
         return self.embed_tokens(input_ids, self.dtype)
 
+    def split_layers(self) -> tuple[DecoderLayer, ...]:
+        """The stacked decoder layers as L separate modules (each parameter sliced out of the stack).
+
+        Slicing copies the weights (memory for one more copy of the decoder). A decode loop that
+        calls this once, outside the loop, and passes the result as ``layers`` reads each weight
+        in place at every step; slicing the stack inside the loop copies every weight at every
+        step on XLA:CPU (it does not fuse a slice into a matmul), doubling what a step reads.
+        """
+        graphdef, state = nnx.split(self.layers)
+        return tuple(nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+                     for i in range(self.config.num_hidden_layers))
+
     def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, *, layers: tuple[DecoderLayer, ...] | None = None,
+                 prefix: KVCache | None = None,
+                 rotary: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, KVCache | None]:
         """Runs the decoder.
 
         inputs_embeds: [B, S, hidden]; position_ids: [3, B, S] (t, h, w rows of M-RoPE);
         attention_mask: [B, S], 1 = real token, 0 = padding (None = all real).
         Without a cache: causal attention restricted to real keys. With a cache: the S tokens
         are written at slots [cache.index, cache.index + S) and each query attends to the
-        valid slots up to its own. Returns (hidden_states [B, S, hidden] after the final
-        norm, the updated cache or None).
+        valid slots up to its own; the layers run as an unrolled loop (``layers``: the result of
+        `split_layers`, default sliced here), each reading and updating its own cache buffer in
+        place, and ``remat`` does not apply.
+        prefix: with a cache, an optional read-only cache of Bp sequences shared by groups of
+          B / Bp consecutive rows (row r continues prefix row r // (B / Bp)): every query
+          attends to the prefix's valid slots, then to its own cache. Sampling G completions
+          of one prompt keeps the prompt's keys once, not G times.
+        rotary: optional precomputed ``mrope_cos_sin(position_ids, config)``, [B, S, head_dim]
+          each (a decode loop computes the tables of all its steps once).
+        Returns (hidden_states [B, S, hidden] after the final norm, the updated cache or None).
         """
         batch, seq_len = _check_inputs(inputs_embeds, position_ids, attention_mask, self.config)
         if attention_mask is None:
             attention_mask = jnp.ones((batch, seq_len), bool)
         attention_mask = jnp.asarray(attention_mask).astype(bool)
-        cos, sin = mrope_cos_sin(position_ids, self.config)
+        cos, sin = mrope_cos_sin(position_ids, self.config) if rotary is None else rotary
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
         h = parallel.constrain(inputs_embeds.astype(self.dtype), HIDDEN_AXES)
         dtype = self.dtype
@@ -244,17 +295,21 @@ class TextModel(nnx.Module):
             return self.norm(h), None
 
         _check_cache(cache, batch, seq_len, self.config)
+        if prefix is not None:
+            _check_prefix(prefix, batch, self.config)
         index = cache.index
         valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, index))
         slots = jnp.arange(cache.max_len)
         query_slots = index + jnp.arange(seq_len)
         mask = valid[:, None, None, :] & (slots[None, :] <= query_slots[:, None])[None, None]
 
-        def cached_body(layer, h, layer_cache):
-            return layer(parallel.constrain(h, HIDDEN_AXES), cos, sin, mask, layer_cache, index, dtype)
-
-        h, (new_k, new_v) = scan_layers(self.layers, cached_body, h, (cache.k, cache.v), remat=self.remat)
-        new_cache = KVCache(k=new_k, v=new_v, valid=valid, index=(index + seq_len).astype(jnp.int32))
+        new_k, new_v = [], []
+        for i, (layer, k, v) in enumerate(zip(self.split_layers() if layers is None else layers, cache.k, cache.v)):
+            shared = None if prefix is None else (prefix.k[i], prefix.v[i], prefix.valid)
+            h, (k, v) = layer(parallel.constrain(h, HIDDEN_AXES), cos, sin, mask, (k, v), index, dtype, shared)
+            new_k.append(k)
+            new_v.append(v)
+        new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid, index=(index + seq_len).astype(jnp.int32))
         return self.norm(h), new_cache
 
 
@@ -270,18 +325,28 @@ def _check_inputs(inputs_embeds, position_ids, attention_mask, config: TextConfi
     return batch, seq_len
 
 
-def _check_cache(cache: KVCache, batch: int, seq_len: int, config: TextConfig) -> None:
-    expected = (config.num_hidden_layers, batch, cache.max_len, config.num_key_value_heads, config.head_dim)
-    if cache.k.shape != expected or cache.v.shape != expected:
-        raise ValueError(f"cache: k/v shapes {cache.k.shape}/{cache.v.shape} do not match {expected}")
+def _check_cache(cache: KVCache, batch: int, seq_len: int, config: TextConfig, what: str = "cache") -> None:
+    for name, buffers, expected in zip(("k", "v"), (cache.k, cache.v),
+                                       _layer_cache_shapes(config, batch, cache.max_len)):
+        shapes = tuple(tuple(b.shape) for b in buffers)
+        if len(shapes) != config.num_hidden_layers or any(s != expected for s in shapes):
+            raise ValueError(f"{what}: {name} must be {config.num_hidden_layers} layer buffers of shape "
+                             f"{expected}, got {shapes}")
     if seq_len > cache.max_len:
-        raise ValueError(f"cache: {seq_len} new tokens do not fit in max_len={cache.max_len}")
+        raise ValueError(f"{what}: {seq_len} new tokens do not fit in max_len={cache.max_len}")
     try:  # checkable only outside jit; inside jit the caller keeps index + S <= max_len
         index = int(cache.index)
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
         return
     if index + seq_len > cache.max_len:
-        raise ValueError(f"cache: writing {seq_len} tokens at slot {index} overflows max_len={cache.max_len}")
+        raise ValueError(f"{what}: writing {seq_len} tokens at slot {index} overflows max_len={cache.max_len}")
+
+
+def _check_prefix(prefix: KVCache, batch: int, config: TextConfig) -> None:
+    groups = prefix.valid.shape[0]
+    if batch % groups:
+        raise ValueError(f"prefix: {groups} shared sequences do not divide the batch of {batch} rows")
+    _check_cache(prefix, groups, 0, config, what="prefix")
 
 
 # ---------------------------------------------------------------------------- checkpoint mapping
