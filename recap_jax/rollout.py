@@ -26,7 +26,7 @@ import numpy as np
 from recap_jax import rewards as rewards_lib
 from recap_jax import sampling
 from recap_jax.data import encode as encode_lib
-from recap_jax.data.records import Record
+from recap_jax.data.records import Record, format_box
 from recap_jax.data.tasks import Task, get_task
 
 __all__ = ["Evaluator", "WarmStartTargets", "build_model_config", "build_processor",
@@ -142,12 +142,35 @@ def open_sources(config, split: str, skips=None) -> list:
     return opened
 
 
-class WarmStartTargets:
-    """A source whose records' answers are the task's warm-start completion text."""
+def model_input_size(processor, height: int, width: int) -> tuple[int, int]:
+    """(h', w'): the size ``processor`` resizes an image of ``height`` x ``width`` to."""
+    from recap_jax.models.qwen2_5_vl.processor import smart_resize
 
-    def __init__(self, source):
+    kwargs = processor.image_kwargs
+    return smart_resize(height, width, kwargs["patch_size"] * kwargs["merge_size"],
+                        kwargs["min_pixels"], kwargs["max_pixels"])
+
+
+def box_in_input_frame(box, image_size: tuple[int, int], input_size: tuple[int, int]) -> tuple:
+    """A box ``(x1, y1, x2, y2)`` of the original image in the frame of the resized image the
+    model sees, rounded to whole pixels: the frame the iou reward reads predictions in."""
+    (height, width), (input_height, input_width) = image_size, input_size
+    sx, sy = input_width / width, input_height / height
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return (round(x1 * sx), round(y1 * sy), round(x2 * sx), round(y2 * sy))
+
+
+class WarmStartTargets:
+    """A source whose records' answers are the task's warm-start completion text.
+
+    Box answers are first moved into the resized image's frame (``processor`` given): the
+    model sees the resized image, and the iou reward rescales its predictions from that frame.
+    """
+
+    def __init__(self, source, processor=None):
         self.source, self.name = source, source.name
         self._task = get_task(source.name)
+        self._processor = processor
 
     def __len__(self) -> int:
         return len(self.source)
@@ -161,7 +184,12 @@ class WarmStartTargets:
 
     def load(self, i: int) -> Record:
         record = self.source.load(i)
-        return dataclasses.replace(record, answer=self._task.format_target(record.answer_text))
+        answer = record.answer
+        if not isinstance(answer, str) and self._processor is not None:
+            input_size = model_input_size(self._processor, *record.image_size)
+            answer = box_in_input_frame(answer, record.image_size, input_size)
+        answer_text = answer if isinstance(answer, str) else format_box(answer)
+        return dataclasses.replace(record, answer=self._task.format_target(answer_text))
 
 
 # --------------------------------------------------------------------------- batches

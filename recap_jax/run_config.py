@@ -222,13 +222,12 @@ def validate(config, *, check_paths: bool = True) -> None:
     _int(config, "rl.num_iterations", 1)
     _int(config, "rl.num_minibatches", 1)
     _int(config, "rl.max_bad_steps", 1)
-    rows = config.rl.prompts_per_step * config.rl.group_size
-    if rows % (config.rl.num_minibatches * config.rl.group_size):
+    if config.rl.num_minibatches != 1:
+        # the train step splits every batch leaf by rows; an image batch's flat patch list
+        # [num_patches, ...] has no row axis (recap_jax.train_step.check_inputs)
         _fail("rl.num_minibatches", config.rl.num_minibatches,
-              f"a divisor of rl.prompts_per_step={config.rl.prompts_per_step}")
-    if config.sft.batch_size % config.rl.num_minibatches:
-        _fail("sft.batch_size", config.sft.batch_size,
-              f"a multiple of rl.num_minibatches={config.rl.num_minibatches}")
+              "1 (image batches cannot be split into row mini-batches; use rl.num_iterations "
+              "for several updates per rollout batch)")
     _choice(config, "recap.variant", RECAP_VARIANTS)
     _int(config, "recap.window", 1)
     _number(config, "recap.temperature", 0.0, math.inf, low_open=True)
@@ -309,6 +308,12 @@ def _validate_data(config, check_paths: bool) -> None:
         _int(config, f"{field}.max_records", 0)
     if config.data.primary and config.data.primary not in names:
         _fail("data.primary", config.data.primary, " | ".join(names))
+    if config.rl.steps > 0 and TASKS[names[0]].kind != "rl":
+        # every method trains the primary with GRPO; an SFT primary leaves RL no reward
+        field = "data.primary" if config.data.primary else "data.sources"
+        _fail(field, names[0], "an RL task (verifiable rewards) as the primary source when "
+                               f"rl.steps > 0; RL tasks: "
+                               f"{' | '.join(sorted(n for n, t in TASKS.items() if t.kind == 'rl'))}")
     if config.data.modomodo_shares:
         try:
             shares = [float(x) for x in config.data.modomodo_shares.split(",")]

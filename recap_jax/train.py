@@ -303,7 +303,7 @@ def run_sft(setup: Setup, params, resumed) -> Any:
     if start < total:
         step_fn = make_train_step(grpo_config, sampling.make_logprob_fn(setup.graphdef, 1),
                                   optimizer)
-        sources = [rollout.WarmStartTargets(s) for s in setup.train_sources]
+        sources = [rollout.WarmStartTargets(s, setup.processor) for s in setup.train_sources]
         replay = _replay(setup, sources, batch_size=config.sft.batch_size, strategy="uniform",
                          homogeneous=False, state=replay_state)
         weights = jnp.ones((objectives.num_objectives,), jnp.float32)
@@ -400,6 +400,9 @@ def _replay_weights(config, names):
 def run_rl(setup: Setup, params, resumed) -> Any:
     """RLVR with replay and RECAP or a baseline, from ``params`` (the warm-start)."""
     config, rl = setup.config, setup.config.rl
+    if rl.steps == 0:  # a warm-start only: evaluate it, build no RL machinery
+        _evaluate(setup, params, 0)
+        return params
     method, primary, names, sources, objectives, grpo_config, recap_config = _rl_plan(setup)
     optimizer = _rl_optimizer(setup, method)
     recap_state = recap.init(recap_config, objectives.num_objectives) if recap_config else None

@@ -23,7 +23,8 @@ INVALID = [
     ("rl.method", "grpo_plus", ["rl.method", "reasoning_only", "modomodo", "recap"]),
     ("rl.group_size", 0, ["rl.group_size"]),
     ("rl.prompts_per_step", 0, ["rl.prompts_per_step"]),
-    ("rl.num_minibatches", 3, ["rl.num_minibatches", "divisor"]),
+    ("rl.num_minibatches", 2, ["rl.num_minibatches", "image batches"]),
+    ("data.primary", "ocr", ["data.primary", "RL task"]),
     ("rl.epsilon_low", 1.0, ["rl.epsilon_low"]),
     ("rl.dual_clip_c", 0.5, ["rl.dual_clip_c"]),
     ("rl.learning_rate", 0.0, ["rl.learning_rate"]),
@@ -110,3 +111,17 @@ def test_paper_configs_need_local_paths_then_validate(tmp_path, name, sources, k
     run_config.validate(config)
     assert run_config.source_names(config) == sources
     assert len(objective_names(sources)) == k
+
+
+def test_an_sft_only_mix_is_fine_for_a_warm_start_and_refused_for_rl(tmp_path):
+    """OCR alone (an SFT task): the warm-start runs (rl.steps = 0, no RL machinery built);
+    with rl.steps > 0 the config is refused before anything is built."""
+    import ml_collections
+
+    config = short_config(rl__steps=0, sft__steps=2, eval__num_examples=2)
+    config.data.sources = ml_collections.ConfigDict({"ocr": config.data.sources.ocr})
+    config.data.primary = "ocr"
+    train.train(config, str(tmp_path / "run"))
+    assert (tmp_path / "run" / "warmstart" / "model.safetensors").is_file()
+    with pytest.raises(ConfigError, match="data.primary.*RL task"):
+        run_config.validate(override(config, {"rl.steps": 3}))

@@ -163,3 +163,28 @@ def test_analysis_notebook_runs_on_a_real_run(short_run, monkeypatch):
     from tests.test_analysis import test_notebook_runs_headless_on_a_workdir
 
     test_notebook_runs_headless_on_a_workdir(short_run[0], monkeypatch)
+
+
+def test_warmstart_box_targets_are_in_the_frame_the_model_sees(tmp_path):
+    """A grounding image that smart_resize changes: the warm-start completion's box is in the
+    resized frame, so the iou reward (which rescales predictions from that frame) gives the
+    reference itself ~1. Before the fix the box stayed in the original frame."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    from recap_jax import rewards, rollout
+    from recap_jax.data.synthetic import SyntheticSource
+
+    config = short_config(tokenizer__max_pixels=56 * 84)  # forces a downscale
+    processor = rollout.build_processor(config, str(tmp_path))
+    source = SyntheticSource("grounding", size=8, image_size=(98, 154))
+    targets = rollout.WarmStartTargets(source, processor)
+    for i in range(len(source)):
+        record = source.load(i)
+        input_size = smart_resize(*record.image_size, factor=28, min_pixels=config.tokenizer.min_pixels,
+                                  max_pixels=config.tokenizer.max_pixels)
+        assert input_size != record.image_size
+        context = dict(image_size=record.image_size, input_size=input_size)
+        completion = targets.load(i).answer
+        assert rewards.iou(completion, record.answer, **context) > 0.75  # whole-pixel rounding
+        unscaled = rollout.WarmStartTargets(source).load(i).answer  # the box left in the original frame
+        assert rewards.iou(unscaled, record.answer, **context) < 0.6
