@@ -73,7 +73,12 @@ def build_model_config(config):
 
 def demo_corpus(config) -> list[str]:
     """Texts the demo tokenizer learns its merges from: the chat template's words and the
-    prompts, targets and answers of the first records of every synthetic source."""
+    prompts and targets of the first records of every synthetic source.
+
+    OCR transcriptions are left out (their target is the bare template): random letter
+    strings would teach merges such as "KL" or "CE", so one glyph in the image would be one
+    token in some answers and half a token in others; without them every letter stays a
+    token of its own, the one-to-one reading a tiny model can learn."""
     from recap_jax.data import synthetic
 
     texts = ["system", "user", "assistant", "You are a helpful assistant."]
@@ -81,8 +86,10 @@ def demo_corpus(config) -> list[str]:
         if config.data.sources[name].kind != "synthetic":
             continue
         task = get_task(name)
-        for record in synthetic.generate(name, "train", DEMO_CORPUS_RECORDS):
-            texts += [task.format_prompt(record.question), task.format_target(record.answer_text)]
+        layout = config.data.sources[name].layout
+        for record in synthetic.generate(name, "train", DEMO_CORPUS_RECORDS, layout=layout):
+            answer = "" if name == "ocr" else record.answer_text
+            texts += [task.format_prompt(record.question), task.format_target(answer)]
     return texts
 
 
@@ -129,7 +136,7 @@ def open_sources(config, split: str, skips=None) -> list:
         spec = config.data.sources[name]
         if spec.kind == "synthetic":
             size = spec.size if split == "train" else spec.eval_size
-            opened.append(SyntheticSource(name, split, size) if size else None)
+            opened.append(SyntheticSource(name, split, size, layout=spec.layout) if size else None)
             continue
         paths = [p.strip() for p in spec[split].split(",") if p.strip()]
         if not paths:

@@ -66,7 +66,7 @@ PRESETS = ("tiny", "3b", "7b")
 
 def source_config(kind: str = "synthetic", *, train: str = "", eval: str = "",  # noqa: A002
                   image_root: str = "", size: int = 2000, eval_size: int = 64,
-                  max_records: int = 0) -> ml_collections.ConfigDict:
+                  max_records: int = 0, layout: str = "free") -> ml_collections.ConfigDict:
     """One entry of ``data.sources`` (the key is the task name, e.g. "reasoning").
 
     kind: "synthetic" (generated offline, ``size`` train / ``eval_size`` eval records) or a
@@ -75,10 +75,12 @@ def source_config(kind: str = "synthetic", *, train: str = "", eval: str = "",  
       splits; eval "" = no evaluation of this source.
     image_root: the directory image paths are relative to (and confined to).
     max_records: read at most this many train records (0 = all).
+    layout: synthetic only, "free" | "grid" (recap_jax.data.synthetic: "grid" aligns shapes
+      and characters to the model's 28 px merged-patch cells).
     """
     return ml_collections.ConfigDict(dict(kind=kind, train=train, eval=eval, image_root=image_root,
                                           size=size, eval_size=eval_size,
-                                          max_records=max_records))
+                                          max_records=max_records, layout=layout))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -288,13 +290,14 @@ def _validate_data(config, check_paths: bool) -> None:
         field = f"data.sources.{name}"
         _choice(config, f"{field}.kind", SOURCE_KINDS)
         if source.kind == "synthetic":
-            from recap_jax.data.synthetic import SYNTHETIC_TASKS
+            from recap_jax.data.synthetic import LAYOUTS, SYNTHETIC_TASKS
 
             if name not in SYNTHETIC_TASKS:
                 _fail(field, name, f"a synthetic task ({' | '.join(SYNTHETIC_TASKS)}) for kind "
                                    "'synthetic'")
             _int(config, f"{field}.size", 1)
             _int(config, f"{field}.eval_size", 0)
+            _choice(config, f"{field}.layout", LAYOUTS)
         else:
             if not _paths(source.train):
                 _fail(f"{field}.train", source.train, "comma-separated data files")

@@ -55,7 +55,8 @@ def test_demo_runs_sft_then_rl_with_replay_and_recap(short_run):
         present = [k.split("/", 1)[1] for k in record if k.startswith(("reward/", "ntp_loss/"))]
         assert present and all(o.startswith(record["source"] + "/") for o in present)
         assert all(0.0 <= record[f"reward/{o}"] <= 1.0 for o in present if "ntp" not in o)
-    for task, metrics in (("reasoning", ["accuracy"]), ("grounding", ["iou", "iou_thresholded"]),
+    for task, metrics in (("reasoning", ["accuracy", "format_think"]),
+                          ("grounding", ["iou", "iou_thresholded", "format_answer"]),
                           ("ocr", ["ocr_char_f1", "ocr_exact"])):
         for metric in metrics + ["completion_length"]:
             assert all(f"eval/{task}/{metric}" in r for r in evals)
@@ -188,3 +189,16 @@ def test_warmstart_box_targets_are_in_the_frame_the_model_sees(tmp_path):
         assert rewards.iou(completion, record.answer, **context) > 0.75  # whole-pixel rounding
         unscaled = rollout.WarmStartTargets(source).load(i).answer  # the box left in the original frame
         assert rewards.iou(unscaled, record.answer, **context) < 0.6
+
+
+def test_demo_tokenizer_spells_ocr_text_one_token_per_letter(tmp_path):
+    """The demo BPE is built without the OCR transcriptions, so a transcription is one token
+    per glyph (a merge like "KL" would make the same glyph one token here, half a token there)."""
+    from recap_jax import rollout
+    from recap_jax.data.synthetic import OCR_ALPHABET, generate
+
+    tokenizer = rollout.build_processor(short_config(), str(tmp_path)).tokenizer
+    for record in generate("ocr", "eval", 20):
+        pieces = [tokenizer.decode([i]) for i in tokenizer(record.answer_text, add_special_tokens=False)["input_ids"]]
+        assert pieces == list(record.answer_text)
+    assert all(len(tokenizer(c, add_special_tokens=False)["input_ids"]) == 1 for c in OCR_ALPHABET)

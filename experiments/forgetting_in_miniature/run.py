@@ -97,8 +97,10 @@ METHODS = {
     "recap_paper": {"rl.method": "recap", "recap.variant": "paper"},
 }
 DEFAULT_SEEDS = (0, 1, 2)
-TASK_METRICS = (("reasoning", "accuracy"), ("grounding", "iou"), ("ocr", "ocr_char_f1"),
-                ("ocr", "ocr_exact"))
+TASK_METRICS = (("reasoning", "accuracy"), ("reasoning", "format_think"), ("grounding", "iou"),
+                ("grounding", "format_answer"), ("ocr", "ocr_char_f1"), ("ocr", "ocr_exact"))
+METRIC_LABELS = {"accuracy": "acc", "format_think": "format", "iou": "IoU",
+                 "format_answer": "format", "ocr_char_f1": "char F1", "ocr_exact": "exact"}
 TRAJECTORY_POINTS = 6  # lambda reported at this many evenly spaced RL steps
 DONE_FILE = "DONE.json"
 
@@ -260,6 +262,10 @@ def _delta(after: dict | None, before: float | None) -> str:
     return f"{after['mean'] - before:+.3f}"
 
 
+def _metric_label(task: str, metric: str) -> str:
+    return f"{task} {METRIC_LABELS[metric]}"
+
+
 def render_markdown(results: dict) -> str:
     warm = results["warmstart"]
     methods = results["methods"]
@@ -270,21 +276,21 @@ def render_markdown(results: dict) -> str:
            "are mean ± std over seeds (sample std); evaluation is greedy decoding on "
            f"{SHARED['eval.num_examples']} held-out records per task."), ""]
     out += ["## Eval at the warm-start and after RL", "",
-            "| method | seeds | reasoning acc | grounding IoU | OCR char F1 | OCR exact |",
-            "|---|---|---|---|---|---|"]
+            "| method | seeds | " + " | ".join(_metric_label(t, m) for t, m in TASK_METRICS) + " |",
+            "|---|---|" + "---|" * len(TASK_METRICS)]
     before = warm.get("eval", {})
     out.append("| warm-start (RL step 0) | - | " + " | ".join(
         f"{before.get(f'eval/{t}/{m}', float('nan')):.3f}" for t, m in TASK_METRICS) + " |")
     for label, entry in methods.items():
         agg = entry.get("aggregate")
         if not agg:
-            out.append(f"| {label} | - | not run | | | |")
+            out.append(f"| {label} | - | not run |" + " |" * (len(TASK_METRICS) - 1))
             continue
         cells = [_fmt(agg["after"].get(f"eval/{t}/{m}")) for t, m in TASK_METRICS]
         out.append(f"| {label} | {','.join(map(str, entry['seeds']))} | " + " | ".join(cells) + " |")
     out += ["", "Change from the warm-start (mean over seeds):", "",
-            "| method | Δ reasoning acc | Δ grounding IoU | Δ OCR char F1 | Δ OCR exact |",
-            "|---|---|---|---|---|"]
+            "| method | " + " | ".join(f"Δ {_metric_label(t, m)}" for t, m in TASK_METRICS) + " |",
+            "|---|" + "---|" * len(TASK_METRICS)]
     for label, entry in methods.items():
         agg = entry.get("aggregate")
         if agg:

@@ -8,8 +8,14 @@ Three tasks (see recap_jax.data.tasks), mirroring the paper's hybrid setting:
 - ``ocr`` (SFT replay: ntp): 3–6 characters of a small alphabet in a 5x7 bitmap font → the
   string.
 
-Determinism: record ``index`` of (task, split, seed, image_size) is a pure function of those
-arguments (numpy SeedSequence), so any record can be regenerated alone.
+Layouts. ``"free"`` (the default) places shapes and text anywhere. ``"grid"`` aligns grounding
+and OCR to the model's merged-patch grid (28 px cells for Qwen2.5-VL): one shape per cell, one
+character per cell, left to right. A tiny model trained from scratch on CPU does not learn to
+read free layouts (experiments/forgetting_in_miniature/RESULTS.md); on the grid, image token i
+holds exactly character i or one whole shape. The reasoning task ignores the layout.
+
+Determinism: record ``index`` of (task, split, seed, image_size, layout) is a pure function of
+those arguments (numpy SeedSequence), so any record can be regenerated alone.
 
 Disjoint splits: each candidate record has a *split key* (OCR: its text, so that evaluation
 strings are never seen in training; the other tasks: the full scene description and question).
@@ -30,13 +36,17 @@ from recap_jax.data import render
 from recap_jax.data.records import Record
 from recap_jax.data.tasks import GROUNDING_QUESTION
 
-__all__ = ["COLOURS", "DEFAULT_IMAGE_SIZES", "OCR_ALPHABET", "SHAPES", "SPLITS",
+__all__ = ["COLOURS", "DEFAULT_IMAGE_SIZES", "GRID_CELL", "LAYOUTS", "OCR_ALPHABET", "SHAPES", "SPLITS",
            "SYNTHETIC_TASKS", "Scene", "SyntheticSource", "generate", "make_record", "split_of"]
 
 SYNTHETIC_TASKS = ("reasoning", "grounding", "ocr")
 SPLITS = ("train", "eval")
 # (height, width); multiples of 28 so that smart_resize leaves them unchanged.
 DEFAULT_IMAGE_SIZES = {"reasoning": (84, 84), "grounding": (84, 84), "ocr": (56, 112)}
+LAYOUTS = ("free", "grid")
+GRID_CELL = 28  # px: one merged token of Qwen2.5-VL (patch 14 x merge 2)
+GRID_IMAGE_SIZES = {"reasoning": (84, 84), "grounding": (84, 84), "ocr": (28, 168)}
+GRID_OCR_SCALE = 3  # a 5x7 glyph drawn 15 x 21 px, inside one cell
 COLOURS = {
     "red": (220, 40, 40),
     "green": (30, 160, 60),
@@ -181,7 +191,12 @@ def _grounding_scene(rng, height, width) -> Scene | None:
     objects = _random_objects(rng, height, width, count, colours)
     if objects is None:
         return None
-    shape, colour, x, y, size = objects[int(rng.integers(count))]
+    return _grounding_question(rng, height, width, objects)
+
+
+def _grounding_question(rng, height, width, objects) -> Scene:
+    """One of ``objects`` as "the <colour> <shape>" and its tight box."""
+    shape, colour, x, y, size = objects[int(rng.integers(len(objects)))]
     mask = render.shape_mask(height, width, shape, x, y, size)
     rows, columns = np.nonzero(mask)
     box = (int(columns.min()), int(rows.min()), int(columns.max()) + 1, int(rows.max()) + 1)
@@ -206,7 +221,52 @@ def _ocr_scene(rng, height, width) -> Scene | None:
                  "What is the text in the image?", text)
 
 
-_SCENES = {"reasoning": _reasoning_scene, "grounding": _grounding_scene, "ocr": _ocr_scene}
+def _grid_cells(height: int, width: int) -> list[tuple[int, int]]:
+    """(x, y) top-left corners of the GRID_CELL cells that fit the image, row-major."""
+    return [(x * GRID_CELL, y * GRID_CELL) for y in range(height // GRID_CELL)
+            for x in range(width // GRID_CELL)]
+
+
+def _grounding_scene_grid(rng, height, width) -> Scene | None:
+    """2-3 shapes of distinct colours, each inside its own cell (size 14-24 px, random offset)."""
+    cells = _grid_cells(height, width)
+    count = int(rng.integers(2, 4))
+    if len(cells) < count:
+        return None
+    names = list(COLOURS)
+    colours = [names[i] for i in rng.permutation(len(names))[:count]]
+    objects = []
+    for colour, cell in zip(colours, rng.permutation(len(cells))[:count]):
+        size = int(rng.integers(14, 25))
+        x0, y0 = cells[int(cell)]
+        x = x0 + int(rng.integers(0, GRID_CELL - size + 1))
+        y = y0 + int(rng.integers(0, GRID_CELL - size + 1))
+        objects.append((SHAPES[int(rng.integers(len(SHAPES)))], colour, x, y, size))
+    return _grounding_question(rng, height, width, tuple(objects))
+
+
+def _ocr_scene_grid(rng, height, width) -> Scene | None:
+    """3-6 characters (at most one per cell of the first row), character i centred in cell i
+    with up to 2 px of jitter."""
+    cells = width // GRID_CELL
+    if cells < OCR_LENGTHS[0] or height < GRID_CELL:
+        return None
+    length = int(rng.integers(OCR_LENGTHS[0], min(OCR_LENGTHS[1], cells) + 1))
+    text = "".join(OCR_ALPHABET[int(i)] for i in rng.integers(len(OCR_ALPHABET), size=length))
+    glyph_h, glyph_w = render.text_size("A", GRID_OCR_SCALE)
+    ink = INK_COLOURS[int(rng.integers(len(INK_COLOURS)))]
+    items = []
+    for i, char in enumerate(text):
+        x = i * GRID_CELL + (GRID_CELL - glyph_w) // 2 + int(rng.integers(-2, 3))
+        y = (GRID_CELL - glyph_h) // 2 + int(rng.integers(-2, 3))
+        items.append((char, x, y, GRID_OCR_SCALE, ink))
+    return Scene("text", height, width, tuple(items), "What is the text in the image?", text)
+
+
+_SCENES = {"free": {"reasoning": _reasoning_scene, "grounding": _grounding_scene,
+                    "ocr": _ocr_scene},
+           "grid": {"reasoning": _reasoning_scene, "grounding": _grounding_scene_grid,
+                    "ocr": _ocr_scene_grid}}
 
 
 def render_scene(scene: Scene) -> np.ndarray:
@@ -243,12 +303,15 @@ def _draw_bars(image, height, width, unit, bars):
 # --------------------------------------------------------------------------- public API
 
 
-def _check(task: str, split: str, image_size) -> tuple[int, int]:
-    if task not in _SCENES:
+def _check(task: str, split: str, image_size, layout: str = "free") -> tuple[int, int]:
+    if task not in SYNTHETIC_TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; known: {SYNTHETIC_TASKS}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
-    height, width = DEFAULT_IMAGE_SIZES[task] if image_size is None else image_size
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown synthetic layout {layout!r}; known: {LAYOUTS}")
+    defaults = GRID_IMAGE_SIZES if layout == "grid" else DEFAULT_IMAGE_SIZES
+    height, width = defaults[task] if image_size is None else image_size
     if int(height) < 28 or int(width) < 28:
         raise ValueError(f"image_size {image_size} too small: each side must be >= 28 pixels")
     return int(height), int(width)
@@ -259,13 +322,13 @@ def _split_key(task: str, scene: Scene) -> str:
 
 
 def make_scene(task: str, split: str, index: int, *, seed: int = 0,
-               image_size: tuple[int, int] | None = None) -> Scene:
+               image_size: tuple[int, int] | None = None, layout: str = "free") -> Scene:
     """The scene of record ``index``: the first candidate whose split key lands in ``split``."""
-    height, width = _check(task, split, image_size)
+    height, width = _check(task, split, image_size, layout)
     for attempt in range(_MAX_ATTEMPTS):
         entropy = [int(seed), _TASK_IDS[task], _SPLIT_IDS[split], int(index), attempt]
         rng = np.random.default_rng(np.random.SeedSequence(entropy))
-        scene = _SCENES[task](rng, height, width)
+        scene = _SCENES[layout][task](rng, height, width)
         if scene is not None and split_of(_split_key(task, scene)) == split:
             return scene
     raise RuntimeError(f"no {split} scene for {task} index {index} after {_MAX_ATTEMPTS} "
@@ -273,19 +336,20 @@ def make_scene(task: str, split: str, index: int, *, seed: int = 0,
 
 
 def make_record(task: str, split: str, index: int, *, seed: int = 0,
-                image_size: tuple[int, int] | None = None) -> Record:
+                image_size: tuple[int, int] | None = None, layout: str = "free") -> Record:
     """Record ``index`` of a synthetic task's split; a pure function of its arguments."""
-    scene = make_scene(task, split, index, seed=seed, image_size=image_size)
+    scene = make_scene(task, split, index, seed=seed, image_size=image_size, layout=layout)
     return Record(id=f"{task}-{split}-{seed}-{index}", source=task, image=render_scene(scene),
                   question=scene.question, answer=scene.answer)
 
 
 def generate(task: str, split: str, num_examples: int, *, seed: int = 0,
-             image_size: tuple[int, int] | None = None, start: int = 0) -> Iterator[Record]:
+             image_size: tuple[int, int] | None = None, start: int = 0,
+             layout: str = "free") -> Iterator[Record]:
     """Records ``start .. start + num_examples - 1`` of a synthetic task's split (plain python)."""
-    _check(task, split, image_size)
+    _check(task, split, image_size, layout)
     for index in range(start, start + num_examples):
-        yield make_record(task, split, index, seed=seed, image_size=image_size)
+        yield make_record(task, split, index, seed=seed, image_size=image_size, layout=layout)
 
 
 class SyntheticSource:
@@ -293,8 +357,10 @@ class SyntheticSource:
     name, len, load(i) -> Record, where(i) -> (file, index), blocks)."""
 
     def __init__(self, task: str, split: str = "train", size: int = 2000, *, seed: int = 0,
-                 image_size: tuple[int, int] | None = None, name: str | None = None):
-        _check(task, split, image_size)
+                 image_size: tuple[int, int] | None = None, name: str | None = None,
+                 layout: str = "free"):
+        _check(task, split, image_size, layout)
+        self.layout = layout
         if size <= 0:
             raise ValueError(f"synthetic source {task!r}: size must be positive, got {size}")
         self.task, self.split, self.size, self.seed = task, split, int(size), int(seed)
@@ -309,11 +375,12 @@ class SyntheticSource:
         return np.zeros(self.size, np.int64)
 
     def where(self, i: int) -> tuple[str, int]:
-        return f"synthetic:{self.task}/{self.split}/seed{self.seed}", int(i)
+        layout = "" if self.layout == "free" else f"/{self.layout}"
+        return f"synthetic:{self.task}/{self.split}/seed{self.seed}{layout}", int(i)
 
     def load(self, i: int) -> Record:
         if not 0 <= i < self.size:
             raise IndexError(f"synthetic source {self.name!r}: index {i} outside [0, {self.size})")
         record = make_record(self.task, self.split, int(i), seed=self.seed,
-                             image_size=self.image_size)
+                             image_size=self.image_size, layout=self.layout)
         return dataclasses.replace(record, source=self.name)

@@ -123,10 +123,13 @@ ANSWER_TARGET = "<answer>{answer}</answer>"
 
 
 def _rl(name, suffix, rewards, eval_metrics, description, answer_kind="text") -> Task:
+    """An RL task; its evaluation also reports the format reward (format_think or
+    format_answer): RL on another task can break a task's answer format before its accuracy."""
     target = THINK_TARGET if suffix == THINK_SUFFIX else ANSWER_TARGET
+    format_metric = "format_think" if suffix == THINK_SUFFIX else "format_answer"
     return Task(name=name, kind="rl", prompt_template="{question} " + suffix, rewards=rewards,
-                eval_metrics=eval_metrics, answer_kind=answer_kind, description=description,
-                target_template=target)
+                eval_metrics=(*eval_metrics, format_metric), answer_kind=answer_kind,
+                description=description, target_template=target)
 
 
 _BUILTINS = (

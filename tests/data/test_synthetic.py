@@ -147,3 +147,42 @@ def test_ocr_image_shows_one_glyph_per_character():
         assert runs == len(text)
         rows = np.nonzero(ink.any(axis=1))[0]
         assert (np.ptp(rows) + 1) % 7 == 0  # glyphs are 7 font pixels tall at an integer scale
+
+
+# ------------------------------------------------------------------------ grid layout
+
+def test_grid_grounding_puts_each_shape_inside_one_cell_and_keeps_the_tight_box():
+    cell = synthetic.GRID_CELL
+    for record in records("grounding", "train", 60, layout="grid"):
+        found = objects(record.image)
+        assert 2 <= len(found) <= 3
+        cells = set()
+        for _, _, mask in found:
+            rows, columns = np.nonzero(mask)
+            corner = (columns.min() // cell, rows.min() // cell)
+            assert corner == ((columns.max()) // cell, (rows.max()) // cell)  # never straddles
+            cells.add(corner)
+        assert len(cells) == len(found)  # one shape per cell
+        colour, _ = re.search(r"the (\w+) (\w+)\.$", record.question).groups()
+        rows, columns = np.nonzero(colour_mask(record.image, synthetic.COLOURS[colour]))
+        assert record.answer == (columns.min(), rows.min(), columns.max() + 1, rows.max() + 1)
+
+
+def test_grid_ocr_draws_character_i_inside_cell_i():
+    cell = synthetic.GRID_CELL
+    for record in records("ocr", "train", 60, layout="grid"):
+        assert record.image.shape[:2] == synthetic.GRID_IMAGE_SIZES["ocr"]
+        ink = np.any(record.image != BACKGROUND, axis=-1)
+        inked_cells = [i for i in range(record.image.shape[1] // cell)
+                       if ink[:, i * cell:(i + 1) * cell].any()]
+        assert inked_cells == list(range(len(record.answer)))
+        for i in inked_cells:  # the glyph does not leak into the next cell
+            columns = np.nonzero(ink[:, i * cell:(i + 1) * cell].any(axis=0))[0]
+            assert columns.min() > 0 and columns.max() < cell - 1
+
+
+def test_layout_is_validated_and_free_is_the_default():
+    with pytest.raises(ValueError, match="layout"):
+        synthetic.make_record("ocr", "train", 0, layout="spiral")
+    assert digest(synthetic.make_record("grounding", "train", 3)) == \
+        digest(synthetic.make_record("grounding", "train", 3, layout="free"))
