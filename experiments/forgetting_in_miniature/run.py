@@ -52,17 +52,24 @@ SHARED = {
     "eval.num_examples": 256,
     "eval.batch_size": 64,  # fewer, larger greedy-decoding calls (CPU)
     "log.tensorboard": False,  # metrics.jsonl is all we read
+    # Grounding and OCR on the "grid" layout (one shape / one character per 28 px merged-patch
+    # cell). On the default free layout the warm-started tiny model never used the image (NTP
+    # identical with shuffled images, vision features collapsed to one constant vector), so
+    # there was no perception to forget: RESULTS_free_layout.md. On the grid it reads the OCR
+    # images (NTP 2.1 with the right image, 3.8 with another record's image, at 1000 steps).
+    "data.sources.grounding.layout": "grid",
+    "data.sources.ocr.layout": "grid",
 }
 
 # The SFT warm-start (from scratch, demo tokenizer). See README.md / RESULTS.md for the pilots
 # behind these values.
 WARMSTART = {
     "rl.steps": 0,  # SFT + the step-0 evaluation only
-    # 1000 steps instead of the demo's 300 (~6-10 min on 2 shared cores). Pilots (RESULTS.md):
-    # neither 300 nor 1000-1500 steps, nor lr 5e-4..1e-2, batch 16, warm-up 30 %, a larger
-    # model or OCR upscaling make the model use the image; 1000 steps give the best priors
-    # (reasoning 0.45 vs 0.39, grounding IoU 0.04 vs 0.01 at 300 steps).
-    "sft.steps": 1000,
+    # 1500 steps instead of the demo's 300 (~12-15 min on 2 shared cores). Free-layout pilots
+    # (RESULTS_free_layout.md): neither 300 nor 1000-1500 steps, nor lr 5e-4..1e-2, batch 16,
+    # warm-up 30 %, a larger model or OCR upscaling made the model use the image. Grid-layout
+    # pilot: at 1000 steps OCR reading had started (NTP still falling), hence 1500.
+    "sft.steps": 1500,
     "checkpoint.every_steps": 200,  # resumable if interrupted
 }
 
