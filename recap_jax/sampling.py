@@ -283,6 +283,46 @@ def generate_prepared(graphdef, state, inputs: ModelInputs, params: SamplingPara
 
 
 # ----------------------------------------------------------------------------- scoring
+@jax.custom_vjp
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """``take_along_axis(log_softmax(logits), tokens)`` [...] without the [..., V] log-softmax.
+
+    logits: [..., V] float32; tokens: [...] int32. The forward is log_softmax's own formula
+    (logit minus the max, minus log sum exp), so the values equal the gathered log_softmax; the
+    backward writes d logits = g (onehot(token) - softmax(logits)) in one pass, where autodiff
+    of the gather would scatter into a zeroed [..., V] buffer, then differentiate log_softmax.
+    """
+    return _token_logprobs_fwd(logits, tokens)[0]
+
+
+def _shifted_log_normaliser(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    return shifted, jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
+
+
+def _token_logprobs_fwd(logits, tokens):
+    shifted, log_normaliser = _shifted_log_normaliser(logits)
+    chosen = jnp.take_along_axis(shifted, tokens[..., None], axis=-1)
+    return (chosen - log_normaliser)[..., 0], (shifted, log_normaliser, tokens)
+
+
+def _token_logprobs_bwd(residuals, g):
+    shifted, log_normaliser, tokens = residuals
+    onehot = jnp.arange(shifted.shape[-1], dtype=tokens.dtype) == tokens[..., None]
+    softmax = jnp.exp(shifted - log_normaliser)
+    return g[..., None] * (onehot.astype(shifted.dtype) - softmax), None
+
+
+token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)
+
+
+def token_entropy(logits: jax.Array) -> jax.Array:
+    """H = -sum_v p_v log p_v [...] of softmax(logits [..., V]), a metric: no gradient flows."""
+    shifted, log_normaliser = _shifted_log_normaliser(jax.lax.stop_gradient(logits))
+    logp = shifted - log_normaliser
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
 def completion_logprobs(model, inputs: ModelInputs, completions: jax.Array, completion_mask: jax.Array, *,
                         num_samples: int = 1, with_entropy: bool = False):
     """The trainer's log pi(completion token) [B*G, C] (and optionally the entropy [B*G, C]).
@@ -291,7 +331,8 @@ def completion_logprobs(model, inputs: ModelInputs, completions: jax.Array, comp
     is sample g of prompt b. The prompt (vision tower included) is embedded once and its
     embeddings repeated G times; one forward then runs over prompt + completion. Completion
     token j sits at M-RoPE position `first_completion_position` + j in all three rows, and is
-    predicted by the logits at sequence position prompt_len - 1 + j.
+    predicted by the logits at sequence position prompt_len - 1 + j. The entropy is a metric
+    (computed under stop_gradient).
     """
     batch, prompt_len = inputs.input_ids.shape
     steps = completions.shape[1]
@@ -306,14 +347,11 @@ def completion_logprobs(model, inputs: ModelInputs, completions: jax.Array, comp
                             completion_mask.astype(jnp.int32)], axis=1)
     hidden, _ = model.language_model(embeds, positions.astype(jnp.int32), mask)
     logits = model.logits(hidden[:, prompt_len - 1:-1])
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    token_logp = jnp.take_along_axis(logp, completions[..., None], axis=-1)[..., 0]
     real = completion_mask.astype(bool)
-    token_logp = jnp.where(real, token_logp, 0.0)
+    token_logp = jnp.where(real, token_logprobs(logits, completions), 0.0)
     if not with_entropy:
         return token_logp
-    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-    return token_logp, jnp.where(real, entropy, 0.0)
+    return token_logp, jnp.where(real, token_entropy(logits), 0.0)
 
 
 def make_logprob_fn(graphdef, num_samples: int):

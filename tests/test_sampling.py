@@ -203,3 +203,26 @@ def test_greedy_with_a_video_equals_transformers_generate(models):
                             eos_token_id=[], rng=jax.random.key(0), patch_bucket=64,
                             pixel_values_videos=video_pixels, video_grid_thw=video_grid, second_per_grid_ts=seconds)
     np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+
+
+def test_token_logprobs_and_their_gradient_equal_numpy_log_softmax():
+    """The custom-VJP gather (no [.., V] log-softmax buffer in the backward) against numpy:
+    value log_softmax(x)[t] and gradient g * (onehot(t) - softmax(x)), with logits of very
+    different scales (a row of -1e4 .. 1e4) and a masked (g = 0) position."""
+    rng = np.random.default_rng(5)
+    logits = rng.normal(scale=3.0, size=(3, 4, 37)).astype(np.float32)
+    logits[1, 2] = np.linspace(-1e4, 1e4, 37)
+    tokens = rng.integers(0, 37, size=(3, 4)).astype(np.int32)
+    upstream = rng.normal(size=(3, 4)).astype(np.float32)
+    upstream[0, 0] = 0.0
+    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    expected_value = np.take_along_axis(log_softmax, tokens[..., None], -1)[..., 0]
+    onehot = np.eye(37)[tokens]
+    expected_grad = upstream[..., None] * (onehot - np.exp(log_softmax))
+
+    value, vjp = jax.vjp(lambda x: sampling.token_logprobs(x, jnp.asarray(tokens)), jnp.asarray(logits))
+    np.testing.assert_allclose(np.asarray(value), expected_value, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(upstream))[0]), expected_grad, atol=1e-5)
+    entropy = -(np.exp(log_softmax) * log_softmax).sum(-1)
+    np.testing.assert_allclose(np.asarray(sampling.token_entropy(jnp.asarray(logits))), entropy, atol=1e-4)
