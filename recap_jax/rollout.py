@@ -64,7 +64,8 @@ def build_model_config(config):
     text = dataclasses.replace(base.text, hidden_size=model.hidden_size,
                                intermediate_size=model.intermediate_size,
                                num_attention_heads=model.heads, num_key_value_heads=model.kv_heads,
-                               head_dim=head_dim, mrope_section=_mrope_section(head_dim))
+                               head_dim=head_dim, mrope_section=_mrope_section(head_dim),
+                               rope_theta=float(model.rope_theta))
     vision = dataclasses.replace(base.vision, hidden_size=model.vision_hidden_size,
                                  intermediate_size=2 * model.vision_hidden_size,
                                  out_hidden_size=model.hidden_size)

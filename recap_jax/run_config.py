@@ -95,6 +95,10 @@ def base_config() -> ml_collections.ConfigDict:
         # tiny only: sizes of the from-scratch demo model (vocab = the demo tokenizer's)
         vocab_size=512, hidden_size=64, intermediate_size=128, text_layers=2, heads=4,
         kv_heads=2, vision_depth=2, vision_hidden_size=32,
+        # tiny only: base of the decoder's M-RoPE. Its height and width sections get the
+        # lowest frequencies theta^(-2j/head_dim); see configs/demo.py for why a tiny model
+        # that must read image positions wants a small theta.
+        rope_theta=10000.0,
         param_dtype="float32", compute_dtype="float32",  # see recap_jax.precision
         remat="none",  # none | full | save_dots
     )
@@ -264,6 +268,7 @@ def _validate_model(config, check_paths: bool) -> None:
     for field in ("vocab_size", "hidden_size", "intermediate_size", "text_layers", "heads",
                   "kv_heads", "vision_depth", "vision_hidden_size"):
         _int(config, f"model.{field}", 1)
+    _number(config, "model.rope_theta", 1.0)
     if model.vocab_size < 300:
         _fail("model.vocab_size", model.vocab_size, "an int >= 300 (256 bytes + special tokens)")
     if model.heads % model.kv_heads:

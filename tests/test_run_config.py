@@ -32,6 +32,7 @@ INVALID = [
     ("sft.steps", -1, ["sft.steps"]),
     ("eval.batch_size", 0, ["eval.batch_size"]),
     ("model.kv_heads", 3, ["model.kv_heads", "divisor"]),
+    ("model.rope_theta", 0.5, ["model.rope_theta", "[1.0"]),
     ("model.param_dtype", "int8", ["model.param_dtype", "bfloat16"]),
     ("model.path", "/nonexistent/qwen", ["model.path", "config.json"]),
     ("tokenizer.path", "/nonexistent/tok", ["tokenizer.path"]),

@@ -73,8 +73,10 @@ def test_warmstart_directory_holds_the_sft_policy(short_run):
 
     from recap_jax.models import qwen2_5_vl as qwen
 
-    workdir, params, _ = short_run
-    warm = nnx.split(qwen.from_pretrained(workdir / "warmstart"))[1]
+    workdir, params, config = short_run
+    model = qwen.from_pretrained(workdir / "warmstart")
+    assert model.config.text.rope_theta == config.model.rope_theta  # the demo's, not the default
+    warm = nnx.split(model)[1]
     changed = [not np.array_equal(np.asarray(a), np.asarray(b))
                for a, b in zip(jax.tree.leaves(warm), jax.tree.leaves(params))]
     assert any(changed)
