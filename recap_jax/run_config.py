@@ -83,6 +83,17 @@ def source_config(kind: str = "synthetic", *, train: str = "", eval: str = "",  
                                           max_records=max_records, layout=layout))
 
 
+def parse_shares(text: str, count: int) -> tuple[float, ...] | None:
+    """"a,b,c" -> per-source shares, or None unless ``count`` numbers >= 0, not all 0."""
+    try:
+        shares = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        return None
+    if len(shares) != count or min(shares) < 0 or sum(shares) <= 0:
+        return None
+    return shares
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every field with its default; configs/*.py start from this."""
     c = ml_collections.ConfigDict()
@@ -121,6 +132,10 @@ def base_config() -> ml_collections.ConfigDict:
         steps=0,  # warm-start steps of next-token prediction on every source's targets (0 = none)
         batch_size=32, learning_rate=1e-3, warmup_fraction=0.05, max_grad_norm=1.0,
         weight_decay=0.0,
+        # comma-separated shares of the warm-start mixture per source, in data.sources order
+        # ("" = every source equally likely). "0,0,1" trains on the third source only (a
+        # curriculum stage: experiments/forgetting_in_miniature warm-starts OCR first).
+        source_shares="",
     )
     c.rl = dict(
         steps=100, method="recap",
@@ -322,15 +337,12 @@ def _validate_data(config, check_paths: bool) -> None:
         _fail(field, names[0], "an RL task (verifiable rewards) as the primary source when "
                                f"rl.steps > 0; RL tasks: "
                                f"{' | '.join(sorted(n for n, t in TASKS.items() if t.kind == 'rl'))}")
-    if config.data.modomodo_shares:
-        try:
-            shares = [float(x) for x in config.data.modomodo_shares.split(",")]
-        except ValueError:
-            shares = []
-        if len(shares) != len(names) or min(shares) < 0 or sum(shares) <= 0:
-            _fail("data.modomodo_shares", config.data.modomodo_shares,
-                  f"{len(names)} comma-separated numbers >= 0 (one per source), not all 0")
-    elif config.rl.method == "modomodo":
+    for field in ("data.modomodo_shares", "sft.source_shares"):
+        text = config[field.split(".")[0]][field.split(".")[1]]
+        if text and parse_shares(text, len(names)) is None:
+            _fail(field, text, f"{len(names)} comma-separated numbers >= 0 (one per source), "
+                               f"not all 0")
+    if config.rl.method == "modomodo" and not config.data.modomodo_shares:
         from recap_jax.data.replay import MODOMODO_SHARES
 
         missing = [n for n in names if n not in MODOMODO_SHARES]

@@ -304,7 +304,10 @@ def run_sft(setup: Setup, params, resumed) -> Any:
         step_fn = make_train_step(grpo_config, sampling.make_logprob_fn(setup.graphdef, 1),
                                   optimizer)
         sources = [rollout.WarmStartTargets(s, setup.processor) for s in setup.train_sources]
-        replay = _replay(setup, sources, batch_size=config.sft.batch_size, strategy="uniform",
+        shares = config.sft.source_shares
+        replay = _replay(setup, sources, batch_size=config.sft.batch_size,
+                         strategy="modomodo" if shares else "uniform",  # modomodo: fixed shares
+                         weights=run_config.parse_shares(shares, len(sources)) if shares else None,
                          homogeneous=False, state=replay_state)
         weights = jnp.ones((objectives.num_objectives,), jnp.float32)
         clock = _Clock()
@@ -391,7 +394,7 @@ def _replay_weights(config, names):
     if config.rl.method != "modomodo":
         return None
     if config.data.modomodo_shares:
-        return tuple(float(x) for x in config.data.modomodo_shares.split(","))
+        return run_config.parse_shares(config.data.modomodo_shares, len(names))
     from recap_jax.data.replay import MODOMODO_SHARES
 
     return tuple(MODOMODO_SHARES[n] for n in names)

@@ -41,6 +41,8 @@ INVALID = [
     ("data.sources.ocr.size", 0, ["data.sources.ocr.size"]),
     ("data.sources.ocr.layout", "spiral", ["data.sources.ocr.layout", "free | grid"]),
     ("data.modomodo_shares", "0.5,0.5", ["data.modomodo_shares", "3 comma-separated"]),
+    ("sft.source_shares", "0,0,0", ["sft.source_shares", "not all 0"]),
+    ("sft.source_shares", "1,x,1", ["sft.source_shares", "3 comma-separated"]),
     ("mesh.spec", "fsdp=3", ["mesh.spec"]),
     ("mesh.spec", "data=8,fsdp=1", ["rl.prompts_per_step", "batch shards"]),
 ]

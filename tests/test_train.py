@@ -204,3 +204,16 @@ def test_demo_tokenizer_spells_ocr_text_one_token_per_letter(tmp_path):
         pieces = [tokenizer.decode([i]) for i in tokenizer(record.answer_text, add_special_tokens=False)["input_ids"]]
         assert pieces == list(record.answer_text)
     assert all(len(tokenizer(c, add_special_tokens=False)["input_ids"]) == 1 for c in OCR_ALPHABET)
+
+
+def test_sft_source_shares_restrict_the_warm_start_mixture(tmp_path):
+    """sft.source_shares "0,0,1": every warm-start batch holds OCR records only (no next-token
+    loss is logged for the other two sources); the default mixes all three."""
+    config = short_config(sft__steps=3, rl__steps=0, eval__num_examples=0,
+                          sft__source_shares="0,0,1")
+    train.train(config, str(tmp_path / "ocr_only"))
+    sft = lines(tmp_path / "ocr_only", "sft")
+    assert len(sft) == 3
+    for record in sft:
+        assert "ntp_loss/ocr/ntp" in record
+        assert not any(k in record for k in ("ntp_loss/reasoning/ntp", "ntp_loss/grounding/ntp"))
