@@ -1,10 +1,11 @@
 """Evaluate a training run's checkpoint on the held-out records of every task (greedy).
 
-    python -m recap_jax.evaluate --config configs/demo.py --workdir DIR [--step N]
+    python -m recap_jax.evaluate --config configs/demo.py --workdir DIR [--step N] [--nogreedy]
 
 ``--step`` is a checkpoint step as listed in WORKDIR/checkpoints (SFT step, or sft.steps + RL
 step); the default is the newest. Prints a per-task table and writes it to
-WORKDIR/eval/checkpoint_<N>.json.
+WORKDIR/eval/checkpoint_<N>.json (``--nogreedy``: checkpoint_<N>_teacher_forced.json, only the
+answer-NLL / image-reliance metrics of rollout.Evaluator, no decoding).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from recap_jax import run_config, train as train_lib
 __all__ = ["evaluate", "main"]
 
 
-def evaluate(config, workdir: str, step: int | None = None) -> tuple[int, dict]:
-    """(checkpoint step, {task: {metric: value}}) of checkpoint ``step`` (default: newest)."""
+def evaluate(config, workdir: str, step: int | None = None, *,
+             greedy: bool = True) -> tuple[int, dict]:
+    """(checkpoint step, {task: {metric: value}}) of checkpoint ``step`` (default: newest).
+    ``greedy=False``: only the teacher-forced metrics (answer NLL and image reliance)."""
     run_config.validate(config)
     setup = train_lib._setup(config, workdir)
     try:
@@ -34,12 +37,13 @@ def evaluate(config, workdir: str, step: int | None = None) -> tuple[int, dict]:
                                     f"there are {steps}")
         like = train_lib._resume_target(setup, setup.checkpoints.read_meta(step))
         restored = setup.checkpoints.restore(step, like)
-        results = setup.evaluator(setup.graphdef, restored.state.params)
+        results = setup.evaluator(setup.graphdef, restored.state.params, greedy=greedy)
     finally:
         setup.log.close()
         setup.checkpoints.close()
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    with open(os.path.join(workdir, "eval", f"checkpoint_{step}.json"), "w") as handle:
+    name = f"checkpoint_{step}.json" if greedy else f"checkpoint_{step}_teacher_forced.json"
+    with open(os.path.join(workdir, "eval", name), "w") as handle:
         json.dump({"checkpoint": step, "tasks": results}, handle, indent=1)
     return step, results
 
@@ -52,6 +56,8 @@ def main(argv=None) -> int:
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "the run's output directory")
     flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
+    flags.DEFINE_bool("greedy", True, "decode greedily and score (--nogreedy: only the "
+                                      "answer NLL / image reliance metrics, much faster)")
     flags.mark_flags_as_required(["config", "workdir"])
 
     def _main(_):
@@ -59,7 +65,8 @@ def main(argv=None) -> int:
 
         absl_logging.set_verbosity("warning")
         try:
-            step, results = evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.step)
+            step, results = evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.step,
+                                     greedy=flags.FLAGS.greedy)
         except (run_config.ConfigError, FileNotFoundError) as error:
             print(f"error: {error}", file=sys.stderr, flush=True)
             return 1

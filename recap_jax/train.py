@@ -140,7 +140,8 @@ def _setup(config, workdir: str) -> Setup:
                                   batch_size=config.eval.batch_size,
                                   max_new_tokens=config.eval.max_new_tokens,
                                   prompt_buckets=data.prompt_buckets,
-                                  answer_buckets=data.answer_buckets)
+                                  answer_buckets=data.answer_buckets,
+                                  image_reliance=config.eval.image_reliance)
     checkpoints = RunCheckpoints(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
     log = MetricsLog(workdir, tensorboard=config.log.tensorboard)
     return Setup(config, workdir, processor, model_config, graphdef, params, mesh, names,
@@ -237,11 +238,11 @@ def _evaluate(setup: Setup, params, rl_step: int, stage: str = "rl") -> dict:
 
 
 def format_eval_table(results: dict, title: str) -> str:
-    lines = [title, f"{'task':<14} {'metric':<18} {'value':>8}  n"]
+    lines = [title, f"{'task':<14} {'metric':<22} {'value':>8}  n"]
     for task, table in results.items():
         for metric, value in table.items():
             if metric != "num_examples":
-                lines.append(f"{task:<14} {metric:<18} {value:8.4f}  {table['num_examples']}")
+                lines.append(f"{task:<14} {metric:<22} {value:8.4f}  {table['num_examples']}")
     return "\n".join(lines)
 
 

@@ -135,6 +135,27 @@ def test_evaluate_prints_the_table_of_a_checkpoint(short_run):
             assert row and float(row[0].split()[2]) == pytest.approx(value, abs=1e-4)
 
 
+def test_evaluate_nogreedy_gives_the_teacher_forced_metrics_only(short_run):
+    """--nogreedy: the answer NLL / image reliance of the run's final eval line, no decoding,
+    in its own file (the greedy table of the same checkpoint is not overwritten)."""
+    workdir, _, config = short_run
+    total = config.sft.steps + config.rl.steps
+    command = [sys.executable, "-m", "recap_jax.evaluate", "--config",
+               str(ROOT / "configs" / "demo.py"), "--workdir", str(workdir), "--nogreedy",
+               *cli_overrides()]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = lines(workdir, "eval")[-1]
+    path = workdir / "eval" / f"checkpoint_{total}_teacher_forced.json"
+    table = json.loads(path.read_text())["tasks"]
+    assert set(table) == {"reasoning", "grounding", "ocr"}
+    for task, metrics in table.items():
+        assert set(metrics) == {"answer_nll", "answer_nll_other_image", "image_reliance",
+                                "image_reliance_rows", "num_examples"}
+        for metric in ("answer_nll", "answer_nll_other_image", "image_reliance"):
+            assert metrics[metric] == pytest.approx(final[f"eval/{task}/{metric}"], abs=1e-6)
+
+
 def test_cli_overrides_reach_the_config(tmp_path):
     """--config.x=v overrides and a bad value fails before anything is built."""
     command = [sys.executable, "-m", "recap_jax.train", "--config", str(ROOT / "configs" / "demo.py"),

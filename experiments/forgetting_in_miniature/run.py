@@ -115,10 +115,11 @@ DONE_FILE = "DONE.json"
 # --------------------------------------------------------------------------- running
 
 
-def command_line(workdir: Path, overrides: dict) -> list[str]:
+def command_line(workdir: Path, overrides: dict, module: str = "recap_jax.train",
+                 extra: tuple = ()) -> list[str]:
     flags = [f"--config.{key}={value}" for key, value in overrides.items()]
-    return [sys.executable, "-m", "recap_jax.train", f"--config={CONFIG}",
-            f"--workdir={workdir}", *flags]
+    return [sys.executable, "-m", module, f"--config={CONFIG}", f"--workdir={workdir}",
+            *extra, *flags]
 
 
 def _normalised(overrides: dict) -> dict:
@@ -162,6 +163,37 @@ def run_training(label: str, workdir: Path, overrides: dict) -> bool:
          "finished": datetime.datetime.now().isoformat()}, indent=1))
     print(f"[done] {label}: {wall:.0f} s", flush=True)
     return True
+
+
+def measure_image_reliance(label: str, workdir: Path, overrides: dict) -> None:
+    """The teacher-forced metrics (answer NLL with the own / another record's image,
+    rollout.Evaluator) of a finished run's last checkpoint, once: `recap_jax.evaluate
+    --nogreedy` with the run's overrides. Runs whose eval lines already hold them (the
+    evaluator computes them by default now) need nothing, but the file keeps the report
+    uniform for runs made before."""
+    if not (workdir / DONE_FILE).exists() or _teacher_forced_file(workdir) is not None:
+        return
+    command = command_line(workdir, overrides, "recap_jax.evaluate", ("--nogreedy",))
+    with open(workdir / "evaluate.log", "a", encoding="utf-8") as log:
+        code = subprocess.call(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    print(f"[{'eval' if code == 0 else 'FAIL'}] {label}: image reliance "
+          f"({'exit ' + str(code) if code else 'done'})", flush=True)
+
+
+def _teacher_forced_file(workdir: Path) -> Path | None:
+    files = sorted((workdir / "eval").glob("checkpoint_*_teacher_forced.json"),
+                   key=lambda p: int(p.name.split("_")[1]))
+    return files[-1] if files else None
+
+
+def teacher_forced_evals(workdir: Path) -> dict:
+    """{"eval/<task>/<metric>": value} of the newest --nogreedy evaluation ({} if none)."""
+    path = _teacher_forced_file(workdir)
+    if path is None:
+        return {}
+    tasks = json.loads(path.read_text())["tasks"]
+    return {f"eval/{task}/{metric}": value for task, table in tasks.items()
+            for metric, value in table.items() if metric != "num_examples"}
 
 
 def warmstart_overrides() -> dict:
@@ -210,7 +242,9 @@ def summarise_run(workdir: Path) -> dict | None:
     done = workdir / DONE_FILE
     return {
         "before": {k: v for k, v in evals[0].items() if k.startswith("eval/")},
-        "after": {k: v for k, v in evals[last].items() if k.startswith("eval/")},
+        # a --nogreedy evaluation of the last checkpoint fills in what the eval line lacks
+        "after": {**teacher_forced_evals(workdir),
+                  **{k: v for k, v in evals[last].items() if k.startswith("eval/")}},
         "rl_steps": last,
         "source_counts": {s: sum(line.get("source") == s for line in rl)
                           for s in sorted({line.get("source") for line in rl})},
@@ -304,6 +338,23 @@ def render_markdown(results: dict) -> str:
             out.append(f"| {label} | " + " | ".join(
                 _delta(agg["after"].get(f"eval/{t}/{m}"), before.get(f"eval/{t}/{m}"))
                 for t, m in TASK_METRICS) + " |")
+    out += ["", "## Does the model still look? Image reliance (nats per answer token)", "",
+            ("Teacher-forced NLL of the held-out reference answers with the record's own image, "
+             "and how much higher it is with another record's image of the same size "
+             "(`image_reliance`, rollout.Evaluator): about 0 for a model that ignores images. "
+             "Perception forgotten shows here first, before greedy metrics move."), "",
+            "| method | " + " | ".join(f"{t} {m}" for t, m in RELIANCE_METRICS) + " |",
+            "|---|" + "---|" * len(RELIANCE_METRICS)]
+    out.append("| warm-start | " + " | ".join(
+        f"{before.get(f'eval/{t}/{m}', float('nan')):.3f}" for t, m in RELIANCE_METRICS) + " |")
+    for label, entry in methods.items():
+        agg = entry.get("aggregate")
+        if agg:
+            out.append(f"| {label} | " + " | ".join(
+                f"{_fmt(agg['after'].get(f'eval/{t}/{m}'))} "
+                f"({_delta(agg['after'].get(f'eval/{t}/{m}'), before.get(f'eval/{t}/{m}'))})"
+                for t, m in RELIANCE_METRICS) + " |")
+    out += ["", "(in brackets: the change from the warm-start)"]
     out += ["", "## Completion lengths (tokens)", "",
             ("| method | RL reasoning samples (all steps) | RL reasoning (last 20%) | eval reasoning "
             "| eval grounding | eval OCR |"), "|---|---|---|---|---|---|"]
@@ -357,6 +408,9 @@ def render_markdown(results: dict) -> str:
     return "\n".join(out)
 
 
+RELIANCE_METRICS = (("grounding", "image_reliance"), ("ocr", "image_reliance"),
+                    ("reasoning", "image_reliance"), ("grounding", "answer_nll"),
+                    ("ocr", "answer_nll"), ("reasoning", "answer_nll"))
 REWARD_KEYS = ("reward/reasoning/accuracy", "reward/reasoning/format_think", "reward/grounding/iou",
                "reward/grounding/format_answer", "ntp_loss/ocr/ntp")
 
@@ -370,7 +424,8 @@ def collect(out: Path, methods: list[str], seeds: list[int], command: str) -> di
         "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "machine": f"CPU, {os.cpu_count()} cores, shared with other jobs",
         "overrides": {"shared": SHARED, "warmstart": WARMSTART, "rl": RL, "methods": METHODS},
-        "warmstart": {"eval": {k: v for k, v in warm_eval.items() if k.startswith("eval/")},
+        "warmstart": {"eval": {**teacher_forced_evals(warm_dir),
+                               **{k: v for k, v in warm_eval.items() if k.startswith("eval/")}},
                       "wall_s": json.loads(done.read_text())["wall_s"] if done.exists() else None},
         "methods": {},
     }
@@ -408,13 +463,15 @@ def main(argv=None) -> int:
         began = time.time()
         if not run_training("warm-start", out / "warmstart_run", warmstart_overrides()):
             return 1
+        measure_image_reliance("warm-start", out / "warmstart_run", warmstart_overrides())
         jobs = [(m, s) for s in seeds for m in methods]  # seed-major: every method gets seed 0 first
         for index, (method, seed) in enumerate(jobs, 1):
             elapsed = (time.time() - began) / 60
             print(f"--- [{index}/{len(jobs)}] {method} seed {seed} ({elapsed:.1f} min elapsed)",
                   flush=True)
-            run_training(f"{method}/seed_{seed}", out / method / f"seed_{seed}",
-                         rl_overrides(out, method, seed))
+            label, workdir = f"{method}/seed_{seed}", out / method / f"seed_{seed}"
+            run_training(label, workdir, rl_overrides(out, method, seed))
+            measure_image_reliance(label, workdir, rl_overrides(out, method, seed))
             try:  # the report after every run; a reporting bug must not stop the sweep
                 write_results(collect(out, methods, seeds, command), args.results_dir)
             except Exception:  # noqa: BLE001

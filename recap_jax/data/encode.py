@@ -161,6 +161,16 @@ class RecordEncoder:
         ids, k = found
         return ids, question[:cuts[k]]
 
+    def answer_ids(self, text: str) -> np.ndarray:
+        """int32 tokens of an answer text + <|im_end|>; BadRecord if over max_answer_tokens."""
+        with self._lock:
+            answer = self.processor.tokenizer(text, add_special_tokens=False)
+        ids = np.asarray([*answer["input_ids"], self.eos_id], dtype=np.int32)
+        if len(ids) > self.max_answer_tokens:
+            raise BadRecord(f"text: answer has {len(ids)} tokens "
+                            f"(max {self.max_answer_tokens})", "text")
+        return ids
+
     def encode(self, task: Task, record: Record, note=None) -> dict[str, np.ndarray]:
         """One example's arrays (see the module docstring); BadRecord if it cannot be used.
 
@@ -189,12 +199,7 @@ class RecordEncoder:
             if note is not None:
                 note("truncated", f"prompt of {length} tokens cut to {len(input_ids)} (max "
                      f"{self.max_prompt_tokens}); question kept up to {question[-40:]!r}")
-        with self._lock:
-            answer = self.processor.tokenizer(record.answer_text, add_special_tokens=False)
-        answer_ids = np.asarray([*answer["input_ids"], self.eos_id], dtype=np.int32)
-        if len(answer_ids) > self.max_answer_tokens:
-            raise BadRecord(f"text: answer has {len(answer_ids)} tokens "
-                            f"(max {self.max_answer_tokens})", "text")
+        answer_ids = self.answer_ids(record.answer_text)
         positions, deltas = rope.get_rope_index(input_ids[None], grid[None], None, None, None,
                                                 self.model_config)
         patch = self.model_config.vision.patch_size
