@@ -31,7 +31,8 @@ from recap_jax.data.records import BadRecord, Record, format_box
 from recap_jax.data.tasks import Task, get_task
 
 __all__ = ["Evaluator", "WarmStartTargets", "build_model_config", "build_processor",
-           "decode_completions", "open_sources", "prompt_inputs", "rl_batch", "score", "sft_batch"]
+           "decode_completions", "open_sources", "other_image_partners", "prompt_inputs", "rl_batch",
+           "score", "sft_batch"]
 
 PATCH_BUCKET = 256
 DEMO_CORPUS_RECORDS = 300
@@ -192,7 +193,10 @@ class WarmStartTargets:
         return self.source.where(i)
 
     def load(self, i: int) -> Record:
-        record = self.source.load(i)
+        return self.target(self.source.load(i))
+
+    def target(self, record: Record) -> Record:
+        """``record`` with its answer replaced by the warm-start completion text."""
         answer = record.answer
         if not isinstance(answer, str) and self._processor is not None:
             input_size = model_input_size(self._processor, *record.image_size)
@@ -324,7 +328,7 @@ class Evaluator:
                 record = source.load(i)
                 arrays = encoder.encode(task, record)
                 if image_reliance:
-                    arrays["target_ids"] = _target_ids(encoder, targets.load(i).answer_text)
+                    arrays["target_ids"] = _target_ids(encoder, targets.target(record).answer_text)
                 examples.append((arrays, record.answer_text))
             if examples:
                 self.tasks[source.name] = (task, examples)
