@@ -340,8 +340,8 @@ def _validate_data(config, check_paths: bool) -> None:
         _fail(field, names[0], "an RL task (verifiable rewards) as the primary source when "
                                f"rl.steps > 0; RL tasks: "
                                f"{' | '.join(sorted(n for n, t in TASKS.items() if t.kind == 'rl'))}")
-    for field in ("data.modomodo_shares", "sft.source_shares"):
-        text = config[field.split(".")[0]][field.split(".")[1]]
+    for field, text in (("data.modomodo_shares", config.data.modomodo_shares),
+                        ("sft.source_shares", config.sft.source_shares)):
         if text and parse_shares(text, len(names)) is None:
             _fail(field, text, f"{len(names)} comma-separated numbers >= 0 (one per source), "
                                f"not all 0")
