@@ -7,6 +7,7 @@ import dataclasses
 import os
 import platform
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -46,19 +47,46 @@ def save_random_transformers_checkpoint(cfg: C.Qwen2_5_VLConfig, path: str, seed
     transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(**cfg.to_hf_dict())).save_pretrained(path)
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one untimed warm-up (compilation) call."""
-    fn()
-    times = []
+def timed_rounds(runners: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best seconds of each runner over ``repeats`` interleaved rounds, after one untimed
+    warm-up (compilation) call each.
+
+    Interleaving puts every implementation under the same drift of a shared machine's load,
+    and the best round is the least disturbed one (what ``timeit`` reports); the median of
+    un-interleaved runs let one side's bad minute decide the ratio.
+    """
+    for run in runners.values():
+        run()
+    times = {name: [] for name in runners}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}
+
+
+def cpu_line() -> str:
+    """The host CPU's model name and widest vector ISA: ratios against PyTorch differ between
+    an AVX-512 host and an AVX2 one of the same core count, so every table names it."""
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{model}, {isa}"
 
 
 def machine_line() -> str:
-    return (f"machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} on "
+    return (f"machine: {platform.machine()} ({cpu_line()}), {os.cpu_count()} cores, jax {jax.__version__} on "
             f"{jax.devices()[0].platform}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 

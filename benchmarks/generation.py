@@ -5,7 +5,7 @@
 Each of `--prompts` prompts holds one 224x224 image and 32 text tokens; each is sampled
 `--samples` times (G) for `--new` tokens (no EOS, so every row generates the same count).
 transformers gets the same work as `num_return_sequences=G`. Prints generated tokens/s of
-each and the ratio, from one run. `--breakdown` also times one new token on both sides and
+each and the ratio, from one run (best of `--repeats` interleaved rounds). `--breakdown` also times one new token on both sides and
 prints the split into prefill (vision tower, prompt, first token) and time per decode step.
 """
 
@@ -21,7 +21,7 @@ import torch
 import transformers
 
 from benchmarks.common import bench_config, image_prompts, machine_line, print_table, \
-    save_random_transformers_checkpoint, timed
+    save_random_transformers_checkpoint, timed_rounds
 from recap_jax import sampling
 from recap_jax.models import qwen2_5_vl as qwen
 
@@ -59,15 +59,15 @@ def main():
         jax.block_until_ready(out)
 
     runners = {"transformers generate (sdpa)": run_torch, "recap_jax sampling.generate": run_ours}
-    results = {name: timed(run, args.repeats) for name, run in runners.items()}
+    results = timed_rounds(runners, args.repeats)
     print(machine_line())
     print(f"{args.prompts} prompts x G={args.samples} samples x {args.new} new tokens, float32")
     print_table(results, "recap_jax sampling.generate", generated, "generated tokens", "seconds")
     if args.breakdown and args.new > 1:
         print("\n| implementation | prefill + first token (s) | per decode step (ms) |")
         print("|---|---|---|")
-        for name, run in runners.items():
-            first = timed(functools.partial(run, 1), args.repeats)
+        first_token = timed_rounds({name: functools.partial(run, 1) for name, run in runners.items()}, args.repeats)
+        for name, first in first_token.items():
             print(f"| {name} | {first:.4f} | {(results[name] - first) / (args.new - 1) * 1e3:.2f} |")
 
 

@@ -20,7 +20,7 @@ import transformers
 from flax import nnx
 
 from benchmarks.common import bench_config, image_prompts, machine_line, print_table, \
-    save_random_transformers_checkpoint, timed
+    save_random_transformers_checkpoint, timed_rounds
 from recap_jax.models import qwen2_5_vl as qwen
 from recap_jax.models.qwen2_5_vl.model import _jitted_forward, prepare_inputs
 
@@ -37,7 +37,7 @@ def main():
     cfg = bench_config()
     ids, mask, pixels, grid = image_prompts(cfg, args.batch, args.text, args.image)
     torch_dtype = getattr(torch, args.dtype)
-    results = {}
+    runners = {}
     with tempfile.TemporaryDirectory() as tmp:
         save_random_transformers_checkpoint(cfg, tmp)
         for impl in ("eager", "sdpa"):
@@ -47,17 +47,18 @@ def main():
                           pixel_values=torch.tensor(pixels, dtype=torch_dtype), image_grid_thw=torch.tensor(grid),
                           mm_token_type_ids=torch.tensor((ids == cfg.image_token_id).astype(np.int64)))
 
-            def run_torch():
+            def run_torch(model=model, kwargs=kwargs):
                 with torch.no_grad():
                     model(**kwargs)
-            results[f"transformers ({impl})"] = timed(run_torch, args.repeats)
+            runners[f"transformers ({impl})"] = run_torch
         ours = qwen.from_pretrained(tmp, dtype=getattr(jnp, args.dtype))
     graphdef, state = nnx.split(ours)
     inputs = jax.tree.map(jnp.asarray, prepare_inputs(cfg, ids, mask, pixels, grid))
 
     def run_ours():
         _jitted_forward(graphdef, state, inputs).block_until_ready()
-    results["recap_jax (jit)"] = timed(run_ours, args.repeats)
+    runners["recap_jax (jit)"] = run_ours
+    results = timed_rounds(runners, args.repeats)
 
     print(machine_line())
     print(f"batch {args.batch} x {ids.shape[1]} tokens (one {args.image}x{args.image} image + {args.text} text), "

@@ -6,7 +6,8 @@ of transformers' model on the same batch and weights.
 Each prompt holds one 224x224 image and 32 text tokens; G completions per prompt. The PyTorch
 side runs the same work a TRL-style trainer does per update: forward over prompt+completion for
 every sample, log-softmax gather of the completion tokens, the clipped-surrogate loss, backward,
-AdamW. Prints tokens/s (prompt + completion tokens of all rows) and the ratio, from one run.
+AdamW. Prints tokens/s (prompt + completion tokens of all rows) and the ratio, from one run
+(best of `--repeats` interleaved rounds).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import transformers
 from flax import nnx
 
 from benchmarks.common import bench_config, image_prompts, machine_line, print_table, \
-    save_random_transformers_checkpoint, timed
+    save_random_transformers_checkpoint, timed_rounds
 from recap_jax import grpo, sampling
 from recap_jax.models import qwen2_5_vl as qwen
 from recap_jax.train_state import TrainState, make_optimizer
@@ -81,14 +82,15 @@ def main():
              "completion_mask": jnp.ones((B * G, C), jnp.int32), "source_id": jnp.zeros((B * G,), jnp.int32),
              "rewards": jnp.asarray(rewards), "old_logprobs": jnp.zeros((B * G, C), jnp.float32)}
     weights = jnp.ones((1,), jnp.float32)
-    holder = {"state": TrainState.create(params, optimizer_jax, jax.random.key(0))}
+    # committed to the device, or the second step (whose input is the first's output) compiles again
+    holder = {"state": jax.device_put(TrainState.create(params, optimizer_jax, jax.random.key(0)), jax.devices()[0])}
 
     def run_ours():
         holder["state"], metrics = step(holder["state"], batch, weights)
         jax.block_until_ready(metrics)
 
-    results = {"transformers fwd+bwd+AdamW (sdpa)": timed(run_torch, args.repeats),
-               "recap_jax GRPO step (jit)": timed(run_ours, args.repeats)}
+    results = timed_rounds({"transformers fwd+bwd+AdamW (sdpa)": run_torch, "recap_jax GRPO step (jit)": run_ours},
+                           args.repeats)
     print(machine_line())
     print(f"{B} prompts x G={G} x ({P} prompt + {C} completion) tokens, float32")
     print_table(results, "recap_jax GRPO step (jit)", tokens, "tokens", "seconds / step")

@@ -34,6 +34,9 @@ class TrainState:
     @classmethod
     def create(cls, params: Any, optimizer: optax.GradientTransformation, rng: jax.Array,
                recap_state: Any = None) -> TrainState:
+        """A fresh state. Some leaves (the step, optax's counters) are uncommitted arrays, and
+        the jitted step's outputs are committed, so the second step would compile again: place
+        the state first, with `parallel.create_sharded` or ``jax.device_put(state, device)``."""
         return cls(step=jnp.zeros((), jnp.int32), params=params,
                    opt_state=optimizer.init(params), rng=rng, recap_state=recap_state)
 

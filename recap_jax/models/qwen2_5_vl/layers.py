@@ -119,6 +119,24 @@ def make_param(key: jax.Array, shape: Sequence[int], logical_axes: Sequence[str 
     return nnx.Param(value.astype(dtype), logical_axes=axes)
 
 
+def matmul(x: jax.Array, kernel: jax.Array, contract: int = 1, preferred_element_type: Any = None) -> jax.Array:
+    """x [..., *K] times kernel [*K, *N] -> [..., *N], contracting x's last ``contract`` axes with
+    kernel's first ``contract``, as ONE 2-D matmul [rows, prod K] x [prod K, prod N].
+
+    Why 2-D: with extra leading (batch, sequence) or trailing (heads, head_dim) axes, XLA:CPU
+    lowers the backward's kernel gradient (a contraction over several axes) to a generic dot
+    behind a transposing copy; flattened, every matmul of forward and backward takes its fast
+    path (a text MLP's forward + backward: ~25% faster on a 2-core AVX2 host).
+    """
+    k_shape, n_shape = kernel.shape[:contract], kernel.shape[contract:]
+    lead = x.shape[:x.ndim - contract]
+    if x.shape[x.ndim - contract:] != k_shape:
+        raise ValueError(f"matmul: x {x.shape} does not end in kernel's contracted axes {k_shape}")
+    k_size = int(np.prod(k_shape))
+    y = jnp.dot(x.reshape(-1, k_size), kernel.reshape(k_size, -1), preferred_element_type=preferred_element_type)
+    return y.reshape(*lead, *n_shape)
+
+
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias); kernel is [in, out] (the transpose of PyTorch's weight)."""
 
@@ -131,7 +149,7 @@ class Linear(nnx.Module):
                                 init="zeros") if use_bias else None)
 
     def __call__(self, x: jax.Array, dtype: Any) -> jax.Array:
-        y = jnp.dot(x.astype(dtype), self.kernel[...].astype(dtype))
+        y = matmul(x.astype(dtype), self.kernel[...].astype(dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y

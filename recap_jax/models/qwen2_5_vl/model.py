@@ -24,7 +24,7 @@ from flax import nnx
 
 from recap_jax.models.qwen2_5_vl import rope, text, vision
 from recap_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
-from recap_jax.models.qwen2_5_vl.layers import make_param
+from recap_jax.models.qwen2_5_vl.layers import make_param, matmul
 
 
 class InputError(ValueError):
@@ -184,7 +184,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
             kernel = self.language_model.embed_tokens.embedding[...].T
         else:
             kernel = self.lm_head.kernel[...]
-        return jnp.dot(hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        return matmul(hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
     def forward(self, inputs: ModelInputs, cache: text.KVCache | None = None) -> tuple[jax.Array, Any]:
         hidden, cache = self.hidden_states(inputs, cache)

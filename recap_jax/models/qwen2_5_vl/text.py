@@ -28,7 +28,7 @@ from flax import nnx
 
 from recap_jax import parallel
 from recap_jax.models.qwen2_5_vl.config import TextConfig
-from recap_jax.models.qwen2_5_vl.layers import (LAYERS_AXIS, REMAT_POLICIES, RMSNorm, SwiGLU, TensorSpec,
+from recap_jax.models.qwen2_5_vl.layers import (LAYERS_AXIS, REMAT_POLICIES, RMSNorm, SwiGLU, TensorSpec, matmul,
                                                  apply_rotary, cached_attention, dot_product_attention, export_to_specs,
                                                  load_from_specs, make_param, scan_layers)
 
@@ -142,7 +142,7 @@ class HeadsProjection(nnx.Module):
                                stack=stack, init="zeros")
 
     def __call__(self, x: jax.Array, dtype: Any) -> jax.Array:
-        y = jnp.einsum("bse,end->bsnd", x.astype(dtype), self.kernel[...].astype(dtype))
+        y = matmul(x.astype(dtype), self.kernel[...].astype(dtype))
         return y + self.bias[...].astype(dtype)
 
 
@@ -155,10 +155,7 @@ class OutputProjection(nnx.Module):
                                  dtype=param_dtype, stack=stack)
 
     def __call__(self, x: jax.Array, dtype: Any) -> jax.Array:
-        # one [.., N*D] x [N*D, E] matmul: contracting (n, d) as two axes lets XLA:CPU pick a
-        # d-major layout for x and transpose the whole kernel at every call
-        kernel = self.kernel[...].astype(dtype)
-        return jnp.dot(x.astype(dtype).reshape(*x.shape[:-2], -1), kernel.reshape(-1, kernel.shape[-1]))
+        return matmul(x.astype(dtype), self.kernel[...].astype(dtype), contract=2)
 
 
 class Attention(nnx.Module):

@@ -31,7 +31,7 @@ from recap_jax import parallel
 from recap_jax.models.qwen2_5_vl.config import VisionConfig
 from recap_jax.models.qwen2_5_vl.layers import (Linear, RMSNorm, SwiGLU, TensorSpec, apply_rotary,
                                                 dot_product_attention, export_to_specs, load_from_specs, make_param,
-                                                scan_layers)
+                                                matmul, scan_layers)
 
 PAD_SEGMENT = -1
 # Logical axes of the patch stream [num_patches, hidden]: patches split over the batch mesh axes.
@@ -183,17 +183,19 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
 
 # ---------------------------------------------------------------------- modules
 class HeadsProjection(nnx.Module):
-    """y = einsum(equation, x, kernel) + bias, for projections with a separate heads axis."""
+    """y = x @ kernel + bias, contracting x's last ``contract`` axes (`layers.matmul`): the
+    projections with a separate heads axis ([d] -> [3, heads, head_dim] and back)."""
 
-    def __init__(self, equation: str, kernel_shape: tuple[int, ...], kernel_axes: tuple[str | None, ...],
+    def __init__(self, contract: int, kernel_shape: tuple[int, ...], kernel_axes: tuple[str | None, ...],
                  bias_shape: tuple[int, ...], bias_axes: tuple[str | None, ...], *, rngs: nnx.Rngs,
                  param_dtype: Any, stack: int | None):
-        self.equation = equation
+        self.contract = contract
         self.kernel = make_param(rngs.params(), kernel_shape, kernel_axes, dtype=param_dtype, stack=stack)
         self.bias = make_param(None, bias_shape, bias_axes, dtype=param_dtype, stack=stack, init="zeros")
 
     def __call__(self, x: jax.Array, dtype: Any) -> jax.Array:
-        return jnp.einsum(self.equation, x.astype(dtype), self.kernel[...].astype(dtype)) + self.bias[...].astype(dtype)
+        y = matmul(x.astype(dtype), self.kernel[...].astype(dtype), contract=self.contract)
+        return y + self.bias[...].astype(dtype)
 
 
 class VisionAttention(nnx.Module):
@@ -202,9 +204,9 @@ class VisionAttention(nnx.Module):
     def __init__(self, config: VisionConfig, *, rngs: nnx.Rngs, param_dtype: Any, stack: int | None):
         d, h, hd = config.hidden_size, config.num_heads, config.head_dim
         kw = dict(rngs=rngs, param_dtype=param_dtype, stack=stack)
-        self.qkv = HeadsProjection("nd,dthk->nthk", (d, 3, h, hd), ("vision_embed", None, "vision_heads", "vision_head_dim"),
+        self.qkv = HeadsProjection(1, (d, 3, h, hd), ("vision_embed", None, "vision_heads", "vision_head_dim"),
                                    (3, h, hd), (None, "vision_heads", "vision_head_dim"), **kw)
-        self.proj = HeadsProjection("nhk,hkd->nd", (h, hd, d), ("vision_heads", "vision_head_dim", "vision_embed"),
+        self.proj = HeadsProjection(2, (h, hd, d), ("vision_heads", "vision_head_dim", "vision_embed"),
                                     (d,), ("vision_embed",), **kw)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array, dtype: Any) -> jax.Array:
