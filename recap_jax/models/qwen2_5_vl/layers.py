@@ -223,21 +223,19 @@ def _apply_mask(scores: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.maximum(scores + jnp.where(mask, 0.0, neg), neg)
 
 
-def _rows_mask(mask: jax.Array, batch: int, num_kv_heads: int, groups: int, q_len: int, kv_len: int) -> jax.Array:
-    """A mask broadcastable to [B, Hkv * G, Sq, Sk] as one broadcastable to [B, Hkv, G * Sq, Sk]
-    (the query rows of `cached_attention`: row g * Sq + i is query i of head g of the group).
+def _grouped_mask(mask: jax.Array, batch: int, num_kv_heads: int, groups: int, q_len: int, kv_len: int) -> jax.Array:
+    """A mask broadcastable to [B, Hkv * G, Sq, Sk] as one broadcastable to [B, Hkv, G, Sq, Sk]
+    (the query rows of `cached_attention`, split: row g * Sq + i is query i of head g of the group).
 
-    A mask shared by all heads ([B or 1, 1, Sq, Sk], the usual case) is only repeated over
-    the G rows of a group; it is never materialised per head.
+    A mask shared by all heads ([B or 1, 1, Sq, Sk], the usual case) only gains two unit axes:
+    it is never materialised per head or per group member (a G-fold copy of a float32 bias of
+    [Sq, Sk] was 1.2 GiB per device of the 7B plan).
     """
     mask = jnp.asarray(mask)
     if mask.ndim == 4 and mask.shape[1] == 1:
-        if groups == 1:
-            return mask
-        shared = jnp.broadcast_to(mask[:, :, None], (mask.shape[0], 1, groups, q_len, kv_len))
-        return shared.reshape(mask.shape[0], 1, groups * q_len, kv_len)
+        return mask[:, :, None]
     mask = jnp.broadcast_to(mask, (batch, num_kv_heads * groups, q_len, kv_len))
-    return mask.reshape(batch, num_kv_heads, groups * q_len, kv_len)
+    return mask.reshape(batch, num_kv_heads, groups, q_len, kv_len)
 
 
 def cached_attention(q: jax.Array, keys_t: jax.Array, values: jax.Array, mask: jax.Array | None,
@@ -264,7 +262,10 @@ def cached_attention(q: jax.Array, keys_t: jax.Array, values: jax.Array, mask: j
     qh = qh.reshape(batch, num_kv_heads, rows, head_dim)
     scores = jnp.einsum("bhmd,bhdk->bhmk", qh, keys_t, preferred_element_type=jnp.float32) * (head_dim ** -0.5)
     if mask is not None:
-        scores = _apply_mask(scores, _rows_mask(mask, batch, num_kv_heads, rows // q_len, q_len, kv_len))
+        groups = rows // q_len
+        split = scores.reshape(batch, num_kv_heads, groups, q_len, kv_len)
+        split = _apply_mask(split, _grouped_mask(mask, batch, num_kv_heads, groups, q_len, kv_len))
+        scores = split.reshape(batch, num_kv_heads, rows, kv_len)
     if prefix is None:
         probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
         out = jnp.einsum("bhmk,bhkd->bhmd", probs, values)  # [B, Hkv, G * Sq, D]
