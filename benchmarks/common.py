@@ -48,18 +48,19 @@ def save_random_transformers_checkpoint(cfg: C.Qwen2_5_VLConfig, path: str, seed
 
 
 def timed_rounds(runners: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Best seconds of each runner over ``repeats`` interleaved rounds, after one untimed
-    warm-up (compilation) call each.
+    """Best seconds of each runner over ``repeats`` rounds; in every round each runner is called
+    twice in a row and the second call is timed (the first call of all also compiles).
 
-    Interleaving puts every implementation under the same drift of a shared machine's load,
-    and the best round is the least disturbed one (what ``timeit`` reports); the median of
-    un-interleaved runs let one side's bad minute decide the ratio.
+    Rounds put both implementations under the same drift of a shared machine's load, and the
+    best round is the least disturbed one (what ``timeit`` reports). The untimed call before
+    each timed one matters: right after a PyTorch step our train step measured 4.6-7.0 s,
+    right after one of ours 3.0-4.4 s (same process, 2-core host), so timing a call that
+    follows the other library's would charge each side for the other's memory churn.
     """
-    for run in runners.values():
-        run()
     times = {name: [] for name in runners}
     for _ in range(repeats):
         for name, run in runners.items():
+            run()
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)

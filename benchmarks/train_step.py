@@ -5,8 +5,9 @@ of transformers' model on the same batch and weights.
 
 Each prompt holds one 224x224 image and 32 text tokens; G completions per prompt. The PyTorch
 side runs the same work a TRL-style trainer does per update: forward over prompt+completion for
-every sample, log-softmax gather of the completion tokens, the clipped-surrogate loss, backward,
-AdamW. Prints tokens/s (prompt + completion tokens of all rows) and the ratio, from one run
+every sample (the vision tower once per sample, as TRL repeats the images), the output projection
+only at the completion's positions (`logits_to_keep`, as TRL), log-softmax gather of the
+completion tokens, the clipped-surrogate loss, backward, AdamW. Prints tokens/s (prompt + completion tokens of all rows) and the ratio, from one run
 (best of `--repeats` interleaved rounds).
 """
 
@@ -63,8 +64,9 @@ def main():
     P = ids.shape[1]
 
     def run_torch():
+        # as TRL: logits only at the C + 1 last positions (logits_to_keep), the last one dropped
         logits = hf(input_ids=full_ids, attention_mask=full_mask, pixel_values=rep_pixels, image_grid_thw=rep_grid,
-                    mm_token_type_ids=token_type).logits[:, P - 1:-1].float()
+                    mm_token_type_ids=token_type, logits_to_keep=C + 1).logits[:, :-1].float()
         logp = torch.log_softmax(logits, -1).gather(-1, full_ids[:, P:, None])[..., 0]
         ratio = torch.exp(logp - logp.detach())
         loss = -torch.minimum(ratio * adv[:, None], torch.clamp(ratio, 0.8, 1.2) * adv[:, None]).mean()
