@@ -5,8 +5,9 @@
 Each of `--prompts` prompts holds one 224x224 image and 32 text tokens; each is sampled
 `--samples` times (G) for `--new` tokens (no EOS, so every row generates the same count).
 transformers gets the same work as `num_return_sequences=G`. Prints generated tokens/s of
-each and the ratio, from one run (best of `--repeats` interleaved rounds). `--breakdown` also times one new token on both sides and
-prints the split into prefill (vision tower, prompt, first token) and time per decode step.
+each and the ratio, from one run (best of `--repeats` rounds, `common.timed_rounds`).
+`--breakdown` also times one new token on both sides and prints the split into prefill
+(vision tower, prompt, first token) and time per decode step.
 """
 
 from __future__ import annotations

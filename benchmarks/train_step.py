@@ -7,8 +7,9 @@ Each prompt holds one 224x224 image and 32 text tokens; G completions per prompt
 side runs the same work a TRL-style trainer does per update: forward over prompt+completion for
 every sample (the vision tower once per sample, as TRL repeats the images), the output projection
 only at the completion's positions (`logits_to_keep`, as TRL), log-softmax gather of the
-completion tokens, the clipped-surrogate loss, backward, AdamW. Prints tokens/s (prompt + completion tokens of all rows) and the ratio, from one run
-(best of `--repeats` interleaved rounds).
+completion tokens, the clipped-surrogate loss, backward, AdamW. Prints tokens/s (prompt +
+completion tokens of all rows) and the ratio, from one run (best of `--repeats` rounds,
+`common.timed_rounds`).
 """
 
 from __future__ import annotations
