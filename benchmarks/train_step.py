@@ -85,8 +85,7 @@ def main():
              "completion_mask": jnp.ones((B * G, C), jnp.int32), "source_id": jnp.zeros((B * G,), jnp.int32),
              "rewards": jnp.asarray(rewards), "old_logprobs": jnp.zeros((B * G, C), jnp.float32)}
     weights = jnp.ones((1,), jnp.float32)
-    # committed to the device, or the second step (whose input is the first's output) compiles again
-    holder = {"state": jax.device_put(TrainState.create(params, optimizer_jax, jax.random.key(0)), jax.devices()[0])}
+    holder = {"state": TrainState.create(params, optimizer_jax, jax.random.key(0))}
 
     def run_ours():
         holder["state"], metrics = step(holder["state"], batch, weights)

@@ -34,11 +34,27 @@ class TrainState:
     @classmethod
     def create(cls, params: Any, optimizer: optax.GradientTransformation, rng: jax.Array,
                recap_state: Any = None) -> TrainState:
-        """A fresh state. Some leaves (the step, optax's counters) are uncommitted arrays, and
-        the jitted step's outputs are committed, so the second step would compile again: place
-        the state first, with `parallel.create_sharded` or ``jax.device_put(state, device)``."""
-        return cls(step=jnp.zeros((), jnp.int32), params=params,
-                   opt_state=optimizer.init(params), rng=rng, recap_state=recap_state)
+        """A fresh state, on the device of ``params`` when they all sit on one device.
+
+        The new leaves (the step, optax's counters) start uncommitted while the jitted step's
+        outputs are committed, so without this placement the second step would compile again.
+        For params sharded over several devices, build the state with `parallel.create_sharded`.
+        """
+        state = cls(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params), rng=rng, recap_state=recap_state)
+        device = _single_device(params)
+        return state if device is None else jax.device_put(state, device)
+
+
+def _single_device(tree: Any) -> jax.Device | None:
+    """The one device every leaf of ``tree`` is committed to, or None (tracers, several devices,
+    uncommitted or non-array leaves)."""
+    devices = set()
+    for leaf in jax.tree.leaves(tree):
+        if not isinstance(leaf, jax.Array) or isinstance(leaf, jax.core.Tracer) or not leaf.committed:
+            return None
+        devices |= leaf.devices()
+    return devices.pop() if len(devices) == 1 else None
 
 
 def make_lr_schedule(learning_rate: float, total_updates: int,

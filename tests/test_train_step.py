@@ -92,7 +92,10 @@ SGD = optax.sgd(0.5)
 # --------------------------------------------------------------------------- tests
 
 
-def test_compiles_once_across_calls():
+@pytest.mark.parametrize("committed_params", [False, True])
+def test_compiles_once_across_calls(committed_params):
+    """Also with params committed to a device (as loaded from a checkpoint): the state's own
+    new leaves must then be committed too, or the second call compiles again."""
     traces = []
 
     def counting_logprob_fn(params, batch):
@@ -102,7 +105,8 @@ def test_compiles_once_across_calls():
     cfg = GRPOConfig(group_size=4, num_iterations=2, num_minibatches=2)
     optimizer = make_optimizer(1e-2, 20)
     step = make_train_step(cfg, counting_logprob_fn, optimizer)
-    state = new_state(optimizer)
+    params = init_params(jax.random.key(1), 0.5)
+    state = new_state(optimizer, jax.device_put(params, jax.devices()[0]) if committed_params else params)
     state, _ = step(state, fixed_batch(0), jnp.ones(1))
     first = len(traces)
     for seed in range(1, 4):
