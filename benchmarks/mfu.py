@@ -9,9 +9,11 @@ Model FLOPs (counted analytically, vision and text separately; training = 3 x fo
     + 3 d f) for qkv / proj / SwiGLU plus attention 4 d sum_w |w|^2 over the attention
     windows w (one window = the whole frame in the full-attention blocks); merger
     2 (n/4) (16 d^2 + 4 d E).
-  text, per sequence of S tokens: per layer 2 S (E H D + 2 E K D + H D E + 3 E F) plus
-    attention 4 S^2 H D (PaLM's convention: the whole S x S score matrix), and the output
-    projection 2 E V on the T completion positions whose log-probs are taken.
+  text, per prompt of S tokens and its G completions of T tokens (the prompt runs once,
+    `TextModel.with_shared_prefix`): per layer and token 2 (E H D + 2 E K D + H D E + 3 E F)
+    over the S + G T tokens, plus attention 4 H D per score entry, S^2 for the prompt and
+    T (S + T) per completion (PaLM's convention: whole score matrices), and the output
+    projection 2 E V at the G T completion positions whose log-probs are taken.
 The measured step is ``jax.value_and_grad`` of a GRPO-shaped loss, -mean(A * log pi) over the
 completion tokens, with `sampling.make_logprob_fn` (the train step's policy), jitted. The
 reference in the same run is the matmul FLOPs of the traced program (every dot_general,
@@ -62,21 +64,25 @@ def vision_forward_flops(vision: C.VisionConfig, grid: tuple[int, int, int]) -> 
     return flops + 2 * units * (merged * merged + merged * vision.out_hidden_size)
 
 
-def text_forward_flops(text: C.TextConfig, rows: int, seq_len: int, logit_positions: int) -> int:
+def text_forward_flops(text: C.TextConfig, prompts: int, group_size: int, prompt_len: int, completion_len: int) -> int:
+    """The decoder on B prompts, each run once for its G completions (`with_shared_prefix`),
+    plus the output projection at the B * G * T completion positions."""
     e, h, k, dh, f = (text.hidden_size, text.num_attention_heads, text.num_key_value_heads, text.head_dim,
                       text.intermediate_size)
     per_token = 2 * (e * h * dh + 2 * e * k * dh + h * dh * e + 3 * e * f)
-    attention = 4 * seq_len * seq_len * h * dh
-    layers = text.num_hidden_layers * rows * (seq_len * per_token + attention)
-    return layers + rows * logit_positions * 2 * e * text.vocab_size
+    tokens = prompts * (prompt_len + group_size * completion_len)
+    # score rows x keys: the prompt's S x S, and each completion's T x (S + T)
+    score_entries = prompts * (prompt_len ** 2 + group_size * completion_len * (prompt_len + completion_len))
+    layers = text.num_hidden_layers * (tokens * per_token + 4 * h * dh * score_entries)
+    return layers + prompts * group_size * completion_len * 2 * e * text.vocab_size
 
 
 def train_flops(config: C.Qwen2_5_VLConfig, workload: memory.Workload) -> dict[str, int]:
     """Model FLOPs of one forward + backward (3 x forward) of the policy log-probs."""
     images = workload.batch * workload.images
     vision = 3 * images * vision_forward_flops(config.vision, workload.grid(config)) if images else 0
-    text = 3 * text_forward_flops(config.text, workload.batch * workload.group_size,
-                                  workload.prompt_len + workload.completion_len, workload.completion_len)
+    text = 3 * text_forward_flops(config.text, workload.batch, workload.group_size, workload.prompt_len,
+                                  workload.completion_len)
     return {"vision": vision, "text": text, "total": vision + text}
 
 

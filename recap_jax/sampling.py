@@ -328,25 +328,23 @@ def completion_logprobs(model, inputs: ModelInputs, completions: jax.Array, comp
     """The trainer's log pi(completion token) [B*G, C] (and optionally the entropy [B*G, C]).
 
     inputs: B prompts as for `generate`; completions / completion_mask: [B*G, C], row b*G + g
-    is sample g of prompt b. The prompt (vision tower included) is embedded once and its
-    embeddings repeated G times; one forward then runs over prompt + completion. Completion
-    token j sits at M-RoPE position `first_completion_position` + j in all three rows, and is
-    predicted by the logits at sequence position prompt_len - 1 + j. The entropy is a metric
+    is sample g of prompt b. The prompt (vision tower included) runs through the model once,
+    not once per sample: `TextModel.with_shared_prefix` gives the G completions of a prompt
+    its keys and values, as the sampler's decode loop does, so the decoder's work on the
+    prompt is not repeated G times. Completion token j sits at M-RoPE position
+    `first_completion_position` + j in all three rows; token 0 is predicted by the prompt's
+    last hidden state, token j > 0 by completion position j - 1. The entropy is a metric
     (computed under stop_gradient).
     """
-    batch, prompt_len = inputs.input_ids.shape
     steps = completions.shape[1]
     completions = completions.astype(jnp.int32)
-    prompt_embeds = jnp.repeat(model.embed(inputs), num_samples, axis=0)
-    embeds = jnp.concatenate([prompt_embeds, model.language_model.embed(completions)], axis=1)
     offsets = jnp.repeat(first_completion_position(inputs), num_samples, axis=0) + jnp.arange(steps)[None, :]
-    rows = batch * num_samples
-    positions = jnp.concatenate([jnp.repeat(inputs.position_ids, num_samples, axis=1),
-                                 jnp.broadcast_to(offsets[None], (3, rows, steps))], axis=2)
-    mask = jnp.concatenate([jnp.repeat(inputs.attention_mask, num_samples, axis=0),
-                            completion_mask.astype(jnp.int32)], axis=1)
-    hidden, _ = model.language_model(embeds, positions.astype(jnp.int32), mask)
-    logits = model.logits(hidden[:, prompt_len - 1:-1])
+    positions = jnp.broadcast_to(offsets[None], (3, *completions.shape)).astype(jnp.int32)
+    text = model.language_model
+    prompt_hidden, hidden = text.with_shared_prefix(model.embed(inputs), inputs.position_ids, inputs.attention_mask,
+                                                    text.embed(completions), positions, completion_mask)
+    predicting = jnp.concatenate([jnp.repeat(prompt_hidden[:, -1:], num_samples, axis=0), hidden[:, :-1]], axis=1)
+    logits = model.logits(predicting)
     real = completion_mask.astype(bool)
     token_logp = jnp.where(real, token_logprobs(logits, completions), 0.0)
     if not with_entropy:

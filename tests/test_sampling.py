@@ -87,6 +87,73 @@ def test_sampler_logprobs_equal_trainer_logprobs(models):
     assert len({tuple(r) for r in np.asarray(out.tokens)[:samples]}) > 1
 
 
+def _repeated_prompt_reference(hf, cfg, ids, mask, pixels, grid, token_type, completions, completion_mask,
+                               samples, weights):
+    """transformers on the B * G full sequences [prompt b, completion b*G+g] (every prompt and
+    image repeated G times, as a trainer without prefix sharing runs them): the completion
+    tokens' log-probs, and d sum(weights * log-probs) / d every weight."""
+    rep = lambda x: np.repeat(x, samples, axis=0)  # noqa: E731
+    full_ids = np.concatenate([rep(ids), completions], 1)
+    full_mask = np.concatenate([rep(mask), completion_mask], 1)
+    per_prompt = np.split(pixels, np.cumsum([int(np.prod(g)) for g in grid])[:-1])
+    images_of_row = np.split(np.arange(len(grid)), np.cumsum([int(r.sum()) for r in
+                                                              (ids == cfg.vision_start_token_id)])[:-1])
+    rep_pixels = np.concatenate([per_prompt[i] for row in images_of_row for _ in range(samples) for i in row])
+    rep_grid = np.concatenate([grid[row] for row in images_of_row for _ in range(samples)])
+    hf.zero_grad()
+    logits = hf(input_ids=torch.tensor(full_ids), attention_mask=torch.tensor(full_mask),
+                pixel_values=torch.tensor(rep_pixels), image_grid_thw=torch.tensor(rep_grid),
+                mm_token_type_ids=torch.tensor(np.concatenate([rep(token_type), 0 * completions], 1))).logits
+    prompt_len = ids.shape[1]
+    logp = torch.log_softmax(logits[:, prompt_len - 1:-1].float(), -1).gather(
+        -1, torch.tensor(completions[..., None]))[..., 0] * torch.tensor(completion_mask)
+    (logp * torch.tensor(weights)).sum().backward()
+    hub_name = lambda n: n.replace("model.language_model.", "model.").replace("model.visual.", "visual.")  # noqa: E731
+    grads = {hub_name(name): p.grad.numpy() for name, p in hf.named_parameters() if p.grad is not None}
+    return logp.detach().numpy(), grads
+
+
+def test_trainer_shares_the_prompt_and_matches_transformers_on_repeated_prompts(models):
+    """The trainer runs each prompt once for its G completions (`with_shared_prefix`);
+    transformers runs every prompt and image G times. Log-probs and every weight's gradient,
+    vision tower included, must agree: left-padded image prompts, completions of different
+    lengths (padding after the end)."""
+    from flax import nnx
+
+    from recap_jax.models.qwen2_5_vl.checkpoint import _hf_tensors
+
+    cfg, hf, ours = models
+    rng = np.random.default_rng(8)
+    ids, mask, pixels, grid, token_type = build_batch(cfg, PROMPTS["image_left_padded"], rng)
+    samples, steps = 2, 7
+    rows = len(ids) * samples
+    completions = rng.integers(0, cfg.text.vocab_size - 8, (rows, steps)).astype(np.int32)
+    lengths = np.array([7, 3, 5, 1, 7, 6])
+    completion_mask = (np.arange(steps)[None] < lengths[:, None]).astype(np.int32)
+    completions = np.where(completion_mask > 0, completions, cfg.pad_token_id)
+    weights = rng.normal(size=(rows, steps)).astype(np.float32)
+    expected_logp, expected_grads = _repeated_prompt_reference(
+        hf, cfg, ids, mask, pixels, grid, token_type, completions, completion_mask, samples, weights)
+
+    inputs = jax.tree.map(jnp.asarray, sampling.prepare_prompts(ours, ids, mask, pixels, grid,
+                                                                pad_token_id=cfg.pad_token_id))
+    graphdef, params, rest = nnx.split(ours, nnx.Param, ...)
+
+    def objective(params):
+        logp = sampling.completion_logprobs(nnx.merge(graphdef, params, rest), inputs, jnp.asarray(completions),
+                                            jnp.asarray(completion_mask), num_samples=samples)
+        return (logp * weights).sum(), logp
+
+    (_, logp), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(params)
+    assert np.abs(np.asarray(logp) - expected_logp).max() <= LOGPROB_ATOL
+    got = dict(_hf_tensors(nnx.merge(graphdef, grads, rest)))
+    assert sum("visual" in name for name in got) > 20 and set(got) == set(expected_grads)
+    for name, value in got.items():
+        ref = expected_grads[name]
+        err = np.abs(value - ref).max() / max(np.abs(ref).max(), 1e-6)
+        assert err < 2e-3, f"{name}: max abs gradient difference {err:.1e} of the largest entry"
+
+
 # ----------------------------------------------------------------------------- distributions
 LOGITS = np.array([2.0, 1.5, 0.3, 0.0, -1.0, -3.0], np.float32)
 

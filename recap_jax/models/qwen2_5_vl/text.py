@@ -178,9 +178,7 @@ class Attention(nnx.Module):
         (k, v, mask) of this layer, see `cached_attention`) when given.
         Returns (output [B, S, E], updated (k, v) or None).
         """
-        q = apply_rotary(self.q_proj(x, dtype), cos, sin)
-        k = apply_rotary(self.k_proj(x, dtype), cos, sin)
-        v = self.v_proj(x, dtype)
+        q, k, v = self.project(x, cos, sin, dtype)
         if layer_cache is None:
             return self.o_proj(dot_product_attention(q, k, v, mask), dtype), None
         cached_k, cached_v = layer_cache
@@ -192,6 +190,28 @@ class Attention(nnx.Module):
             prefix = (prefix[0].astype(dtype), prefix[1].astype(dtype), prefix[2])
         out = cached_attention(q, k.astype(dtype), v.astype(dtype), mask, prefix)
         return self.o_proj(out, dtype), (k, v)
+
+    def project(self, x, cos, sin, dtype):
+        """Queries, keys (both rotated) and values: [B, S, heads, head_dim] each."""
+        q = apply_rotary(self.q_proj(x, dtype), cos, sin)
+        k = apply_rotary(self.k_proj(x, dtype), cos, sin)
+        return q, k, self.v_proj(x, dtype)
+
+    def with_shared_prefix(self, x_prefix, x, prefix_rotary, rotary, prefix_mask, mask, prefix_valid, dtype):
+        """Self-attention of Bp prefixes and of B = Bp * G continuations that each attend to
+        their prefix (row r to prefix row r // G) and then causally to themselves.
+
+        x_prefix [Bp, P, E], x [B, S, E]; *_rotary: (cos, sin) [.., 1, D]; prefix_mask / mask:
+        the causal masks of each part; prefix_valid [Bp, P]: the prefix's real keys. The
+        prefix's keys and values are computed once and read by all G continuations
+        (`cached_attention`'s prefix), never repeated. Returns (prefix output, output).
+        """
+        qp, kp, vp = self.project(x_prefix, *prefix_rotary, dtype)
+        q, k, v = self.project(x, *rotary, dtype)
+        kp_t, vp = kp.transpose(0, 2, 3, 1), vp.transpose(0, 2, 1, 3)
+        prefix_out = cached_attention(qp, kp_t, vp, prefix_mask)
+        out = cached_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask, (kp_t, vp, prefix_valid))
+        return self.o_proj(prefix_out, dtype), self.o_proj(out, dtype)
 
 
 class DecoderLayer(nnx.Module):
@@ -211,8 +231,18 @@ class DecoderLayer(nnx.Module):
         attn, layer_cache = self.self_attn(self.input_layernorm(h), cos, sin, mask, layer_cache, cache_index, dtype,
                                            prefix)
         h = h + attn
-        h = h + self.mlp(self.post_attention_layernorm(h), dtype)
-        return h, layer_cache
+        return self.feed_forward(h, dtype), layer_cache
+
+    def feed_forward(self, h, dtype):
+        return h + self.mlp(self.post_attention_layernorm(h), dtype)
+
+    def with_shared_prefix(self, h_prefix, h, prefix_rotary, rotary, prefix_mask, mask, prefix_valid, dtype):
+        """The block on prefixes [Bp, P, E] and their continuations [B, S, E]
+        (`Attention.with_shared_prefix`); returns both residual streams."""
+        attn_prefix, attn = self.self_attn.with_shared_prefix(
+            self.input_layernorm(h_prefix), self.input_layernorm(h), prefix_rotary, rotary, prefix_mask, mask,
+            prefix_valid, dtype)
+        return self.feed_forward(h_prefix + attn_prefix, dtype), self.feed_forward(h + attn, dtype)
 
 
 class TextModel(nnx.Module):
@@ -275,14 +305,12 @@ class TextModel(nnx.Module):
         if attention_mask is None:
             attention_mask = jnp.ones((batch, seq_len), bool)
         attention_mask = jnp.asarray(attention_mask).astype(bool)
-        cos, sin = mrope_cos_sin(position_ids, self.config) if rotary is None else rotary
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+        cos, sin = self._rotary(position_ids, rotary)
         h = parallel.constrain(inputs_embeds.astype(self.dtype), HIDDEN_AXES)
         dtype = self.dtype
 
         if cache is None:
-            causal = jnp.tril(jnp.ones((seq_len, seq_len), bool))
-            mask = causal[None, None] & attention_mask[:, None, None, :]
+            mask = _causal_mask(attention_mask)
 
             def body(layer, h, _):
                 h, _ = layer(parallel.constrain(h, HIDDEN_AXES), cos, sin, mask, None, None, dtype)
@@ -308,6 +336,53 @@ class TextModel(nnx.Module):
             new_v.append(v)
         new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid, index=(index + seq_len).astype(jnp.int32))
         return self.norm(h), new_cache
+
+    def with_shared_prefix(self, prefix_embeds: jax.Array, prefix_position_ids: jax.Array,
+                           prefix_attention_mask: jax.Array, inputs_embeds: jax.Array, position_ids: jax.Array,
+                           attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The decoder over Bp prefixes and B = Bp * G continuations, without a cache:
+        continuation row r extends prefix row r // G (the G sampled completions of a prompt).
+
+        Equal to running `__call__` on the B concatenations [prefix row r // G, row r] (up to
+        float rounding), but each prefix's tokens go through every layer once, not G times:
+        the continuations attend to their prefix's keys and values, and gradients from all G
+        continuations flow back into the one prefix. prefix_embeds [Bp, P, E],
+        prefix_position_ids [3, Bp, P], prefix_attention_mask [Bp, P] (1 = real, padding
+        anywhere); inputs_embeds [B, S, E], position_ids [3, B, S], attention_mask [B, S]
+        (1 = real; the continuation's own keys). Runs as a ``lax.scan`` over the layers,
+        with ``remat``. Returns (prefix hidden [Bp, P, E], hidden [B, S, E]), both after the
+        final norm.
+        """
+        groups, _ = _check_inputs(prefix_embeds, prefix_position_ids, prefix_attention_mask, self.config)
+        batch, _ = _check_inputs(inputs_embeds, position_ids, attention_mask, self.config)
+        if batch % groups:
+            raise ValueError(f"with_shared_prefix: {groups} prefixes do not divide the batch of {batch} rows")
+        prefix_valid = jnp.asarray(prefix_attention_mask).astype(bool)
+        prefix_mask = _causal_mask(prefix_valid)
+        mask = _causal_mask(jnp.asarray(attention_mask).astype(bool))
+        prefix_rotary = self._rotary(prefix_position_ids)
+        rotary = self._rotary(position_ids)
+        dtype = self.dtype
+
+        def body(layer, carry, _):
+            h_prefix, h = (parallel.constrain(x, HIDDEN_AXES) for x in carry)
+            return layer.with_shared_prefix(h_prefix, h, prefix_rotary, rotary, prefix_mask, mask, prefix_valid,
+                                            dtype), None
+
+        start = (prefix_embeds.astype(dtype), inputs_embeds.astype(dtype))
+        (h_prefix, h), _ = scan_layers(self.layers, body, start, remat=self.remat)
+        return self.norm(h_prefix), self.norm(h)
+
+    def _rotary(self, position_ids: jax.Array, rotary: tuple[jax.Array, jax.Array] | None = None):
+        """(cos, sin) [B, S, 1, head_dim]: ``rotary`` if given, else from ``position_ids``."""
+        cos, sin = mrope_cos_sin(position_ids, self.config) if rotary is None else rotary
+        return cos[:, :, None, :], sin[:, :, None, :]
+
+
+def _causal_mask(valid: jax.Array) -> jax.Array:
+    """[B, 1, S, S] bool: query i may attend to key j <= i where ``valid`` [B, S] holds."""
+    seq_len = valid.shape[1]
+    return jnp.tril(jnp.ones((seq_len, seq_len), bool))[None, None] & valid[:, None, None, :]
 
 
 def _check_inputs(inputs_embeds, position_ids, attention_mask, config: TextConfig) -> tuple[int, int]:
