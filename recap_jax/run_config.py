@@ -112,6 +112,10 @@ def base_config() -> ml_collections.ConfigDict:
         rope_theta=10000.0,
         param_dtype="float32", compute_dtype="float32",  # see recap_jax.precision
         remat="none",  # none | full | save_dots
+        # train step: completion positions per chunk of the output projection (0 = all at
+        # once); chunks are recomputed in the backward pass instead of keeping [rows, C, V]
+        # logits, the largest buffers of long completions with Qwen's 152k vocabulary
+        logits_chunk=0,
     )
     c.tokenizer = dict(
         path="",  # "" = model.path, or (from scratch) a demo BPE built into WORKDIR/tokenizer
@@ -294,6 +298,7 @@ def _validate_model(config, check_paths: bool) -> None:
     _choice(config, "model.param_dtype", ("float32", "bfloat16"))
     _choice(config, "model.compute_dtype", ("float32", "bfloat16", "float16"))
     _choice(config, "model.remat", ("none", "full", "save_dots"))
+    _int(config, "model.logits_chunk", 0)
     if config.tokenizer.path and check_paths and not os.path.isdir(config.tokenizer.path):
         _fail("tokenizer.path", config.tokenizer.path, "an existing tokenizer directory")
     _int(config, "tokenizer.min_pixels", 1)

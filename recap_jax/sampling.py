@@ -324,7 +324,7 @@ def token_entropy(logits: jax.Array) -> jax.Array:
 
 
 def completion_logprobs(model, inputs: ModelInputs, completions: jax.Array, completion_mask: jax.Array, *,
-                        num_samples: int = 1, with_entropy: bool = False):
+                        num_samples: int = 1, with_entropy: bool = False, logits_chunk: int = 0):
     """The trainer's log pi(completion token) [B*G, C] (and optionally the entropy [B*G, C]).
 
     inputs: B prompts as for `generate`; completions / completion_mask: [B*G, C], row b*G + g
@@ -334,7 +334,9 @@ def completion_logprobs(model, inputs: ModelInputs, completions: jax.Array, comp
     prompt is not repeated G times. Completion token j sits at M-RoPE position
     `first_completion_position` + j in all three rows; token 0 is predicted by the prompt's
     last hidden state, token j > 0 by completion position j - 1. The entropy is a metric
-    (computed under stop_gradient).
+    (computed under stop_gradient). ``logits_chunk`` > 0 projects onto the vocabulary that
+    many completion positions at a time (`_chunked_token_stats`), trading one more output
+    projection in the backward pass for [rows, chunk, V] logits instead of [rows, C, V].
     """
     steps = completions.shape[1]
     completions = completions.astype(jnp.int32)
@@ -344,26 +346,53 @@ def completion_logprobs(model, inputs: ModelInputs, completions: jax.Array, comp
     prompt_hidden, hidden = text.with_shared_prefix(model.embed(inputs), inputs.position_ids, inputs.attention_mask,
                                                     text.embed(completions), positions, completion_mask)
     predicting = jnp.concatenate([jnp.repeat(prompt_hidden[:, -1:], num_samples, axis=0), hidden[:, :-1]], axis=1)
-    logits = model.logits(predicting)
+    token_logp, entropy = _chunked_token_stats(model, predicting, completions, logits_chunk)
     real = completion_mask.astype(bool)
-    token_logp = jnp.where(real, token_logprobs(logits, completions), 0.0)
+    token_logp = jnp.where(real, token_logp, 0.0)
     if not with_entropy:
         return token_logp
-    return token_logp, jnp.where(real, token_entropy(logits), 0.0)
+    return token_logp, jnp.where(real, entropy, 0.0)
 
 
-def make_logprob_fn(graphdef, num_samples: int):
+def _token_stats(model, hidden: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    logits = model.logits(hidden)
+    return token_logprobs(logits, tokens), token_entropy(logits)
+
+
+def _chunked_token_stats(model, hidden: jax.Array, tokens: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """(log pi(token), entropy), each [R, C], from hidden [R, C, E]: the output projection on
+    ``chunk`` positions of every row at a time (0: all C at once).
+
+    Chunks split the position axis, not the rows, so a row-sharded batch stays sharded inside
+    each chunk. Each chunk is rematerialised: the backward pass recomputes its logits instead
+    of keeping [R, C, V] of them (and of their softmax) alive, the largest buffers of a
+    long-completion step with a 152k vocabulary.
+    """
+    rows, steps, width = hidden.shape
+    if not chunk or chunk >= steps:
+        return _token_stats(model, hidden, tokens)
+    count = -(-steps // chunk)
+    pad = count * chunk - steps
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(rows, count, chunk, width)
+    tokens = jnp.pad(tokens, ((0, 0), (0, pad))).reshape(rows, count, chunk)
+    one_chunk = jax.checkpoint(lambda pieces: _token_stats(model, *pieces))
+    logp, entropy = jax.lax.map(one_chunk, (hidden.swapaxes(0, 1), tokens.swapaxes(0, 1)))
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(rows, count * chunk)[:, :steps]  # noqa: E731
+    return unchunk(logp), unchunk(entropy)
+
+
+def make_logprob_fn(graphdef, num_samples: int, logits_chunk: int = 0):
     """The policy for `recap_jax.train_step.make_train_step`: ``logprob_fn(params, batch)``.
 
     ``batch["prompt"]`` holds the B prompts' `ModelInputs`, ``batch["completions"]`` and
     ``batch["completion_mask"]`` the B*G completions (row b*G + g = sample g of prompt b);
     ``params`` is ``nnx.state(model)`` of a model split into ``graphdef``. Log-probs are at
-    temperature 1, like the sampler's.
+    temperature 1, like the sampler's. ``logits_chunk``: see `completion_logprobs`.
     """
 
     def logprob_fn(params, batch):
         model = nnx.merge(graphdef, params)
         return completion_logprobs(model, batch["prompt"], batch["completions"], batch["completion_mask"],
-                                   num_samples=num_samples, with_entropy=True)
+                                   num_samples=num_samples, with_entropy=True, logits_chunk=logits_chunk)
 
     return logprob_fn

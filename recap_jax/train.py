@@ -288,6 +288,10 @@ def _check_bad_steps(setup: Setup, bad_steps: int, save) -> None:
             f"saved in {setup.checkpoints.directory}. Check the rewards and the learning rate.")
 
 
+def _logprob_fn(setup: Setup, group_size: int):
+    return sampling.make_logprob_fn(setup.graphdef, group_size, setup.config.model.logits_chunk)
+
+
 def run_sft(setup: Setup, params, resumed) -> Any:
     """The warm-start: returns the trained params (and writes WORKDIR/warmstart)."""
     config = setup.config
@@ -302,7 +306,7 @@ def run_sft(setup: Setup, params, resumed) -> Any:
         state, start = resumed.state, resumed.meta["stage_step"]
         replay_state, bad_steps = resumed.meta["replay"], resumed.meta["bad_steps"]
     if start < total:
-        step_fn = make_train_step(grpo_config, sampling.make_logprob_fn(setup.graphdef, 1),
+        step_fn = make_train_step(grpo_config, _logprob_fn(setup, 1),
                                   optimizer)
         sources = [rollout.WarmStartTargets(s, setup.processor) for s in setup.train_sources]
         shares = config.sft.source_shares
@@ -422,13 +426,12 @@ def run_rl(setup: Setup, params, resumed) -> Any:
     if start >= rl.steps:
         return state.params
 
-    rl_step_fn = make_train_step(grpo_config, sampling.make_logprob_fn(setup.graphdef,
-                                                                       rl.group_size), optimizer)
+    rl_step_fn = make_train_step(grpo_config, _logprob_fn(setup, rl.group_size), optimizer)
     sft_config = dataclasses.replace(grpo_config, group_size=1)
-    sft_step_fn = make_train_step(sft_config, sampling.make_logprob_fn(setup.graphdef, 1),
+    sft_step_fn = make_train_step(sft_config, _logprob_fn(setup, 1),
                                   optimizer)
-    reference_fn = jax.jit(lambda p, b: sampling.make_logprob_fn(setup.graphdef, rl.group_size)(
-        p, b)[0]) if reference_params is not None else None
+    reference_fn = jax.jit(lambda p, b: _logprob_fn(setup, rl.group_size)(p, b)[0]) \
+        if reference_params is not None else None
     update_recap = jax.jit(lambda s, m: recap.update(recap_config, s, m["objective_signal"],
                                                      m["objective_present"])[0]) \
         if recap_config else None

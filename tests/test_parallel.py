@@ -397,3 +397,9 @@ def test_memory_tool_7b_on_eight_devices():
     small = memory.plan_memory(C.qwen2_5_vl_7b(), mesh, dataclasses.replace(workload, completion_len=256),
                                precision_lib.PrecisionConfig(remat="full"))
     assert small.temporaries < full.temporaries  # activations grow with the sequence
+    # the output projection in chunks of 256 positions: the [rows, 1024, vocab] float32 logits
+    # of a device (8 of the 64 rows) and their softmax are no longer kept whole
+    chunked = memory.plan_memory(C.qwen2_5_vl_7b(), mesh, workload, precision_lib.PrecisionConfig(remat="full"),
+                                 logits_chunk=256)
+    logits_bytes = 8 * workload.completion_len * C.qwen2_5_vl_7b().text.vocab_size * 4
+    assert full.temporaries - chunked.temporaries > logits_bytes / 2

@@ -34,6 +34,7 @@ INVALID = [
     ("model.kv_heads", 3, ["model.kv_heads", "divisor"]),
     ("model.rope_theta", 0.5, ["model.rope_theta", "[1.0"]),
     ("model.param_dtype", "int8", ["model.param_dtype", "bfloat16"]),
+    ("model.logits_chunk", -64, ["model.logits_chunk", ">= 0"]),
     ("model.path", "/nonexistent/qwen", ["model.path", "config.json"]),
     ("tokenizer.path", "/nonexistent/tok", ["tokenizer.path"]),
     ("data.primary", "sat", ["data.primary", "reasoning"]),

@@ -91,7 +91,7 @@ def _repeated_prompt_reference(hf, cfg, ids, mask, pixels, grid, token_type, com
                                samples, weights):
     """transformers on the B * G full sequences [prompt b, completion b*G+g] (every prompt and
     image repeated G times, as a trainer without prefix sharing runs them): the completion
-    tokens' log-probs, and d sum(weights * log-probs) / d every weight."""
+    tokens' log-probs and entropies, and d sum(weights * log-probs) / d every weight."""
     rep = lambda x: np.repeat(x, samples, axis=0)  # noqa: E731
     full_ids = np.concatenate([rep(ids), completions], 1)
     full_mask = np.concatenate([rep(mask), completion_mask], 1)
@@ -105,19 +105,22 @@ def _repeated_prompt_reference(hf, cfg, ids, mask, pixels, grid, token_type, com
                 pixel_values=torch.tensor(rep_pixels), image_grid_thw=torch.tensor(rep_grid),
                 mm_token_type_ids=torch.tensor(np.concatenate([rep(token_type), 0 * completions], 1))).logits
     prompt_len = ids.shape[1]
-    logp = torch.log_softmax(logits[:, prompt_len - 1:-1].float(), -1).gather(
-        -1, torch.tensor(completions[..., None]))[..., 0] * torch.tensor(completion_mask)
+    log_softmax = torch.log_softmax(logits[:, prompt_len - 1:-1].float(), -1)
+    logp = log_softmax.gather(-1, torch.tensor(completions[..., None]))[..., 0] * torch.tensor(completion_mask)
+    entropy = -(log_softmax.exp() * log_softmax).sum(-1) * torch.tensor(completion_mask)
     (logp * torch.tensor(weights)).sum().backward()
     hub_name = lambda n: n.replace("model.language_model.", "model.").replace("model.visual.", "visual.")  # noqa: E731
     grads = {hub_name(name): p.grad.numpy() for name, p in hf.named_parameters() if p.grad is not None}
-    return logp.detach().numpy(), grads
+    return logp.detach().numpy(), entropy.detach().numpy(), grads
 
 
-def test_trainer_shares_the_prompt_and_matches_transformers_on_repeated_prompts(models):
+@pytest.mark.parametrize("logits_chunk", [0, 3], ids=["whole", "chunks_of_3"])
+def test_trainer_shares_the_prompt_and_matches_transformers_on_repeated_prompts(models, logits_chunk):
     """The trainer runs each prompt once for its G completions (`with_shared_prefix`);
     transformers runs every prompt and image G times. Log-probs and every weight's gradient,
     vision tower included, must agree: left-padded image prompts, completions of different
-    lengths (padding after the end)."""
+    lengths (padding after the end), the output projection at once or in chunks of 3 of the
+    7 positions (a padded last chunk)."""
     from flax import nnx
 
     from recap_jax.models.qwen2_5_vl.checkpoint import _hf_tensors
@@ -132,7 +135,7 @@ def test_trainer_shares_the_prompt_and_matches_transformers_on_repeated_prompts(
     completion_mask = (np.arange(steps)[None] < lengths[:, None]).astype(np.int32)
     completions = np.where(completion_mask > 0, completions, cfg.pad_token_id)
     weights = rng.normal(size=(rows, steps)).astype(np.float32)
-    expected_logp, expected_grads = _repeated_prompt_reference(
+    expected_logp, expected_entropy, expected_grads = _repeated_prompt_reference(
         hf, cfg, ids, mask, pixels, grid, token_type, completions, completion_mask, samples, weights)
 
     inputs = jax.tree.map(jnp.asarray, sampling.prepare_prompts(ours, ids, mask, pixels, grid,
@@ -140,12 +143,14 @@ def test_trainer_shares_the_prompt_and_matches_transformers_on_repeated_prompts(
     graphdef, params, rest = nnx.split(ours, nnx.Param, ...)
 
     def objective(params):
-        logp = sampling.completion_logprobs(nnx.merge(graphdef, params, rest), inputs, jnp.asarray(completions),
-                                            jnp.asarray(completion_mask), num_samples=samples)
-        return (logp * weights).sum(), logp
+        logp, entropy = sampling.completion_logprobs(
+            nnx.merge(graphdef, params, rest), inputs, jnp.asarray(completions), jnp.asarray(completion_mask),
+            num_samples=samples, with_entropy=True, logits_chunk=logits_chunk)
+        return (logp * weights).sum(), (logp, entropy)
 
-    (_, logp), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(params)
+    (_, (logp, entropy)), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(params)
     assert np.abs(np.asarray(logp) - expected_logp).max() <= LOGPROB_ATOL
+    assert np.abs(np.asarray(entropy) - expected_entropy).max() <= LOGPROB_ATOL
     got = dict(_hf_tensors(nnx.merge(graphdef, grads, rest)))
     assert sum("visual" in name for name in got) > 20 and set(got) == set(expected_grads)
     for name, value in got.items():

@@ -229,8 +229,9 @@ def abstract_train_state(model_config, mesh, precision: precision_lib.PrecisionC
 
 def plan_memory(model_config: config_lib.Qwen2_5_VLConfig, mesh, workload: Workload,
                 precision: precision_lib.PrecisionConfig = precision_lib.PrecisionConfig(), *, rules=None,
-                learning_rate: float = 1e-6) -> MemoryPlan:
-    """Compiles the GRPO train step for abstract inputs and reads its memory use per device."""
+                learning_rate: float = 1e-6, logits_chunk: int = 0) -> MemoryPlan:
+    """Compiles the GRPO train step for abstract inputs and reads its memory use per device
+    (``logits_chunk``: `sampling.completion_logprobs`'s)."""
     from recap_jax.grpo import GRPOConfig
     from recap_jax.train_state import make_optimizer
     from recap_jax.train_step import make_train_step
@@ -243,7 +244,7 @@ def plan_memory(model_config: config_lib.Qwen2_5_VLConfig, mesh, workload: Workl
     weights = jax.ShapeDtypeStruct((1,), jnp.float32, sharding=jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec()))
     step = make_train_step(GRPOConfig(group_size=workload.group_size),
-                           sampling.make_logprob_fn(graphdef, workload.group_size), optimizer)
+                           sampling.make_logprob_fn(graphdef, workload.group_size, logits_chunk), optimizer)
     start = time.perf_counter()
     with parallel.use_mesh(mesh, rules):
         compiled = step.lower(state, batch, weights).compile()
@@ -305,6 +306,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--remat", default="full", choices=["none", "full", "save_dots"])
+    p.add_argument("--logits-chunk", type=int, default=0,
+                   help="completion positions per chunk of the output projection (0 = all at once)")
     p.add_argument("--device-memory-gib", type=float, default=80.0, help="memory of one device (H100: 80)")
     p.add_argument("--simulate-devices", type=int, default=None,
                    help="use this many simulated CPU devices (must come before JAX starts its backend)")
@@ -326,14 +329,15 @@ def main(argv: Sequence[str] | None = None) -> MemoryPlan:
                         args.image_size)
     precision = precision_lib.PrecisionConfig(args.param_dtype, args.compute_dtype, args.remat)
     try:
-        plan = plan_memory(model_config, mesh, workload, precision)
+        plan = plan_memory(model_config, mesh, workload, precision, logits_chunk=args.logits_chunk)
     except (parallel.ShardingError, ValueError) as e:
         raise SystemExit(f"{e}\n(--batch prompts and --batch x --group-size completions must split evenly over "
                          "data x fsdp)" if "batch" in str(e).split(":")[0] else str(e)) from None
     title = (f"{args.config}: mesh {dict(mesh.shape)} on {len(mesh.devices.flat)} {jax.devices()[0].platform} "
              f"devices; B={workload.batch} x G={workload.group_size}, prompt {workload.prompt_len} + completion "
              f"{workload.completion_len} tokens, {workload.images} image(s) of {workload.image_size}px; params "
-             f"{args.param_dtype}, compute {args.compute_dtype}, remat {args.remat}. Bytes per device:")
+             f"{args.param_dtype}, compute {args.compute_dtype}, remat {args.remat}, logits chunk "
+             f"{args.logits_chunk or 'none'}. Bytes per device:")
     print(format_plan(plan, args.device_memory_gib, title))
     return plan
 
