@@ -15,6 +15,10 @@ copying nothing. A call with a cache writes its S new tokens at slots
 (S = 1). Slot order is time order; rotary positions come from ``position_ids`` and are
 independent of slots. With a cache the layers run as an unrolled Python loop (see
 `TextModel.__call__`), without one as a ``lax.scan`` over the stacked layers.
+
+Training on G completions of one prompt: `TextModel.with_shared_prefix` runs the prompt once
+and lets its G continuations attend to its keys and values (the same prefix attention as
+decoding), so the prompt's tokens are not pushed through the decoder G times.
 """
 
 from __future__ import annotations
