@@ -271,3 +271,23 @@ def test_parameters_carry_logical_axes_for_sharding(vision_config):
                                                           "vision_embed")
     assert model.patch_embed.proj.kernel.logical_axes == ("vision_patch", "vision_embed")
     assert model.merger.mlp_2.kernel.logical_axes == ("vision_merge_hidden", "embed")
+
+
+@settings(max_examples=30, deadline=None)
+@given(block=st.integers(2, 9), data=st.data())
+def test_window_attention_equals_masked_full_attention(block, data):
+    """The banded window path against all N x N masked scores (`segment_attention`), on
+    contiguous segments of 1..block patches, N not a multiple of the block, and a tail of
+    bucket padding (PAD_SEGMENT) of any length."""
+    from recap_jax.models.qwen2_5_vl.vision import segment_attention, window_attention
+
+    lengths = data.draw(st.lists(st.integers(1, block), min_size=1, max_size=12))
+    padding = data.draw(st.integers(0, 2 * block))
+    segment_ids = np.concatenate([np.full(n, i) for i, n in enumerate(lengths)] + [np.full(padding, PAD_SEGMENT)])
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 16)))
+    q, k, v = (jnp.asarray(rng.normal(size=(len(segment_ids), 2, 4)), jnp.float32) for _ in range(3))
+    ids = jnp.asarray(segment_ids, jnp.int32)
+    got = np.asarray(window_attention(q, k, v, ids, block))
+    real = segment_ids != PAD_SEGMENT
+    np.testing.assert_allclose(got[real], np.asarray(segment_attention(q, k, v, ids))[real], atol=1e-5)
+    assert np.isfinite(got).all()

@@ -15,12 +15,15 @@ Everything data-dependent (window order, positions, segments) is computed on the
 `vision_inputs` with static shapes given ``num_patches``, so one compiled forward serves
 every image set padded to the same bucket. Variable-length attention is expressed as a
 segment mask: a patch attends to the patches sharing its segment id; padding patches have
-segment id ``PAD_SEGMENT`` and attend only to each other.
+segment id ``PAD_SEGMENT`` and attend only to each other. The window blocks compute only
+the scores near the diagonal (`window_attention`: windows are contiguous in window order and
+at most window_units^2 merge units long), the full-attention blocks all N x N
+(`segment_attention`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -174,11 +177,46 @@ def segment_mask(segment_ids: jax.Array) -> jax.Array:
 def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """Non-causal attention restricted to segments (the reference's cu_seqlens chunks).
 
-    q, k, v: [N, heads, head_dim]; segment_ids: [N]. The single place to swap in a
-    blockwise/flash kernel.
+    q, k, v: [N, heads, head_dim]; segment_ids: [N]. Computes all N x N scores and masks
+    them: the full-attention blocks' path (segments = frames, of any length).
     """
     mask = segment_mask(segment_ids)[None, None]
     return dot_product_attention(q[None], k[None], v[None], mask)[0]
+
+
+# Segment ids of the padding `window_attention` adds: the tail that rounds N up to whole
+# blocks, and the key blocks before the first and after the last (never attended).
+_TAIL_SEGMENT, _OUTSIDE_SEGMENT = PAD_SEGMENT - 1, PAD_SEGMENT - 2
+
+
+def window_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, block: int) -> jax.Array:
+    """`segment_attention` for segments that are contiguous runs of at most ``block`` patches
+    (the attention windows, in window order), at N x 3 ``block`` scores instead of N x N.
+
+    The sequence is cut into blocks of ``block`` patches; a run of at most ``block`` patches
+    that holds a query lies within the query's block and its two neighbours, so each query
+    block attends to those three key blocks, masked by segment. Equal to `segment_attention`
+    for such segments (the windows of `vision_inputs`: at most window_units^2 merge units
+    each); padding patches attend only to padding patches nearby (finite, meaningless rows).
+    """
+    n = q.shape[0]
+    count = -(-n // block)
+
+    def blocks(x, fill):  # [N, ...] -> [count, block, ...]
+        x = jnp.pad(x, [(0, count * block - n)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+        return x.reshape(count, block, *x.shape[1:])
+
+    def with_neighbours(x, fill):  # [count, block, ...] -> [count, 3 block, ...]: blocks i-1, i, i+1
+        edge = jnp.full((1, *x.shape[1:]), fill, x.dtype)
+        x = jnp.concatenate([edge, x, edge])
+        return jnp.concatenate([x[:-2], x[1:-1], x[2:]], axis=1)
+
+    query_segments = blocks(segment_ids, _TAIL_SEGMENT)
+    key_segments = with_neighbours(query_segments, _OUTSIDE_SEGMENT)
+    mask = query_segments[:, None, :, None] == key_segments[:, None, None, :]
+    out = dot_product_attention(blocks(q, 0), with_neighbours(blocks(k, 0), 0), with_neighbours(blocks(v, 0), 0),
+                                mask)
+    return out.reshape(count * block, *q.shape[1:])[:n]
 
 
 # ---------------------------------------------------------------------- modules
@@ -209,12 +247,13 @@ class VisionAttention(nnx.Module):
         self.proj = HeadsProjection(2, (h, hd, d), ("vision_heads", "vision_head_dim", "vision_embed"),
                                     (d,), ("vision_embed",), **kw)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array, dtype: Any) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, attend: Callable, dtype: Any) -> jax.Array:
+        """attend(q, k, v) -> [N, heads, head_dim]: the block's attention pattern (window or frame)."""
         qkv = self.qkv(x, dtype)  # [N, 3, heads, head_dim]
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         q = apply_rotary(q, cos[:, None, :], sin[:, None, :])
         k = apply_rotary(k, cos[:, None, :], sin[:, None, :])
-        return self.proj(segment_attention(q, k, v, segment_ids), dtype)
+        return self.proj(attend(q, k, v), dtype)
 
 
 class VisionBlock(nnx.Module):
@@ -229,8 +268,8 @@ class VisionBlock(nnx.Module):
         self.mlp = SwiGLU(d, config.intermediate_size, use_bias=True, embed_axis="vision_embed",
                           mlp_axis="vision_mlp", **kw)
 
-    def __call__(self, x, cos, sin, segment_ids, dtype):
-        x = x + self.attn(self.norm1(x), cos, sin, segment_ids, dtype)
+    def __call__(self, x, cos, sin, attend, dtype):
+        x = x + self.attn(self.norm1(x), cos, sin, attend, dtype)
         return x + self.mlp(self.norm2(x), dtype)
 
 
@@ -294,9 +333,15 @@ class VisionTransformer(nnx.Module):
         window_segments = jnp.asarray(inputs.window_segment_ids)
         is_full = jnp.asarray([i in config.fullatt_block_indexes for i in range(config.depth)])
 
+        window_patches = (config.window_size // config.spatial_merge_size // config.patch_size) ** 2 * \
+            config.merge_unit  # the largest window of `vision_inputs`
+
         def body(block, x, full_attention):
-            segment_ids = jnp.where(full_attention, full_segments, window_segments)
-            return block(parallel.constrain(x, HIDDEN_AXES), cos, sin, segment_ids, dtype), None
+            def attend(q, k, v):
+                return jax.lax.cond(full_attention, lambda: segment_attention(q, k, v, full_segments),
+                                    lambda: window_attention(q, k, v, window_segments, window_patches))
+
+            return block(parallel.constrain(x, HIDDEN_AXES), cos, sin, attend, dtype), None
 
         x, _ = scan_layers(self.blocks, body, x, is_full, remat=self.remat)
         return self.merger(x, dtype)[inputs.reverse_index]
