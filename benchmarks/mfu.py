@@ -18,8 +18,9 @@ The measured step is ``jax.value_and_grad`` of a GRPO-shaped loss, -mean(A * log
 completion tokens, with `sampling.make_logprob_fn` (the train step's policy), jitted. The
 reference in the same run is the matmul FLOPs of the traced program (every dot_general,
 scan bodies times their length): equal to the model count for text-only batches without
-remat; above it when the vision tower runs (its attention is computed over all patches and
-masked to windows) or remat recomputes. Without --peak-tflops, the peak is a large matmul's
+remat; above it when the vision tower runs (window blocks score bands of three window-sized
+blocks, full-attention blocks all patches of the batch, masked; and a block's cond counts its
+costlier branch, the full one) or remat recomputes. Without --peak-tflops, the peak is a large matmul's
 measured FLOP/s on this machine.
 """
 
