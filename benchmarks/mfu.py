@@ -38,6 +38,7 @@ from flax import nnx
 from recap_jax import parallel, sampling
 from recap_jax import precision as precision_lib
 from recap_jax.models.qwen2_5_vl import config as C
+from recap_jax.models.qwen2_5_vl.vision import window_units
 from recap_jax.tools import memory
 
 
@@ -45,7 +46,7 @@ from recap_jax.tools import memory
 def window_sizes(grid_h: int, grid_w: int, vision: C.VisionConfig) -> list[int]:
     """Patches in each attention window of one frame (edge windows are smaller)."""
     m = vision.spatial_merge_size
-    units = vision.window_size // m // vision.patch_size  # merge units per window side
+    units = window_units(vision)
     lh, lw = grid_h // m, grid_w // m
     rows = [min(units, lh - i) for i in range(0, lh, units)]
     cols = [min(units, lw - j) for j in range(0, lw, units)]

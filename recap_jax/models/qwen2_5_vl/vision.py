@@ -80,21 +80,26 @@ def _check_grid(grid_thw: np.ndarray, config: VisionConfig) -> np.ndarray:
     return grid.astype(np.int64)
 
 
-def _image_window_order(t: int, h: int, w: int, m: int, window_units: int) -> tuple[np.ndarray, np.ndarray]:
+def _image_window_order(t: int, h: int, w: int, m: int, units_per_side: int) -> tuple[np.ndarray, np.ndarray]:
     """Window order of one image/video's merge units (get_vision_window_index, one entry).
 
     Returns (unit, window): the frame-local-raster unit index of each window-ordered unit
     and the (not necessarily consecutive) window number it belongs to.
     """
     lh, lw = h // m, w // m
-    nwh, nww = -(-lh // window_units), -(-lw // window_units)
-    index = np.full((t, nwh * window_units, nww * window_units), -1, np.int64)
+    nwh, nww = -(-lh // units_per_side), -(-lw // units_per_side)
+    index = np.full((t, nwh * units_per_side, nww * units_per_side), -1, np.int64)
     index[:, :lh, :lw] = np.arange(t * lh * lw).reshape(t, lh, lw)
-    index = index.reshape(t, nwh, window_units, nww, window_units).transpose(0, 1, 3, 2, 4)
-    index = index.reshape(t, nwh * nww, window_units * window_units)
+    index = index.reshape(t, nwh, units_per_side, nww, units_per_side).transpose(0, 1, 3, 2, 4)
+    index = index.reshape(t, nwh * nww, units_per_side * units_per_side)
     window = np.broadcast_to(np.arange(t * nwh * nww).reshape(t, nwh * nww, 1), index.shape)
     valid = index >= 0
     return index[valid], window[valid]
+
+
+def window_units(config: VisionConfig) -> int:
+    """Merge units per side of an attention window (a window holds at most this squared)."""
+    return config.window_size // config.spatial_merge_size // config.patch_size
 
 
 def vision_inputs(grid_thw: np.ndarray, config: VisionConfig, num_patches: int | None = None) -> VisionInputs:
@@ -107,7 +112,7 @@ def vision_inputs(grid_thw: np.ndarray, config: VisionConfig, num_patches: int |
     """
     grid = _check_grid(grid_thw, config)
     m, mu = config.spatial_merge_size, config.merge_unit
-    window_units = config.window_size // m // config.patch_size
+    units_per_side = window_units(config)
     real_patches = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum())
     if num_patches is None:
         num_patches = real_patches
@@ -119,7 +124,7 @@ def vision_inputs(grid_thw: np.ndarray, config: VisionConfig, num_patches: int |
     unit_offset = window_offset = frame_offset = 0
     for t, h, w in grid.tolist():
         lh, lw = h // m, w // m
-        unit, window = _image_window_order(t, h, w, m, window_units)
+        unit, window = _image_window_order(t, h, w, m, units_per_side)
         units.append(unit + unit_offset)
         windows.append(window + window_offset)
         frames.append(unit // (lh * lw) + frame_offset)
@@ -333,8 +338,7 @@ class VisionTransformer(nnx.Module):
         window_segments = jnp.asarray(inputs.window_segment_ids)
         is_full = jnp.asarray([i in config.fullatt_block_indexes for i in range(config.depth)])
 
-        window_patches = (config.window_size // config.spatial_merge_size // config.patch_size) ** 2 * \
-            config.merge_unit  # the largest window of `vision_inputs`
+        window_patches = window_units(config) ** 2 * config.merge_unit  # the largest window
 
         def body(block, x, full_attention):
             def attend(q, k, v):
