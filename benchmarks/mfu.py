@@ -38,6 +38,7 @@ from flax import nnx
 from recap_jax import parallel, sampling
 from recap_jax import precision as precision_lib
 from recap_jax.models.qwen2_5_vl import config as C
+from recap_jax.models.qwen2_5_vl.sharded import init_sharded_model
 from recap_jax.models.qwen2_5_vl.vision import window_units
 from recap_jax.tools import memory
 
@@ -180,7 +181,7 @@ def main(argv=None) -> dict:
     precision = precision_lib.PrecisionConfig(args.param_dtype, args.compute_dtype, args.remat)
     mesh = parallel.make_mesh(parallel.parse_mesh_spec(args.mesh))
     devices = mesh.devices.size
-    model = parallel.init_sharded_model(config, mesh, **precision.model_kwargs())
+    model = init_sharded_model(config, mesh, **precision.model_kwargs())
     graphdef, params = nnx.split(model)
     batch = parallel.shard_batch(memory.example_batch(config, workload), mesh, batch_axes=memory.POLICY_BATCH_AXES)
     step = jax.jit(jax.value_and_grad(pg_loss_fn(graphdef, workload.group_size)))

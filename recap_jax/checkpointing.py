@@ -160,6 +160,29 @@ class RunCheckpoints:
         _check_sums(meta.get("checksums", {}), packed, where)
         return Restored(step, unpack_state(like, packed), meta)
 
+    def restore_params(self, step: int, like_params: Any, meta: dict | None = None) -> Any:
+        """Only the ``.params`` leaves of checkpoint ``step``, with the structure, dtypes and
+        shardings of ``like_params`` (the optimizer state is neither built nor read)."""
+        where = self.path(step)
+        meta = self.read_meta(step) if meta is None else meta
+        saved = meta.get("leaves", [])
+        keys = [f"leaf_{i:05d}" for i, (path, _, _) in enumerate(saved)
+                if path.startswith(".params")]
+        expected = [[".params" + path, shape, dtype]
+                    for path, shape, dtype in describe_leaves(like_params)]
+        check_compatible([row for row in saved if row[0].startswith(".params")], expected, where)
+        leaves, treedef = jax.tree.flatten(like_params)
+        abstract = {key: _abstract(leaf) for key, leaf in zip(keys, leaves)}
+        restored = ocp.PyTreeCheckpointer().restore(
+            os.path.join(where, "state"), args=ocp.args.PyTreeRestore(
+                item=abstract, restore_args=jax.tree.map(
+                    lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype)
+                    if x.sharding is not None else ocp.RestoreArgs(restore_type=np.ndarray),
+                    abstract), partial_restore=True))
+        packed = {key: restored[key] for key in keys}
+        _check_sums(meta.get("checksums", {}), packed, where)
+        return jax.tree.unflatten(treedef, [packed[key] for key in keys])
+
     def restore_latest(self, like: Any) -> Restored | None:
         """The newest readable checkpoint (older ones are tried when the newest is damaged);
         None when there is none. ``like`` is the state to restore into, or a function of the

@@ -16,7 +16,9 @@ import sys
 
 import jax
 
-from recap_jax import run_config, train as train_lib
+from recap_jax import plan as plan_lib
+from recap_jax import run_config
+from recap_jax import train as train_lib
 
 __all__ = ["evaluate", "main"]
 
@@ -25,22 +27,20 @@ def evaluate(config, workdir: str, step: int | None = None, *,
              greedy: bool = True) -> tuple[int, dict]:
     """(checkpoint step, {task: {metric: value}}) of checkpoint ``step`` (default: newest).
     ``greedy=False``: only the teacher-forced metrics (answer NLL and image reliance)."""
-    run_config.validate(config)
-    setup = train_lib._setup(config, workdir)
+    run = train_lib.build_run(plan_lib.build_plan(config), workdir)
     try:
-        steps = setup.checkpoints.steps()
+        steps = run.checkpoints.steps()
         if not steps:
-            raise FileNotFoundError(f"no checkpoint in {setup.checkpoints.directory}")
+            raise FileNotFoundError(f"no checkpoint in {run.checkpoints.directory}")
         step = steps[-1] if step is None else step
         if step not in steps:
-            raise FileNotFoundError(f"no checkpoint {step} in {setup.checkpoints.directory}; "
+            raise FileNotFoundError(f"no checkpoint {step} in {run.checkpoints.directory}; "
                                     f"there are {steps}")
-        like = train_lib._resume_target(setup, setup.checkpoints.read_meta(step))
-        restored = setup.checkpoints.restore(step, like)
-        results = setup.evaluator(setup.graphdef, restored.state.params, greedy=greedy)
+        params = train_lib.load_checkpoint_params(run, step)
+        results = run.evaluator(run.graphdef, params, greedy=greedy)
     finally:
-        setup.log.close()
-        setup.checkpoints.close()
+        run.log.close()
+        run.checkpoints.close()
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
     name = f"checkpoint_{step}.json" if greedy else f"checkpoint_{step}_teacher_forced.json"
     with open(os.path.join(workdir, "eval", name), "w") as handle:

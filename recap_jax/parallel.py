@@ -349,28 +349,6 @@ def create_sharded(fn: Callable[..., Any], *args: Any, mesh: jax.sharding.Mesh, 
     return jax.jit(fn, out_shardings=shardings)(*args)
 
 
-def init_sharded_model(config, mesh: jax.sharding.Mesh, *, seed: int = 0, dtype: Any = jnp.float32,
-                       param_dtype: Any = jnp.float32, remat: str = "none", rules: Rules | None = None,
-                       strict: bool = True):
-    """A randomly initialised Qwen2.5-VL whose parameters are created directly on their shards.
-
-    The shapes come from ``nnx.eval_shape`` and one jit with ``out_shardings`` runs the
-    initialisers, so no device ever holds a full copy of a sharded parameter. The values are
-    those of ``model.init_model(config, seed=seed, ...)`` run under jit (eagerly run, a few
-    normal draws differ in the last bit).
-    """
-    from recap_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration
-
-    def create():
-        return Qwen2_5_VLForConditionalGeneration(config, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                                                  rngs=nnx.Rngs(seed))
-
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
-    shardings = param_shardings(abstract_state, mesh, rules, strict=strict)
-    state = jax.jit(lambda: nnx.split(create())[1], out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
-
-
 # ----------------------------------------------------------------------------- activations
 _ACTIVE_RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("recap_jax_rules", default=None)
 

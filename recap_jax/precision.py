@@ -17,6 +17,8 @@ import optax
 
 from recap_jax.parallel import dataclass_from_config
 
+# the policies of models.qwen2_5_vl.layers.REMAT_POLICIES (named here: no model import)
+REMAT_NAMES = ("none", "full", "save_dots")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -40,11 +42,9 @@ class PrecisionConfig:
     remat: str = "none"
 
     def __post_init__(self):
-        from recap_jax.models.qwen2_5_vl.layers import REMAT_POLICIES
-
         for name, allowed in (("param_dtype", ("float32", "bfloat16")),
                               ("compute_dtype", ("float32", "bfloat16", "float16")),
-                              ("remat", tuple(REMAT_POLICIES))):
+                              ("remat", REMAT_NAMES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"precision.{name}: {getattr(self, name)!r} is not one of {list(allowed)}")
 

@@ -17,7 +17,8 @@ how often each is drawn, the objective weights lambda and the KL term:
   coreset         like propmix, replay sources cut to half the primary's volume, lambda = 1
   lwf             uniform + KL to the frozen warm-start policy (beta 0.01, k3)
   modomodo        fixed shares (``data.modomodo_shares``), vision tower frozen, lambda = 1
-  recap           every source in turn, lambda from RECAP (``recap.variant``: released | paper)
+  recap           every source in turn, lambda from RECAP (``recap.variant``: released | paper,
+                  or the baselines dwa | static on the same interface)
 """
 
 from __future__ import annotations
@@ -58,7 +59,6 @@ METHODS = {
     "modomodo": Method("modomodo", freeze_vision=True),
     "recap": Method("round_robin", recap=True),
 }
-RECAP_VARIANTS = ("released", "paper")
 SOURCE_KINDS = ("synthetic", "thinklite", "refcoco", "ocr_llava", "lisa", "geoqav", "sat",
                 "scienceqa")
 PRESETS = ("tiny", "3b", "7b")
@@ -121,7 +121,13 @@ def base_config() -> ml_collections.ConfigDict:
         path="",  # "" = model.path, or (from scratch) a demo BPE built into WORKDIR/tokenizer
         min_pixels=3136, max_pixels=12845056,
     )
-    c.mesh = dict(spec="", distributed=False)  # "" = one device; e.g. "fsdp=-1", "data=2,fsdp=4"
+    c.mesh = dict(
+        spec="",  # "" = one device; e.g. "fsdp=-1", "data=2,fsdp=4"
+        # multi-host: jax.distributed.initialize before the mesh is built. The coordinator
+        # fields left empty ("", 0, -1) are read from the cluster's environment (TPU pods,
+        # SLURM, Open MPI); set all three to start processes by hand (e.g. on loopback).
+        distributed=False, coordinator_address="", num_processes=0, process_id=-1,
+    )
 
     c.data = dict(
         sources=ml_collections.ConfigDict(),  # task name -> source_config(...)
@@ -152,9 +158,15 @@ def base_config() -> ml_collections.ConfigDict:
         epsilon_low=0.2, epsilon_high=0.2, dual_clip_c=0.0,  # 0 = no dual clip
         beta=-1.0,  # KL coefficient; -1 = the method's (0, lwf 0.01)
         kl_estimator="k3", mask_truncated_completions=False,
-        num_iterations=1, num_minibatches=1,
+        num_iterations=1,
+        # optimizer updates per rollout batch and epoch, each on B / num_minibatches rows
+        # (whole groups); every mini-batch runs the vision tower over all the step's images
+        num_minibatches=1,
+        # recompute the old log-probs with the pre-update params instead of the sampler's
+        recompute_old_logprobs=False,
         max_bad_steps=5,  # stop (after saving) when this many steps in a row are not finite
     )
+    # variant: released | paper (recap-method.md) | dwa (Liu et al. 2019) | static (lambda = 1)
     c.recap = dict(variant="released", window=10, temperature=5.0, alpha=0.5)
     c.checkpoint = dict(every_steps=50, keep=2)  # RL steps between checkpoints; kept N at a time
     c.eval = dict(
@@ -240,27 +252,11 @@ def validate(config, *, check_paths: bool = True) -> None:
         _number(config, f"{stage}.warmup_fraction", 0.0, 0.999)
         _number(config, f"{stage}.max_grad_norm", 0.0, math.inf, low_open=True)
         _number(config, f"{stage}.weight_decay", 0.0)
-    _number(config, "rl.epsilon_low", 0.0, 0.999)
-    _number(config, "rl.epsilon_high", 0.0)
-    dual = config.rl.dual_clip_c
-    if dual != 0:
-        _number(config, "rl.dual_clip_c", 1.0, math.inf, low_open=True)
     if config.rl.beta != -1:
         _number(config, "rl.beta", 0.0)
-    _int(config, "rl.num_iterations", 1)
-    _int(config, "rl.num_minibatches", 1)
     _int(config, "rl.max_bad_steps", 1)
-    if config.rl.num_minibatches != 1:
-        # the train step splits every batch leaf by rows; an image batch's flat patch list
-        # [num_patches, ...] has no row axis (recap_jax.train_step.check_inputs)
-        _fail("rl.num_minibatches", config.rl.num_minibatches,
-              "1 (image batches cannot be split into row mini-batches; use rl.num_iterations "
-              "for several updates per rollout batch)")
-    _choice(config, "recap.variant", RECAP_VARIANTS)
-    _int(config, "recap.window", 1)
-    _number(config, "recap.temperature", 0.0, math.inf, low_open=True)
-    if config.recap.alpha != "anneal":
-        _number(config, "recap.alpha", 0.0, 1.0)
+    # rl.epsilon_*, dual_clip_c, num_iterations, num_minibatches, the loss options and
+    # recap.* are checked by the types they build (GRPOConfig, RecapConfig) in plan.build_plan
     _int(config, "checkpoint.every_steps", 0)
     _int(config, "checkpoint.keep", 1)
     _int(config, "eval.every_steps", 0)
@@ -295,9 +291,7 @@ def _validate_model(config, check_paths: bool) -> None:
         _fail("model.vocab_size", model.vocab_size, "an int >= 300 (256 bytes + special tokens)")
     if model.heads % model.kv_heads:
         _fail("model.kv_heads", model.kv_heads, f"a divisor of model.heads={model.heads}")
-    _choice(config, "model.param_dtype", ("float32", "bfloat16"))
-    _choice(config, "model.compute_dtype", ("float32", "bfloat16", "float16"))
-    _choice(config, "model.remat", ("none", "full", "save_dots"))
+    # model.param_dtype, compute_dtype, remat: checked by PrecisionConfig (plan.build_plan)
     _int(config, "model.logits_chunk", 0)
     if config.tokenizer.path and check_paths and not os.path.isdir(config.tokenizer.path):
         _fail("tokenizer.path", config.tokenizer.path, "an existing tokenizer directory")
@@ -374,6 +368,8 @@ def _validate_mesh(config) -> None:
 
     try:
         mesh = parse_mesh_spec(config.mesh.spec)
+        if config.mesh.distributed:  # the devices are known after jax.distributed starts
+            return
         sizes = mesh.axis_sizes(jax.device_count())
     except MeshConfigError as error:
         raise ConfigError(f"config.mesh.spec={config.mesh.spec!r}: {error}") from None

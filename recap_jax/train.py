@@ -4,36 +4,43 @@ baseline), with periodic evaluation, metrics and resumable checkpoints.
     python -m recap_jax.train --config configs/demo.py --workdir /tmp/recap_demo
     python -m recap_jax.train --config configs/demo.py --workdir DIR --config.rl.method=uniform
 
-Sections of `train` (one linear function, in the order they run):
-  1. config: validated before anything is built (recap_jax.run_config);
-  2. model: tokenizer + model from a Hugging Face directory or from scratch, on a mesh when
-     ``mesh.spec`` is set;
-  3. resume: the newest complete checkpoint in WORKDIR/checkpoints, if any (a damaged one is
-     reported and the previous one used);
-  4. SFT warm-start (``sft.steps``): next-token prediction on every source's formatted
-     completions; ends by writing WORKDIR/warmstart (a Hugging Face directory);
-  5. RL (``rl.steps``): per step one homogeneous batch from the replay mixture; an RL source's
-     prompts are sampled G times and scored, an SFT source's references give an NTP loss; the
-     jitted GRPO step takes the objective weights lambda (RECAP, or 1 for the baselines);
-     RECAP's state is updated from the step's per-objective signals;
-  6. evaluation (greedy, held-out records) before RL, every ``eval.every_steps`` and at the end.
+`train` in the order it runs:
+  1. plan: the config validated and turned into typed objects once (recap_jax.plan);
+  2. mesh (``mesh.spec``; ``mesh.distributed`` starts jax.distributed first), tokenizer,
+     model (a Hugging Face directory, a preset of the real architecture or the tiny model);
+  3. resume: the newest complete checkpoint in WORKDIR/checkpoints, if any;
+  4. each stage of the plan through one loop (`run_stage`): SFT (every source's targets as
+     next-token prediction; writes WORKDIR/warmstart), then RL (per step one homogeneous
+     batch from the replay mixture; an RL source's prompts are sampled G times and scored,
+     an SFT source's references give an NTP loss; one jitted step weights the batch with
+     lambda from RECAP, computed inside the step from the history including this batch, or
+     1 for the baselines);
+  5. evaluation (greedy, held-out records) before RL, every ``eval.every_steps`` and at the
+     end; the final policy exported to WORKDIR/final.
+
+Multi-process runs: every process reads the same replay stream (same seed) and keeps its own
+share of the rows (`rollout.Placement`): it samples, decodes and scores only those; the train step
+sees the global batch, so group advantages and RECAP's signals are global.
 
 Outputs in WORKDIR: config.json, metrics.jsonl (+ metrics.superseded.jsonl after a resume),
 tensorboard/, checkpoints/<step>/ (orbax; step = SFT step, or sft.steps + RL step),
-warmstart/, eval/<stage>_step_<n>.json, tokenizer/ (demo only).
+warmstart/ and final/ (Hugging Face directories), eval/<stage>_step_<n>.json, tokenizer/
+(demo only).
 
-Metric keys (one JSONL line per step; see recap_jax.metrics_log): loss, grad_norm, skipped,
-source, tokens_per_s, step_time_s, completion_length_mean, truncated_fraction, entropy,
-clip_fraction_{low,high}, kl (lwf), logprob_abs_diff; per objective o: reward/<o> (batch mean
-raw reward, RL objectives in the batch), ntp_loss/<o> (SFT objectives in the batch), weight/<o>
-(lambda used), recap/c/<o>, recap/i/<o> (RECAP state after the step; recap only).
+Metric keys (one JSONL line per step; see recap_jax.metrics_log): loss, grad_norm,
+update_norm (global L2 norm of the change of the stored parameters: 0 when a bf16 update is
+rounded away), param_norm, ratio_max, ratio_p99 (importance ratio pi / pi_old over RL
+tokens), skipped, source, tokens_per_s, step_time_s, completion_length_mean,
+truncated_fraction, entropy, clip_fraction_{low,high}, kl (lwf), logprob_abs_diff; per
+objective o: reward/<o> (batch mean raw reward, RL objectives in the batch), ntp_loss/<o>
+(SFT objectives in the batch), weight/<o> (the lambda that weighted this step), recap/c/<o>,
+recap/i/<o> (RECAP's c and i after this step's signal; recap only).
 Eval lines: eval/<task>/<metric>, eval/<task>/completion_length.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -44,22 +51,22 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 
-from recap_jax import grpo, recap, rollout, run_config, sampling
+from recap_jax import parallel, plan as plan_lib, policy, recap, rollout, run_config, sampling
 from recap_jax.checkpointing import CheckpointMismatch, RunCheckpoints
 from recap_jax.data.records import SkipCounter
+from recap_jax.data.replay import make_replay
+from recap_jax.data.run_sources import WarmStartTargets, open_sources
 from recap_jax.data.tasks import get_task
+from recap_jax.evaluator import Evaluator
 from recap_jax.metrics_log import MetricsLog
-from recap_jax.train_state import TrainState, make_optimizer
-from recap_jax.train_step import make_train_step
+from recap_jax.train_state import TrainState
+from recap_jax.train_step import TrainBatch, make_train_step
 
-__all__ = ["CheckpointsUnreadable", "TrainingStopped", "train", "main"]
+__all__ = ["CheckpointsUnreadable", "TrainingStopped", "load_checkpoint_params", "main",
+           "run_stage", "train"]
 
 _log = logging.getLogger("recap_jax.train")
-RL_RNG_OFFSET = 1_000_003  # RL step keys fold in (offset + step), disjoint from SFT's
-
 
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (too many non-finite steps in a row); a checkpoint holding
@@ -70,27 +77,39 @@ class CheckpointsUnreadable(RuntimeError):
     """The workdir has checkpoints but none can be read; the run refuses to start over them."""
 
 
-# --------------------------------------------------------------------------- setup
+# --------------------------------------------------------------------------- host
+
+
+def _host_scalars(metrics: dict) -> dict:
+    """Replicated metrics -> numpy (a multi-process array: its local copy)."""
+    return {k: np.asarray(v.addressable_data(0) if isinstance(v, jax.Array) else v)
+            for k, v in metrics.items()}
+
+
+# --------------------------------------------------------------------------- the run
 
 
 @dataclasses.dataclass
-class Setup:
-    """What both stages share (built once per process)."""
+class Run:
+    """What every stage shares (built once per process)."""
 
-    config: Any
+    plan: plan_lib.RunPlan
     workdir: str
     processor: Any
     model_config: Any
     graphdef: Any
     initial_params: Any
-    mesh: Any
-    names: list[str]
+    placement: rollout.Placement
     train_sources: list
-    evaluator: rollout.Evaluator
+    evaluator: Evaluator
     checkpoints: RunCheckpoints
     log: MetricsLog
     skips: SkipCounter
     on_step: Any = None  # callable(stage, step, line) after each logged step, or None
+
+    @property
+    def mesh(self):
+        return self.placement.mesh
 
     def record(self, stage: str, step: int, line: dict) -> None:
         self.log.write(stage, step, line)
@@ -98,106 +117,51 @@ class Setup:
             self.on_step(stage, step, line)
 
 
-def _dtype(name: str):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
-
-
-def _build_model(config, model_config, mesh):
-    """(graphdef, params) from model.path or a seeded random init."""
-    from recap_jax.models import qwen2_5_vl as qwen
-    from recap_jax import parallel
-
-    model_cfg = config.model
-    kwargs = dict(dtype=_dtype(model_cfg.compute_dtype), param_dtype=_dtype(model_cfg.param_dtype),
-                  remat=model_cfg.remat)
-    if model_cfg.path:
-        model = qwen.from_pretrained(model_cfg.path, mesh=mesh, **kwargs)
-    elif mesh is not None:
-        model = parallel.init_sharded_model(model_config, mesh, seed=config.seed, **kwargs)
-    else:
-        model = qwen.init_model(model_config, seed=config.seed, **kwargs)
-    return nnx.split(model)
-
-
-def _setup(config, workdir: str) -> Setup:
-    from recap_jax import parallel
-
-    mesh = parallel.make_mesh(parallel.parse_mesh_spec(config.mesh.spec)) if config.mesh.spec \
-        else None
-    processor = rollout.build_processor(config, workdir)
-    model_config = rollout.build_model_config(config)
-    rollout.check_tokenizer_matches(processor, model_config)
-    graphdef, params = _build_model(config, model_config, mesh)
+def build_run(plan: plan_lib.RunPlan, workdir: str) -> Run:
+    """Mesh, tokenizer, model, sources, evaluator, checkpoints and metrics of a plan."""
+    mesh = parallel.make_mesh(plan.mesh) if plan.mesh is not None else None
+    processor = policy.build_processor(plan, workdir)
+    model_config = policy.build_model_config(plan.model)
+    policy.check_tokenizer_matches(processor, model_config)
+    graphdef, params = policy.build_params(plan, model_config, mesh)
     skips = SkipCounter(_log)
-    names = run_config.source_names(config)
-    train_sources = rollout.open_sources(config, "train", skips)
-    if [source.name for source in train_sources] != names:  # source ids index both
-        raise AssertionError(f"sources {[s.name for s in train_sources]} != names {names}")
-    eval_sources = rollout.open_sources(config, "eval", skips)
-    data = config.data
-    evaluator = rollout.Evaluator(eval_sources, processor, model_config,
-                                  num_examples=config.eval.num_examples,
-                                  batch_size=config.eval.batch_size,
-                                  max_new_tokens=config.eval.max_new_tokens,
-                                  prompt_buckets=data.prompt_buckets,
-                                  answer_buckets=data.answer_buckets,
-                                  image_reliance=config.eval.image_reliance)
-    checkpoints = RunCheckpoints(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
-    log = MetricsLog(workdir, tensorboard=config.log.tensorboard)
-    return Setup(config, workdir, processor, model_config, graphdef, params, mesh, names,
-                 train_sources, evaluator, checkpoints, log, skips)
+    train_sources = open_sources(plan.sources, "train", skips)
+    evaluator = Evaluator(open_sources(plan.sources, "eval", skips), processor, model_config,
+                          num_examples=plan.eval_num_examples, batch_size=plan.eval_batch_size,
+                          max_new_tokens=plan.eval_max_new_tokens,
+                          prompt_buckets=plan.data.prompt_buckets,
+                          answer_buckets=plan.data.answer_buckets,
+                          image_reliance=plan.eval_image_reliance)
+    checkpoints = RunCheckpoints(os.path.join(workdir, "checkpoints"), keep=plan.checkpoint_keep)
+    log = MetricsLog(workdir, tensorboard=plan.tensorboard)
+    return Run(plan, workdir, processor, model_config, graphdef, params, rollout.Placement(mesh),
+               train_sources, evaluator, checkpoints, log, skips)
 
 
-def _replay(setup: Setup, sources, *, batch_size: int, strategy: str, homogeneous: bool,
-            state: dict | None, weights=None, primary=()):
-    from recap_jax.data.replay import ReplayConfig, make_replay
-
-    data = setup.config.data
-    replay_config = ReplayConfig(batch_size=batch_size, strategy=strategy, homogeneous=homogeneous,
-                                 weights=weights, primary=tuple(primary), seed=setup.config.seed,
-                                 prompt_buckets=tuple(data.prompt_buckets),
-                                 answer_buckets=tuple(data.answer_buckets),
-                                 patch_buckets=tuple(data.patch_buckets),
-                                 num_parallel_calls=data.num_parallel_calls, prefetch=data.prefetch)
-    return make_replay(sources, setup.processor, setup.model_config, replay_config, state=state,
-                       skips=setup.skips)
+# --------------------------------------------------------------------------- logging
 
 
-def _place(setup: Setup, tree):
-    """Host batch -> device (replicated over the mesh; the model's constraints shard it)."""
-    if setup.mesh is None:
-        return rollout.to_device(tree)
-    sharding = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
-    return rollout.to_device(tree, sharding)
-
-
-# --------------------------------------------------------------------------- logging helpers
-
-
-def _host(metrics: dict) -> dict:
-    return {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
-
-
-def _objective_values(names, metrics: dict, weights, recap_state) -> dict[str, float]:
+def _objective_values(objectives: recap.ObjectiveSet, metrics: dict) -> dict[str, float]:
     """Per-objective entries of a metrics line (see the module docstring)."""
     out = {}
     present = metrics["objective_present"].astype(bool)
-    is_sft = [name.endswith("/ntp") for name in names]
-    for k, name in enumerate(names):
-        if present[k] and is_sft[k]:
-            out[f"ntp_loss/{name}"] = float(metrics["objective_ntp_loss"][k])
-        elif present[k]:
-            out[f"reward/{name}"] = float(metrics["objective_reward_mean"][k])
-        out[f"weight/{name}"] = float(np.asarray(weights)[k])
-        if recap_state is not None:
-            out[f"recap/c/{name}"] = float(recap_state.c[k])
-            out[f"recap/i/{name}"] = float(recap_state.i[k])
+    for k, (name, direction) in enumerate(zip(objectives.names, objectives.directions)):
+        if present[k]:
+            key = "ntp_loss" if direction == "loss" else "reward"
+            value = metrics["objective_ntp_loss" if direction == "loss"
+                            else "objective_reward_mean"][k]
+            out[f"{key}/{name}"] = float(value)
+        out[f"weight/{name}"] = float(metrics["objective_weight"][k])
+        if "recap_c" in metrics:
+            out[f"recap/c/{name}"] = float(metrics["recap_c"][k])
+            out[f"recap/i/{name}"] = float(metrics["recap_i"][k])
     return out
 
 
-SCALARS = ("loss", "grad_norm", "skipped", "entropy", "kl", "logprob_abs_diff",
-           "clip_fraction_low", "clip_fraction_high", "completion_length_mean",
-           "truncated_fraction")
+SCALARS = ("loss", "grad_norm", "update_norm", "param_norm", "skipped", "entropy", "kl",
+           "logprob_abs_diff", "ratio_max", "ratio_p99", "clip_fraction_low",
+           "clip_fraction_high", "completion_length_mean", "truncated_fraction")
+SFT_SCALARS = ("loss", "grad_norm", "update_norm", "param_norm", "skipped")
 
 
 def _progress(stage: str, step: int, total: int, line: dict, eta_s: float) -> str:
@@ -205,7 +169,8 @@ def _progress(stage: str, step: int, total: int, line: dict, eta_s: float) -> st
                        if k.startswith(("reward/", "ntp_loss/")))
     weights = " ".join(f"{v:.2f}" for k, v in line.items() if k.startswith("weight/"))
     return (f"[{stage}] step {step}/{total} {line.get('source', '')} | {rewards} | lambda "
-            f"[{weights}] | loss {line.get('loss', float('nan')):.4f} | "
+            f"[{weights}] | loss {line.get('loss', float('nan')):.4f} | update "
+            f"{line.get('update_norm', float('nan')):.2e} | "
             f"{line.get('tokens_per_s', 0):.0f} tok/s | ETA {eta_s / 60:.1f} min")
 
 
@@ -223,15 +188,15 @@ class _Clock:
         return remaining * float(np.mean(recent)) if recent else 0.0
 
 
-def _evaluate(setup: Setup, params, rl_step: int, stage: str = "rl") -> dict:
+def _evaluate(run: Run, params, rl_step: int, stage: str = "rl") -> dict:
     """Runs the evaluator, logs an eval line and writes eval/<stage>_step_<n>.json."""
     start = time.perf_counter()
-    results = setup.evaluator(setup.graphdef, params)
+    results = run.evaluator(run.graphdef, params)
     values = {f"eval/{task}/{metric}": value for task, table in results.items()
               for metric, value in table.items() if metric != "num_examples"}
-    setup.log.write("eval", rl_step, dict(values, eval_time_s=time.perf_counter() - start))
-    os.makedirs(os.path.join(setup.workdir, "eval"), exist_ok=True)
-    with open(os.path.join(setup.workdir, "eval", f"{stage}_step_{rl_step}.json"), "w") as handle:
+    run.log.write("eval", rl_step, dict(values, eval_time_s=time.perf_counter() - start))
+    os.makedirs(os.path.join(run.workdir, "eval"), exist_ok=True)
+    with open(os.path.join(run.workdir, "eval", f"{stage}_step_{rl_step}.json"), "w") as handle:
         json.dump({"stage": stage, "step": rl_step, "tasks": results}, handle, indent=1)
     print(format_eval_table(results, f"eval at {stage} step {rl_step}"), flush=True)
     return results
@@ -249,285 +214,173 @@ def format_eval_table(results: dict, title: str) -> str:
 # --------------------------------------------------------------------------- stages
 
 
-def _stage_state(setup: Setup, params, optimizer, seed_offset: int, recap_state=None):
-    create = lambda p: TrainState.create(p, optimizer, jax.random.key(  # noqa: E731
-        setup.config.seed + seed_offset), recap_state)
-    if setup.mesh is None:
+def stage_state(run: Run, stage: plan_lib.StagePlan, params) -> TrainState:
+    """A fresh train state of ``stage`` from ``params`` (sharded like them on a mesh)."""
+    recap_state = recap.init(stage.recap, stage.objectives.num_objectives) if stage.recap \
+        else None
+
+    def create(p):
+        return TrainState.create(p, stage.optimizer,
+                                 jax.random.key(run.plan.seed + (stage.name == "rl")),
+                                 recap_state)
+
+    if run.mesh is None:
         return create(params)
-    from recap_jax import parallel
-
-    with parallel.use_mesh(setup.mesh):
-        return parallel.create_sharded(create, params, mesh=setup.mesh, strict=False)
+    with parallel.use_mesh(run.mesh):
+        return parallel.create_sharded(create, params, mesh=run.mesh, strict=False)
 
 
-def _sft_objectives(setup: Setup) -> recap.ObjectiveSet:
-    return recap.ObjectiveSet([(name, "sft", ()) for name in setup.names])
+class _StageSteps:
+    """The stage's jitted steps (one per group size: RL sources G rows per prompt, SFT 1)
+    and how a replay batch becomes a train-step batch."""
+
+    def __init__(self, run: Run, stage: plan_lib.StagePlan):
+        self.run, self.stage = run, stage
+        self.sampling = (stage.sampling_params(run.model_config.eos_token_id,
+                                               run.model_config.pad_token_id)
+                         if stage.is_rl else None)
+        self._steps: dict[int, Any] = {}
+
+    def step_fn(self, grpo_config):
+        if grpo_config.group_size not in self._steps:
+            logprob_fn = sampling.make_logprob_fn(self.run.graphdef, grpo_config.group_size,
+                                                  self.run.plan.model.logits_chunk)
+            self._steps[grpo_config.group_size] = make_train_step(
+                grpo_config, logprob_fn, self.stage.optimizer, recap=self.stage.recap)
+        return self._steps[grpo_config.group_size]
+
+    def batch(self, replay_batch: dict, step: int, params) -> tuple[TrainBatch, Any, int, str]:
+        """(device TrainBatch, its GRPOConfig, tokens processed, source) of a replay batch."""
+        run, stage, place = self.run, self.stage, self.run.placement
+        source_id = int(replay_batch["source_id"][0]) if stage.is_rl else 0
+        name = stage.sources[source_id]
+        grpo_config = stage.source_grpo(name) if stage.is_rl else stage.grpo
+        buckets = run.plan.data.prompt_buckets
+        task = get_task(name)
+        if stage.is_rl and task.kind == "rl":
+            rng = jax.random.fold_in(jax.random.key(run.plan.seed), stage.rng_offset + step)
+            batch, stats = rollout.rl_batch(
+                graphdef=run.graphdef, params=params, batch=replay_batch, task=task,
+                source_id=source_id, model_config=run.model_config, processor=run.processor,
+                sampling_params=self.sampling, rng=rng,
+                num_reward_columns=grpo_config.num_reward_columns, prompt_buckets=buckets,
+                placement=place)
+            tokens = stats["sampled_tokens"]
+        else:
+            batch, stats = rollout.sft_batch(
+                batch=replay_batch, source_id=source_id, model_config=run.model_config,
+                num_reward_columns=grpo_config.num_reward_columns, prompt_buckets=buckets)
+            batch = place.local_batch(batch)
+            tokens = stats["trained_tokens"]
+        return place.to_device(batch, rollout.BATCH_AXES), grpo_config, tokens, name
 
 
-def _sft_state(setup: Setup, params):
-    sft = setup.config.sft
-    optimizer = make_optimizer(sft.learning_rate, sft.steps, warmup_fraction=sft.warmup_fraction,
-                               max_grad_norm=sft.max_grad_norm, weight_decay=sft.weight_decay)
-    return optimizer, _stage_state(setup, params, optimizer, 0)
-
-
-def _save(setup: Setup, global_step: int, state, stage: str, stage_step: int, replay,
+def _save(run: Run, global_step: int, state, stage: str, stage_step: int, replay,
           bad_steps: int) -> None:
-    setup.checkpoints.save(global_step, state, {
+    run.checkpoints.save(global_step, state, {
         "stage": stage, "stage_step": stage_step, "replay": replay.state() if replay else None,
-        "bad_steps": bad_steps, "skipped_records": setup.skips.counts()})
+        "bad_steps": bad_steps, "skipped_records": run.skips.counts()})
 
 
-def _check_bad_steps(setup: Setup, bad_steps: int, save) -> None:
-    limit = setup.config.rl.max_bad_steps
-    if bad_steps >= limit:
-        save()
-        raise TrainingStopped(
-            f"{bad_steps} steps in a row had a non-finite loss or gradient (limit "
-            f"rl.max_bad_steps={limit}); their updates were skipped, the last good state is "
-            f"saved in {setup.checkpoints.directory}. Check the rewards and the learning rate.")
+def _replay_sources(run: Run, stage: plan_lib.StagePlan) -> list:
+    names = list(run.plan.source_names)
+    sources = [run.train_sources[names.index(n)] for n in stage.sources]
+    if stage.is_rl:
+        return sources
+    return [WarmStartTargets(s, run.processor) for s in sources]
 
 
-def _logprob_fn(setup: Setup, group_size: int):
-    return sampling.make_logprob_fn(setup.graphdef, group_size, setup.config.model.logits_chunk)
-
-
-def run_sft(setup: Setup, params, resumed) -> Any:
-    """The warm-start: returns the trained params (and writes WORKDIR/warmstart)."""
-    config = setup.config
-    total = config.sft.steps
-    objectives = _sft_objectives(setup)
-    count = objectives.num_objectives  # every source is an SFT objective; no reward columns
-    grpo_config = grpo.GRPOConfig(group_size=1, reward_objective_index=((-1,),) * count,
-                                  sft_objective_index=tuple(range(count)))
-    optimizer, state = _sft_state(setup, params)
+def run_stage(run: Run, stage: plan_lib.StagePlan, params, resumed) -> Any:
+    """One stage from ``params`` (or its checkpoint in ``resumed``) to its last step; returns
+    the final params. Resume, clock, bad-step counting, metrics lines, progress, evaluation
+    and checkpoint cadence are the same for SFT and RL."""
+    plan = run.plan
+    offset = plan.stage("sft").steps if stage.is_rl and plan.stage("sft") else 0
+    reference = jax.tree.map(jnp.copy, params) if stage.reference else None  # state is donated
+    state = stage_state(run, stage, params)
     start, replay_state, bad_steps = 0, None, 0
-    if resumed is not None and resumed.meta["stage"] == "sft":
+    if resumed is not None and resumed.meta["stage"] == stage.name:
         state, start = resumed.state, resumed.meta["stage_step"]
         replay_state, bad_steps = resumed.meta["replay"], resumed.meta["bad_steps"]
-    if start < total:
-        step_fn = make_train_step(grpo_config, _logprob_fn(setup, 1),
-                                  optimizer)
-        sources = [rollout.WarmStartTargets(s, setup.processor) for s in setup.train_sources]
-        shares = config.sft.source_shares
-        replay = _replay(setup, sources, batch_size=config.sft.batch_size,
-                         strategy="modomodo" if shares else "uniform",  # modomodo: fixed shares
-                         weights=run_config.parse_shares(shares, len(sources)) if shares else None,
-                         homogeneous=False, state=replay_state)
-        weights = jnp.ones((objectives.num_objectives,), jnp.float32)
-        clock = _Clock()
-        for step in range(start + 1, total + 1):
+    if stage.is_rl and start == 0:
+        _evaluate(run, state.params, 0)
+    if start >= stage.steps:
+        return state.params
+    steps = _StageSteps(run, stage)
+    replay = make_replay(_replay_sources(run, stage), run.processor, run.model_config,
+                         stage.replay, state=replay_state, skips=run.skips)
+    clock = _Clock()
+    scalars = SCALARS if stage.is_rl else SFT_SCALARS
+    try:
+        for step in range(start + 1, stage.steps + 1):
             began = time.perf_counter()
-            batch, stats = rollout.sft_batch(
-                batch=next(replay), source_id=0, model_config=setup.model_config,
-                num_reward_columns=grpo_config.num_reward_columns,
-                prompt_buckets=config.data.prompt_buckets)
-            state, metrics = step_fn(state, _place(setup, batch), weights)
-            metrics = _host(metrics)
+            batch, grpo_config, tokens, source = steps.batch(next(replay), step, state.params)
+            state, metrics = steps.step_fn(grpo_config)(state, batch, None, reference)
+            metrics = _host_scalars(metrics)
             clock.add(time.perf_counter() - began)
             bad_steps = bad_steps + 1 if metrics["skipped"] > 0 else 0
-            line = {k: float(metrics[k]) for k in ("loss", "grad_norm", "skipped")}
-            line.update(_objective_values(objectives.names, metrics, weights, None))
-            line.update(tokens_per_s=stats["trained_tokens"] / clock.times[-1],
-                        step_time_s=clock.times[-1])
-            setup.record("sft", step, line)
-            if step % config.log.every_steps == 0 or step == total:
-                print(_progress("sft", step, total, line, clock.eta(total - step)), flush=True)
-            save = lambda: _save(setup, step, state, "sft", step, replay, bad_steps)  # noqa: E731,B023
-            _check_bad_steps(setup, bad_steps, save)
-            if step == total or (config.checkpoint.every_steps
-                                 and step % config.checkpoint.every_steps == 0):
+            rl_batch = grpo_config.group_size == stage.grpo.group_size and stage.is_rl
+            line = {k: float(metrics[k]) for k in scalars if k in metrics
+                    and (rl_batch or k in SFT_SCALARS)}
+            if stage.is_rl:
+                line["source"] = source
+            line.update(tokens_per_s=tokens / clock.times[-1], step_time_s=clock.times[-1])
+            line.update(_objective_values(stage.objectives, metrics))
+            run.record(stage.name, step, line)
+            if step % plan.log_every == 0 or step == stage.steps:
+                print(_progress(stage.name, step, stage.steps, line,
+                                clock.eta(stage.steps - step)), flush=True)
+            save = lambda: _save(run, offset + step, state, stage.name, step, replay,  # noqa: E731,B023
+                                 bad_steps)
+            if bad_steps >= stage.max_bad_steps:
                 save()
+                raise TrainingStopped(
+                    f"{bad_steps} steps in a row had a non-finite loss or gradient (limit "
+                    f"rl.max_bad_steps={stage.max_bad_steps}); their updates were skipped, the "
+                    f"last good state is saved in {run.checkpoints.directory}. Check the "
+                    "rewards and the learning rate.")
+            if stage.is_rl and (step == stage.steps
+                                or (stage.eval_every and step % stage.eval_every == 0)):
+                _evaluate(run, state.params, step)
+            if step == stage.steps or (plan.checkpoint_every
+                                       and step % plan.checkpoint_every == 0):
+                save()
+    finally:
         replay.close()
-    _write_warmstart(setup, state.params)
     return state.params
 
 
-def _write_warmstart(setup: Setup, params) -> None:
-    """WORKDIR/warmstart: the warm-started policy as a Hugging Face directory (+ tokenizer)."""
-    from recap_jax.models import qwen2_5_vl as qwen
-
-    path = os.path.join(setup.workdir, "warmstart")
-    qwen.save_pretrained(nnx.merge(setup.graphdef, params), path)
-    setup.processor.tokenizer.save_pretrained(path)
+# --------------------------------------------------------------------------- resume
 
 
-def _rl_optimizer(setup: Setup, method: run_config.Method):
-    rl = setup.config.rl
-    updates = rl.steps * rl.num_iterations * rl.num_minibatches
-    optimizer = make_optimizer(rl.learning_rate, max(updates, 1),
-                               warmup_fraction=rl.warmup_fraction,
-                               max_grad_norm=rl.max_grad_norm, weight_decay=rl.weight_decay)
-    if not method.freeze_vision:
-        return optimizer
-
-    def labels(params):
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: "frozen" if "visual" in jax.tree_util.keystr(path) else "trained",
-            params)
-
-    return optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()}, labels)
-
-
-def _rl_plan(setup: Setup):
-    """(method, source names used, their sources, ObjectiveSet, GRPOConfig, RecapConfig)."""
-    config = setup.config
-    method = run_config.METHODS[config.rl.method]
-    primary = config.data.primary or setup.names[0]
-    names = setup.names if method.replay else [primary]
-    sources = [setup.train_sources[setup.names.index(n)] for n in names]
-    objectives = recap.ObjectiveSet([(n, get_task(n).kind, get_task(n).rewards) for n in names])
-    rl = config.rl
-    beta = method.beta if rl.beta == -1 else rl.beta
-    grpo_config = grpo.GRPOConfig.for_objectives(
-        objectives, group_size=rl.group_size, advantage_normalization=rl.advantage_normalization,
-        epsilon_low=rl.epsilon_low, epsilon_high=rl.epsilon_high,
-        dual_clip_c=rl.dual_clip_c or None, loss_aggregation=rl.loss_aggregation,
-        max_completion_length=rl.max_new_tokens, beta=beta, kl_estimator=rl.kl_estimator,
-        weighting=rl.weighting, mask_truncated_completions=rl.mask_truncated_completions,
-        num_iterations=rl.num_iterations, num_minibatches=rl.num_minibatches)
-    recap_config = None
-    if method.recap:
-        recap_config = objectives.recap_config(
-            variant=config.recap.variant, window=config.recap.window,
-            temperature=config.recap.temperature, alpha=config.recap.alpha,
-            max_steps=max(rl.steps, 1))
-    return method, primary, names, sources, objectives, grpo_config, recap_config
-
-
-def _replay_weights(config, names):
-    if config.rl.method != "modomodo":
-        return None
-    if config.data.modomodo_shares:
-        return run_config.parse_shares(config.data.modomodo_shares, len(names))
-    from recap_jax.data.replay import MODOMODO_SHARES
-
-    return tuple(MODOMODO_SHARES[n] for n in names)
-
-
-def run_rl(setup: Setup, params, resumed) -> Any:
-    """RLVR with replay and RECAP or a baseline, from ``params`` (the warm-start)."""
-    config, rl = setup.config, setup.config.rl
-    if rl.steps == 0:  # a warm-start only: evaluate it, build no RL machinery
-        _evaluate(setup, params, 0)
-        return params
-    method, primary, names, sources, objectives, grpo_config, recap_config = _rl_plan(setup)
-    optimizer = _rl_optimizer(setup, method)
-    recap_state = recap.init(recap_config, objectives.num_objectives) if recap_config else None
-    # the step donates the state: the frozen reference needs buffers of its own
-    reference_params = jax.tree.map(jnp.copy, params) if grpo_config.beta > 0 else None
-    state = _stage_state(setup, params, optimizer, 1, recap_state)
-    start, replay_state, bad_steps = 0, None, 0
-    if resumed is not None and resumed.meta["stage"] == "rl":
-        state, start = resumed.state, resumed.meta["stage_step"]
-        replay_state, bad_steps = resumed.meta["replay"], resumed.meta["bad_steps"]
-    if start == 0:
-        _evaluate(setup, state.params, 0)
-    if start >= rl.steps:
-        return state.params
-
-    rl_step_fn = make_train_step(grpo_config, _logprob_fn(setup, rl.group_size), optimizer)
-    sft_config = dataclasses.replace(grpo_config, group_size=1)
-    sft_step_fn = make_train_step(sft_config, _logprob_fn(setup, 1),
-                                  optimizer)
-    reference_fn = jax.jit(lambda p, b: _logprob_fn(setup, rl.group_size)(p, b)[0]) \
-        if reference_params is not None else None
-    update_recap = jax.jit(lambda s, m: recap.update(recap_config, s, m["objective_signal"],
-                                                     m["objective_present"])[0]) \
-        if recap_config else None
-    sampling_params = sampling.SamplingParams(
-        rl.max_new_tokens, rl.temperature, rl.top_p, rl.top_k, setup.model_config.eos_token_id,
-        setup.model_config.pad_token_id, rl.group_size).validate()
-    replay = _replay(setup, sources, batch_size=rl.prompts_per_step, strategy=method.strategy,
-                     homogeneous=True, state=replay_state, primary=(primary,),
-                     weights=_replay_weights(config, names))
-    offset = config.sft.steps
-    clock = _Clock()
-    for step in range(start + 1, rl.steps + 1):
-        began = time.perf_counter()
-        batch = next(replay)
-        source_id = int(batch["source_id"][0])
-        task = get_task(names[source_id])
-        weights = jnp.copy(state.recap_state.weights) if recap_config else \
-            jnp.ones((objectives.num_objectives,), jnp.float32)  # (a copy: the state is donated)
-        if task.kind == "rl":
-            rng = jax.random.fold_in(jax.random.key(config.seed), RL_RNG_OFFSET + step)
-            step_batch, stats = rollout.rl_batch(
-                graphdef=setup.graphdef, params=state.params, batch=batch, task=task,
-                source_id=source_id, model_config=setup.model_config, processor=setup.processor,
-                sampling_params=sampling_params, rng=rng,
-                num_reward_columns=grpo_config.num_reward_columns,
-                prompt_buckets=config.data.prompt_buckets)
-            step_batch = _place(setup, step_batch)
-            if reference_fn is not None:
-                step_batch["ref_logprobs"] = reference_fn(reference_params, step_batch)
-            tokens = stats["sampled_tokens"]
-            state, metrics = rl_step_fn(state, step_batch, weights)
-        else:
-            step_batch, stats = rollout.sft_batch(
-                batch=batch, source_id=source_id, model_config=setup.model_config,
-                num_reward_columns=grpo_config.num_reward_columns,
-                prompt_buckets=config.data.prompt_buckets)
-            step_batch = _place(setup, step_batch)
-            if reference_fn is not None:
-                step_batch["ref_logprobs"] = jnp.zeros_like(step_batch["old_logprobs"])
-            tokens = stats["trained_tokens"]
-            state, metrics = sft_step_fn(state, step_batch, weights)
-        if update_recap is not None:
-            state = state.replace(recap_state=update_recap(state.recap_state, metrics))
-        metrics = _host(metrics)
-        clock.add(time.perf_counter() - began)
-        bad_steps = bad_steps + 1 if metrics["skipped"] > 0 else 0
-        line = {k: float(metrics[k]) for k in SCALARS if k in metrics
-                and (task.kind == "rl" or k in ("loss", "grad_norm", "skipped"))}
-        line.update(source=names[source_id], tokens_per_s=tokens / clock.times[-1],
-                    step_time_s=clock.times[-1])
-        line.update(_objective_values(objectives.names, metrics, np.asarray(weights),
-                                      jax.device_get(state.recap_state) if recap_config else None))
-        setup.record("rl", step, line)
-        if step % config.log.every_steps == 0 or step == rl.steps:
-            print(_progress("rl", step, rl.steps, line, clock.eta(rl.steps - step)), flush=True)
-        save = lambda: _save(setup, offset + step, state, "rl", step, replay, bad_steps)  # noqa: E731,B023
-        _check_bad_steps(setup, bad_steps, save)
-        if step == rl.steps or (config.eval.every_steps and step % config.eval.every_steps == 0):
-            _evaluate(setup, state.params, step)
-        if step == rl.steps or (config.checkpoint.every_steps
-                                and step % config.checkpoint.every_steps == 0):
-            save()
-    replay.close()
-    return state.params
-
-
-# --------------------------------------------------------------------------- entry points
-
-
-def _resume_target(setup: Setup, meta: dict):
+def _resume_target(run: Run, meta: dict) -> TrainState:
     """A fresh train state of the checkpoint's stage (the structure a restore fills)."""
-    if meta["stage"] == "sft":
-        return _sft_state(setup, setup.initial_params)[1]
-    method, _, _, _, objectives, _, recap_config = _rl_plan(setup)
-    recap_state = recap.init(recap_config, objectives.num_objectives) if recap_config else None
-    return _stage_state(setup, setup.initial_params, _rl_optimizer(setup, method), 1, recap_state)
+    return stage_state(run, run.plan.stage(meta["stage"]), run.initial_params)
 
 
-def _resume(setup: Setup):
+def _resume(run: Run):
     """The newest complete checkpoint, restored into the state of its stage; None if none."""
-    like = functools.partial(_resume_target, setup)
-    resumed = setup.checkpoints.restore_latest(like)
-    if resumed is None and setup.checkpoints.set_aside:
+    resumed = run.checkpoints.restore_latest(lambda meta: _resume_target(run, meta))
+    if resumed is None and run.checkpoints.set_aside:
         raise CheckpointsUnreadable(
-            f"every checkpoint in {setup.checkpoints.directory} is damaged (see the warnings "
-            f"above); they were moved to {setup.checkpoints.set_aside}, nothing was deleted "
+            f"every checkpoint in {run.checkpoints.directory} is damaged (see the warnings "
+            f"above); they were moved to {run.checkpoints.set_aside}, nothing was deleted "
             "or overwritten. Run again to start over, or restore them by hand.")
     if resumed is not None:
         meta = resumed.meta
-        moved = setup.log.rewind(meta["stage"], meta["stage_step"])
-        print(f"resuming from {setup.checkpoints.path(resumed.step)} ({meta['stage']} step "
+        moved = run.log.rewind(meta["stage"], meta["stage_step"])
+        print(f"resuming from {run.checkpoints.path(resumed.step)} ({meta['stage']} step "
               f"{meta['stage_step']}); {moved} later metric lines moved to "
-              f"{os.path.basename(setup.log.superseded_path)}", flush=True)
-    elif os.path.exists(setup.log.path):
-        setup.log.rewind("sft", 0)  # a run killed before its first checkpoint starts over
+              f"{os.path.basename(run.log.superseded_path)}", flush=True)
+    elif os.path.exists(run.log.path):
+        run.log.rewind("sft", 0)  # a run killed before its first checkpoint starts over
     return resumed
+
+
+def load_checkpoint_params(run: Run, step: int):
+    """The params of checkpoint ``step`` (the optimizer state is not built or read)."""
+    meta = run.checkpoints.read_meta(step)
+    return run.checkpoints.restore_params(step, run.initial_params, meta)
 
 
 def _write_config(config, workdir: str) -> None:
@@ -541,37 +394,33 @@ def train(config, workdir: str, *, on_step=None) -> Any:
     on_step: optional callable(stage, step, line) run after each step's metrics line is
     written (monitoring, tests).
     """
-    run_config.validate(config)
+    plan = plan_lib.build_plan(config)
     os.makedirs(workdir, exist_ok=True)
     _write_config(config, workdir)
-    setup = _setup(config, workdir)
-    setup.on_step = on_step
+    run = build_run(plan, workdir)
+    run.on_step = on_step
     try:
-        resumed = _resume(setup)
-        params = setup.initial_params
+        resumed = _resume(run)
+        params = run.initial_params
         in_rl = resumed is not None and resumed.meta["stage"] == "rl"
-        if config.sft.steps > 0 and not in_rl:
-            params = run_sft(setup, params, resumed)
-        elif in_rl and config.sft.steps > 0:
-            params = _warmstart_params(setup)
-        params = run_rl(setup, params, resumed)
-        if setup.skips.count():
-            print(f"records skipped: {setup.skips.counts()}", flush=True)
+        sft, rl = plan.stage("sft"), plan.stage("rl")
+        if sft is not None:
+            params = (policy.load_params(plan, os.path.join(workdir, "warmstart"), run.mesh)
+                      if in_rl else run_stage(run, sft, params, resumed))
+            if not in_rl:
+                policy.export(run.graphdef, params, run.processor,
+                              os.path.join(workdir, "warmstart"))
+        if rl is not None:
+            params = run_stage(run, rl, params, resumed)
+        else:
+            _evaluate(run, params, 0)  # a warm-start only: evaluate it
+        policy.export(run.graphdef, params, run.processor, os.path.join(workdir, "final"))
+        if run.skips.count():
+            print(f"records skipped: {run.skips.counts()}", flush=True)
         return params
     finally:
-        setup.log.close()
-        setup.checkpoints.close()
-
-
-def _warmstart_params(setup: Setup):
-    """The warm-start params (the LwF reference and RL's starting point) from WORKDIR/warmstart."""
-    from recap_jax.models import qwen2_5_vl as qwen
-
-    model_cfg = setup.config.model
-    model = qwen.from_pretrained(os.path.join(setup.workdir, "warmstart"), mesh=setup.mesh,
-                                 dtype=_dtype(model_cfg.compute_dtype),
-                                 param_dtype=_dtype(model_cfg.param_dtype), remat=model_cfg.remat)
-    return nnx.split(model)[1]
+        run.log.close()
+        run.checkpoints.close()
 
 
 def main(argv=None) -> int:

@@ -2,6 +2,9 @@
 
     step = make_train_step(config, logprob_fn, optimizer)
     state, metrics = step(state, batch, weights)      # weights: lambda [K] float32
+    step = make_train_step(config, logprob_fn, optimizer, recap=recap_config)
+    state, metrics = step(state, batch)               # lambda from state.recap_state + batch
+    state, metrics = step(state, batch, reference_params=ref)   # beta > 0: KL to ref inside
 
 `logprob_fn(params, batch) -> (token_logprobs [B, T], token_entropy [B, T] or None)` is the
 policy: for the VLM, a forward over prompt + completion that gathers the completion tokens'
@@ -9,6 +12,13 @@ log-probs (at the sampler's temperature). It receives the batch dict (or a mini-
 as given, so it may read any extra fields (input ids, pixels, positions, ...).
 
 Inside one jit, with the state donated:
+  0. with ``recap``: this batch's per-objective signals are appended to RECAP's history
+     (state.recap_state) and lambda is recomputed from it, so the batch is weighted by lambda
+     that includes its own signal (recap-method.md, "Timing of the weights"). An RL
+     objective's signal is its batch-mean raw reward (known before the loss); an SFT
+     objective's is its NTP loss under stop_gradient: from the very forward pass that gives
+     the gradient when the step makes one update, from a pre-update forward otherwise;
+     with ``reference_params``, the reference log-probs (KL term) are computed here too;
   1. advantages from the whole rollout batch (grpo.rollout_advantages, lambda applied there);
   2. old log-probs: the sampler's (`old_logprobs`), or recomputed with the pre-update params
      when config.recompute_old_logprobs;
@@ -17,8 +27,11 @@ Inside one jit, with the state donated:
      (params and optimizer state kept) and counted;
   4. metrics, all computed in jit (see `summarise`).
 
-With num_minibatches > 1 or shuffle_minibatches, every batch leaf must have the row axis
-first (shape [B, ...]) so it can be sliced: pack per-row data (e.g. image patches) per row.
+A batch is a mapping of arrays (any extra fields reach ``logprob_fn``) or a `TrainBatch`.
+With num_minibatches > 1, a mapping's leaves need the row axis first (shape [B, ...]); a
+TrainBatch is split by whole groups: its completion rows [B] and its prompt rows [B / G] go to
+the mini-batches, the prompts' image patches (a flat list without a row axis) are shared, so
+each mini-batch runs the vision tower over all the step's images.
 """
 
 from __future__ import annotations
@@ -26,17 +39,58 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from recap_jax import grpo
+from recap_jax import recap as recap_lib
 from recap_jax.grpo import GRPOConfig
 from recap_jax.train_state import TrainState
 
 LogprobFn = Callable[[Any, Mapping[str, Any]], tuple[jax.Array, jax.Array | None]]
 PADDING_SOURCE = -1
+
+
+@flax.struct.dataclass
+class TrainBatch:
+    """One train step's batch: B = B_p x G rows, T completion tokens, F reward columns.
+
+    prompt: the B_p prompts' `ModelInputs` (images included, a flat patch list).
+    completions [B, T] int32, completion_mask [B, T] (row b G + g: sample g of prompt b; an
+      SFT row: its reference answer), source_id [B] int32 (-1: padding), rewards [B, F]
+      float32 (raw components in the source's order), old_logprobs [B, T] float32 (the
+      sampler's), truncated [B] bool (hit the length limit without EOS).
+    Read-only item access (``batch["rewards"]``) serves the loss functions written on
+    mappings.
+    """
+
+    prompt: Any
+    completions: Any
+    completion_mask: Any
+    source_id: Any
+    rewards: Any
+    old_logprobs: Any
+    truncated: Any
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in _BATCH_FIELDS and getattr(self, name) is not None
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return getattr(self, name) if name in self else default
+
+    def keys(self):
+        return [name for name in _BATCH_FIELDS if name in self]
+
+
+_BATCH_FIELDS = tuple(f.name for f in flax.struct.dataclasses.fields(TrainBatch))
 
 
 # --------------------------------------------------------------------------- checks
@@ -46,13 +100,15 @@ def _fail(field: str, problem: str) -> None:
     raise ValueError(f"train step: batch[{field!r}] {problem}")
 
 
-def check_inputs(config: GRPOConfig, batch: Mapping[str, Any], weights: Any) -> None:
+def check_inputs(config: GRPOConfig, batch: Mapping[str, Any], weights: Any,
+                 reference: bool = False) -> None:
     """Shape checks (run at trace time; also usable on the host before the first step)."""
-    if not isinstance(batch, Mapping):
-        raise ValueError(f"train step: batch must be a dict of arrays, got {type(batch)}")
+    if not isinstance(batch, (Mapping, TrainBatch)):
+        raise ValueError(f"train step: batch must be a TrainBatch or a dict of arrays, got "
+                         f"{type(batch)}")
     required = ["completion_mask", "source_id", "rewards"]
     required += [] if config.recompute_old_logprobs else ["old_logprobs"]
-    required += ["ref_logprobs"] if config.beta > 0 else []
+    required += ["ref_logprobs"] if config.beta > 0 and not reference else []
     required += ["truncated"] if config.mask_truncated_completions else []
     for field in required:
         if field not in batch:
@@ -78,13 +134,21 @@ def check_inputs(config: GRPOConfig, batch: Mapping[str, Any], weights: Any) -> 
         _fail("completion_mask", f"has B={b} rows; B must be a multiple of group_size x "
                                  f"num_minibatches = {config.group_size} x "
                                  f"{config.num_minibatches}")
-    if config.num_minibatches > 1 or config.shuffle_minibatches:
+    if isinstance(batch, TrainBatch):
+        prompts = np.shape(batch.prompt.input_ids)[0]
+        if prompts * config.group_size != b:
+            _fail("prompt", f"holds {prompts} prompts for B={b} rows; expected B / G = "
+                            f"{b // config.group_size}")
+        if config.shuffle_minibatches:
+            raise ValueError("train step: shuffle_minibatches needs a mapping batch (a "
+                             "TrainBatch's images are not split by rows)")
+    elif config.num_minibatches > 1 or config.shuffle_minibatches:
         for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
             if np.ndim(leaf) == 0 or np.shape(leaf)[0] != b:
                 _fail(jax.tree_util.keystr(path), f"has shape {np.shape(leaf)}; mini-batching "
                       f"slices rows, so every leaf needs B={b} rows first")
     k = config.num_objectives
-    if tuple(np.shape(weights)) != (k,):
+    if weights is not None and tuple(np.shape(weights)) != (k,):
         raise ValueError(f"train step: weights have shape {tuple(np.shape(weights))}; "
                          f"expected ({k},), one lambda per objective")
 
@@ -110,11 +174,41 @@ def check_batch_values(config: GRPOConfig, batch: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------- row slicing
 
 
-def _split_rows(tree: Any, num_minibatches: int) -> Any:
-    """[B, ...] leaves -> [M, B / M, ...] (M = 1: a leading axis of 1, any leaf shape)."""
-    if num_minibatches == 1:
-        return jax.tree.map(lambda x: jnp.asarray(x)[None], tree)
-    return jax.tree.map(lambda x: x.reshape((num_minibatches, -1) + x.shape[1:]), tree)
+def _split_axis(x: Any, num_minibatches: int, axis: int = 0) -> jax.Array:
+    """[..., n, ...] -> [M, ..., n / M, ...] (the axis ``axis`` split into M slices)."""
+    x = jnp.asarray(x)
+    shape = x.shape[:axis] + (num_minibatches, -1) + x.shape[axis + 1:]
+    return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def _split_rows(tree: Any, num_minibatches: int) -> tuple[Any, Any]:
+    """(rows, shared): ``rows`` with a leading mini-batch axis [M, ...] (M = 1 included) and
+    ``shared``, the leaves every mini-batch reads whole; `_join` rebuilds one mini-batch."""
+    m = num_minibatches
+    if isinstance(tree, Mapping) and isinstance(tree.get("batch"), TrainBatch):
+        batch = tree["batch"]
+        prompt = batch.prompt
+        split_prompt = prompt._replace(
+            input_ids=_split_axis(prompt.input_ids, m), attention_mask=_split_axis(
+                prompt.attention_mask, m), position_ids=_split_axis(prompt.position_ids, m, 1),
+            feature_index=_split_axis(prompt.feature_index, m),
+            rope_deltas=_split_axis(prompt.rope_deltas, m), pixel_values=None, vision=None)
+        rest = {k: v for k, v in tree.items() if k != "batch"}
+        rows = dict(jax.tree.map(lambda x: _split_axis(x, m), rest), batch=batch.replace(
+            prompt=split_prompt, **{name: None if getattr(batch, name) is None else
+                                    _split_axis(getattr(batch, name), m)
+                                    for name in _BATCH_FIELDS if name != "prompt"}))
+        return rows, (prompt.pixel_values, prompt.vision)
+    return jax.tree.map(lambda x: _split_axis(x, m), tree), None
+
+
+def _join(minibatch: Any, shared: Any) -> Any:
+    """One mini-batch of `_split_rows` with its shared leaves put back."""
+    if shared is None:
+        return minibatch
+    batch = minibatch["batch"]
+    prompt = batch.prompt._replace(pixel_values=shared[0], vision=shared[1])
+    return dict(minibatch, batch=batch.replace(prompt=prompt))
 
 
 def _shuffle_groups(tree: Any, key: jax.Array, group_size: int, rows: int) -> Any:
@@ -130,20 +224,71 @@ def _select(keep_new: jax.Array, new: Any, old: Any) -> Any:
 # --------------------------------------------------------------------------- the step
 
 
-def _recompute_old_logprobs(config: GRPOConfig, logprob_fn: LogprobFn, params: Any,
-                            batch: Mapping[str, Any]) -> jax.Array:
-    """The pre-update policy's log-probs [B, T], one mini-batch at a time."""
+def _pre_update_logprobs(config: GRPOConfig, logprob_fn: LogprobFn, params: Any,
+                         batch: Mapping[str, Any]) -> jax.Array:
+    """The log-probs [B, T] of ``params`` (no gradient), one mini-batch at a time."""
     shape = np.shape(batch["completion_mask"])
-    logprobs = jax.lax.map(lambda mb: logprob_fn(params, mb)[0].astype(jnp.float32),
-                           _split_rows(batch, config.num_minibatches))
+    rows, shared = _split_rows({"batch": batch}, config.num_minibatches)
+    logprobs = jax.lax.map(
+        lambda mb: logprob_fn(params, _join(mb, shared)["batch"])[0].astype(jnp.float32), rows)
     return jax.lax.stop_gradient(logprobs.reshape(shape))
 
 
+def objective_ntp(config: GRPOConfig, logprobs: jax.Array, loss_mask: jax.Array,
+                  source_id: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-objective mean NLL per token [K] of the SFT rows (no gradient), and present [K]."""
+    member = grpo.membership(config, source_id).sft  # [B, K]
+    mask = jnp.asarray(loss_mask, jnp.float32)
+    nll = jnp.einsum("bt,bk->k", -jax.lax.stop_gradient(logprobs).astype(jnp.float32) * mask,
+                     member)
+    count = jnp.einsum("bt,bk->k", mask, member)
+    return grpo._safe_divide(nll, count), count > 0
+
+
+class _Weighting:
+    """lambda for one step: fixed (given, or 1), or RECAP's from the history + this batch.
+
+    `weights(ntp, ntp_present)` returns (lambda [K], new RECAP state or None); RL signals
+    (batch-mean raw rewards) are fixed at construction, SFT ones come with each call.
+    """
+
+    def __init__(self, config: GRPOConfig, recap: recap_lib.RecapConfig | None, recap_state,
+                 fixed: jax.Array | None, reward_stats: dict[str, jax.Array]):
+        self.config, self.recap, self.recap_state, self.fixed = config, recap, recap_state, fixed
+        self.is_sft = jnp.asarray(config.objective_is_sft)
+        self.reward_mean = reward_stats["objective_reward_mean"]
+        self.reward_present = reward_stats["objective_reward_present"]
+
+    def weights(self, ntp: jax.Array, ntp_present: jax.Array):
+        if self.recap is None:
+            return self.fixed, None
+        signals = jnp.where(self.is_sft, ntp, self.reward_mean)
+        present = jnp.where(self.is_sft, ntp_present, self.reward_present)
+        new_state, weights = recap_lib.update(self.recap, self.recap_state, signals, present)
+        return weights, new_state
+
+
+def _ratio_stats(logprobs: jax.Array, old_logprobs: jax.Array, rl_mask: jax.Array):
+    """max and 99th percentile of the importance ratio pi / pi_old over the RL tokens."""
+    log_ratio = jnp.clip(jax.lax.stop_gradient(logprobs).astype(jnp.float32) - old_logprobs,
+                         -20.0, 20.0)
+    ratio = jnp.where(rl_mask > 0, jnp.exp(log_ratio), jnp.nan)
+    any_token = jnp.any(rl_mask > 0)
+    return (jnp.where(any_token, jnp.nanmax(ratio), 1.0),
+            jnp.where(any_token, jnp.nanquantile(ratio, 0.99), 1.0))
+
+
 def _make_update(config: GRPOConfig, logprob_fn: LogprobFn,
-                 optimizer: optax.GradientTransformation, weights: jax.Array):
-    """One optimizer update on one mini-batch (a lax.scan body over (params, opt_state))."""
+                 optimizer: optax.GradientTransformation, weighting: _Weighting,
+                 whole_batch: Mapping[str, Any], shared: Any):
+    """One optimizer update on one mini-batch (a lax.scan body over (params, opt_state)).
+
+    Without precomputed weights (RECAP with one update per step), lambda and the advantages
+    are computed inside the loss from this forward's NTP losses (stop_gradient).
+    """
 
     def loss_fn(params, minibatch):
+        minibatch = _join(minibatch, shared)
         batch = minibatch["batch"]
         logprobs, entropy = logprob_fn(params, batch)
         expected = tuple(np.shape(minibatch["loss_mask"]))
@@ -151,63 +296,126 @@ def _make_update(config: GRPOConfig, logprob_fn: LogprobFn,
             if value is not None and tuple(value.shape) != expected:
                 raise ValueError(f"logprob_fn returned {name} of shape {value.shape}; "
                                  f"expected {expected} (rows x completion tokens)")
-        old = minibatch["old_logprobs"] if config.recompute_old_logprobs \
-            else batch["old_logprobs"]
-        return grpo.policy_loss(config, weights, logprobs, old, minibatch["advantages"],
-                                minibatch["loss_mask"], batch["source_id"],
-                                batch.get("ref_logprobs") if config.beta > 0 else None,
-                                entropy)
+        if "weights" in minibatch:
+            weights, advantages, new_recap = (minibatch["weights"][0],
+                                              minibatch["advantages"], None)
+        else:  # one update: lambda from this very forward (the whole batch)
+            weights, new_recap = weighting.weights(*objective_ntp(
+                config, logprobs, minibatch["loss_mask"], batch["source_id"]))
+            advantages = grpo.rollout_advantages(config, whole_batch, weights)[0]
+        old = minibatch["old_logprobs"]
+        reference = minibatch.get("ref_logprobs", batch.get("ref_logprobs"))
+        loss, aux = grpo.policy_loss(config, weights, logprobs, old, advantages,
+                                     minibatch["loss_mask"], batch["source_id"],
+                                     reference if config.beta > 0 else None, entropy)
+        rl_mask = minibatch["loss_mask"] * grpo.membership(config, batch["source_id"]).rl_row[:, None]
+        aux["ratio_max"], aux["ratio_p99"] = _ratio_stats(logprobs, old, rl_mask)
+        aux["weights"] = weights
+        return loss, (aux, new_recap)
 
     def update(carry, minibatch):
-        params, opt_state = carry
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, minibatch)
+        params, opt_state, recap_state = carry
+        (loss, (aux, new_recap)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, minibatch)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        carry = (_select(finite, new_params, params), _select(finite, new_opt_state, opt_state))
-        return carry, dict(aux, loss=loss, grad_norm=grad_norm, skipped=~finite)
+        params, opt_state = (_select(finite, new_params, params),
+                             _select(finite, new_opt_state, opt_state))
+        if new_recap is not None:
+            recap_state = new_recap
+        return (params, opt_state, recap_state), dict(aux, loss=loss, grad_norm=grad_norm,
+                                                      skipped=~finite)
 
     return update
 
 
+def _global_norm(tree: Any) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(jnp.asarray(x, jnp.float32)))
+                        for x in jax.tree.leaves(tree)))
+
+
+def _update_norm(new: Any, old: Any) -> jax.Array:
+    """Global L2 norm of the change of the stored parameters (in their own dtype, so an
+    update that bf16 rounds away counts 0)."""
+    return _global_norm(jax.tree.map(
+        lambda n, o: jnp.asarray(n, jnp.float32) - jnp.asarray(o, jnp.float32), new, old))
+
+
 def make_train_step(config: GRPOConfig, logprob_fn: LogprobFn,
-                    optimizer: optax.GradientTransformation, *, donate_state: bool = True
-                    ) -> Callable[[TrainState, Mapping[str, Any], jax.Array],
-                                  tuple[TrainState, dict[str, jax.Array]]]:
-    """The jitted step(state, batch, weights) -> (state, metrics); the state is donated.
+                    optimizer: optax.GradientTransformation, *,
+                    recap: recap_lib.RecapConfig | None = None, donate_state: bool = True):
+    """The jitted step(state, batch, weights=None, reference_params=None) -> (state, metrics).
 
-    Compiles once per batch shape / dtype structure; pass weights as a float32 [K] array.
+    weights: lambda [K] float32, or None for 1 (baselines); with ``recap`` it must be None:
+      lambda comes from ``state.recap_state`` (a recap.RecapState) and this batch's signals,
+      and the updated RECAP state is returned in the new state.
+    reference_params: the frozen reference policy's params when config.beta > 0 and the
+      batch holds no ``ref_logprobs``: its log-probs are computed inside the step.
+    Compiles once per batch shape / dtype structure. The state is donated.
     """
+    single_update = config.num_iterations * config.num_minibatches == 1
 
-    def train_step(state: TrainState, batch: Mapping[str, Any], weights: jax.Array):
-        check_inputs(config, batch, weights)
-        weights = jnp.asarray(weights, jnp.float32)
+    def train_step(state: TrainState, batch: Mapping[str, Any], weights: jax.Array | None = None,
+                   reference_params: Any = None):
+        check_inputs(config, batch, weights, reference=reference_params is not None)
+        if recap is not None and weights is not None:
+            raise ValueError("train step: weights are computed by RECAP; pass weights=None")
+        k = config.num_objectives
+        fixed = jnp.ones((k,), jnp.float32) if weights is None else jnp.asarray(weights,
+                                                                                 jnp.float32)
         rows = np.shape(batch["completion_mask"])[0]
         rng, shuffle_key = jax.random.split(state.rng)
-        advantages, reward_stats = grpo.rollout_advantages(config, batch, weights)
+        _, reward_stats = grpo.rollout_advantages(config, batch, fixed)
+        weighting = _Weighting(config, recap, state.recap_state, fixed, reward_stats)
         loss_mask = grpo.completion_loss_mask(config, batch)
-        samples = {"batch": batch, "advantages": advantages, "loss_mask": loss_mask}
+        samples = {"batch": batch, "loss_mask": loss_mask}
         metrics = {}
+        pre_update = None
+        if config.recompute_old_logprobs or (recap is not None and not single_update):
+            pre_update = _pre_update_logprobs(config, logprob_fn, state.params, batch)
         if config.recompute_old_logprobs:
-            samples["old_logprobs"] = _recompute_old_logprobs(config, logprob_fn, state.params,
-                                                              batch)
+            samples["old_logprobs"] = pre_update
             if "old_logprobs" in batch:
-                metrics["logprob_abs_diff"] = _sampler_vs_trainer(config, batch,
-                                                                  samples["old_logprobs"])
-        update = _make_update(config, logprob_fn, optimizer, weights)
+                metrics["logprob_abs_diff"] = _sampler_vs_trainer(config, batch, pre_update)
+        else:
+            samples["old_logprobs"] = jnp.asarray(batch["old_logprobs"], jnp.float32)
+        if config.beta > 0 and reference_params is not None:
+            samples["ref_logprobs"] = _pre_update_logprobs(config, logprob_fn, reference_params,
+                                                           batch)
+        recap_state = state.recap_state
+        if recap is None or not single_update:
+            ntp = objective_ntp(config, pre_update, loss_mask, batch["source_id"]) \
+                if pre_update is not None else (jnp.zeros((k,)), jnp.zeros((k,), bool))
+            step_weights, new_recap = weighting.weights(*ntp)
+            recap_state = recap_state if new_recap is None else new_recap
+            samples["advantages"] = grpo.rollout_advantages(config, batch, step_weights)[0]
+            samples["weights"] = jnp.broadcast_to(step_weights, (rows, k))  # split like rows
+        split_samples, shared = _split_rows(samples, config.num_minibatches)
+        update = _make_update(config, logprob_fn, optimizer, weighting, batch, shared)
 
         def epoch(carry, key):
-            epoch_rows = (_shuffle_groups(samples, key, config.group_size, rows)
-                          if config.shuffle_minibatches else samples)
-            return jax.lax.scan(update, carry, _split_rows(epoch_rows, config.num_minibatches))
+            rows_of = split_samples
+            if config.shuffle_minibatches:
+                rows_of = _split_rows(_shuffle_groups(samples, key, config.group_size, rows),
+                                      config.num_minibatches)[0]
+            return jax.lax.scan(update, carry, rows_of)
 
-        (params, opt_state), per_update = jax.lax.scan(
-            epoch, (state.params, state.opt_state),
+        (params, opt_state, recap_state), per_update = jax.lax.scan(
+            epoch, (state.params, state.opt_state, recap_state),
             jax.random.split(shuffle_key, config.num_iterations))
-        metrics = {**summarise(config, per_update, reward_stats, batch, weights), **metrics}
+        used = per_update["weights"][0, 0]
+        per_update = {name: value for name, value in per_update.items() if name != "weights"}
+        metrics = {**summarise(config, per_update, reward_stats, batch, used), **metrics}
+        metrics.update(update_norm=_update_norm(params, state.params),
+                       param_norm=_global_norm(params),
+                       ratio_max=per_update["ratio_max"].max(),
+                       ratio_p99=per_update["ratio_p99"].max())
+        if recap is not None:
+            metrics.update(recap_c=recap_state.c, recap_i=recap_state.i)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  rng=rng)
+                                  rng=rng, recap_state=recap_state)
         return new_state, metrics
 
     return jax.jit(train_step, donate_argnums=(0,) if donate_state else ())

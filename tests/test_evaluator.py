@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from recap_jax import rollout, train
+from recap_jax import evaluator, plan, train
 from tests.short_run import short_config
 
 
@@ -15,7 +15,7 @@ from tests.short_run import short_config
 def setup(tmp_path_factory):
     config = short_config(eval__num_examples=3, eval__batch_size=4,
                           **{f"data__sources__{n}__layout": "grid" for n in ("grounding", "ocr")})
-    setup = train._setup(config, str(tmp_path_factory.mktemp("evaluator")))
+    setup = train.build_run(plan.build_plan(config), str(tmp_path_factory.mktemp("evaluator")))
     # The rendered images differ in a few pixels, which a random model barely notices (NLL
     # moves by ~1e-6); noise images of the same size make "own vs other image" matter.
     rng = np.random.default_rng(0)
@@ -27,7 +27,7 @@ def setup(tmp_path_factory):
 
 def test_partners_share_the_image_size():
     grids = np.asarray([[1, 6, 6], [1, 6, 6], [1, 2, 12], [1, 6, 6], [1, 4, 4]])
-    np.testing.assert_array_equal(rollout.other_image_partners(grids), [1, 3, -1, 0, -1])
+    np.testing.assert_array_equal(evaluator.other_image_partners(grids), [1, 3, -1, 0, -1])
 
 
 def _blind_to_images(setup):

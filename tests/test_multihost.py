@@ -76,6 +76,7 @@ def worker(process_id: int, port: int, out_path: str) -> None:
     from flax import nnx
 
     from recap_jax import parallel
+    from recap_jax.models.qwen2_5_vl.sharded import init_sharded_model
     from recap_jax.tools import memory
 
     mesh = parallel.make_mesh(parallel.MeshConfig(
@@ -85,7 +86,7 @@ def worker(process_id: int, port: int, out_path: str) -> None:
     full = memory.example_batch(cfg, workload, seed=0)  # every process sees the same data source...
     mine = local_rows(full, memory.POLICY_BATCH_AXES, process_id, NUM_PROCESSES)  # ...and keeps its half
     batch = parallel.shard_batch(mine, mesh, batch_axes=memory.POLICY_BATCH_AXES)
-    graphdef, params = nnx.split(parallel.init_sharded_model(cfg, mesh, seed=0))
+    graphdef, params = nnx.split(init_sharded_model(cfg, mesh, seed=0))
     with parallel.use_mesh(mesh):
         result = run_step(graphdef, params, batch, mesh)
     result.update(process_count=jax.process_count(), global_devices=jax.device_count(),

@@ -24,6 +24,7 @@ from recap_jax.models.qwen2_5_vl import checkpoint
 from recap_jax.models.qwen2_5_vl import config as C
 from recap_jax.models.qwen2_5_vl import model as M
 from recap_jax.models.qwen2_5_vl import text as text_lib
+from recap_jax.models.qwen2_5_vl.sharded import init_sharded_model
 from recap_jax.tools import memory
 from recap_jax.train_state import TrainState, make_optimizer
 from recap_jax.train_step import make_train_step
@@ -93,7 +94,7 @@ def reference(host_batch):
 def sharded(request, host_batch):
     """The reference's computations on a mesh, from init_sharded_model and shard_batch."""
     mesh = parallel.make_mesh(parallel.parse_mesh_spec(request.param))
-    model = parallel.init_sharded_model(CFG, mesh, seed=0)
+    model = init_sharded_model(CFG, mesh, seed=0)
     graphdef, params = nnx.split(model)
     batch = parallel.shard_batch(host_batch, mesh, batch_axes=memory.POLICY_BATCH_AXES)
     before = flat(params)
@@ -174,7 +175,7 @@ def test_mesh_that_does_not_divide_the_model_fails_before_compiling():
     counter, stop = compile_counter()
     try:
         with pytest.raises(parallel.ShardingError) as error:
-            parallel.init_sharded_model(CFG, mesh)
+            init_sharded_model(CFG, mesh)
     finally:
         stop()
     assert not counter  # failed before any compilation
@@ -199,7 +200,7 @@ def test_batch_that_does_not_divide_the_mesh_fails_with_the_leaf_named(host_batc
 def test_ten_adamw_steps_compile_once():
     mesh = parallel.make_mesh(parallel.parse_mesh_spec("data=2,fsdp=2,tensor=2"))
     text_only = memory.example_batch(CFG, dataclasses.replace(WORKLOAD, images=0), seed=1)
-    model = parallel.init_sharded_model(CFG, mesh, seed=1)
+    model = init_sharded_model(CFG, mesh, seed=1)
     graphdef, params = nnx.split(model)
     optimizer = make_optimizer(1e-3, 10)
     step = grpo_step(graphdef, optimizer)

@@ -82,9 +82,9 @@ def test_a_nan_gradient_skips_that_step_only(tmp_path, monkeypatch):
         batch, stats = real_sft_batch(**kwargs)
         calls.append(1)
         if len(calls) == 2:
-            pixels = np.array(batch["prompt"].pixel_values)
+            pixels = np.array(batch.prompt.pixel_values)
             pixels[:] = np.nan
-            batch["prompt"] = batch["prompt"]._replace(pixel_values=pixels)
+            batch = batch.replace(prompt=batch.prompt._replace(pixel_values=pixels))
         return batch, stats
 
     monkeypatch.setattr(rollout, "sft_batch", poisoned)

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from recap_jax import run_config, train
+from recap_jax import plan, run_config, train
 from recap_jax.data.tasks import objective_names
 from recap_jax.run_config import ConfigError
 from tests.short_run import load_config, override, short_config
@@ -16,14 +16,16 @@ INVALID = [
     ("rl.temperature", -1.0, ["rl.temperature"]),
     ("rl.top_p", 0.0, ["rl.top_p"]),
     ("recap.window", 0, ["recap.window", ">= 1"]),
-    ("recap.alpha", 1.5, ["recap.alpha", "[0.0, 1.0]"]),
+    ("recap.alpha", 1.5, ["recap.alpha", "[0, 1]"]),
     ("recap.alpha", -0.1, ["recap.alpha"]),
     ("recap.temperature", 0.0, ["recap.temperature"]),
-    ("recap.variant", "eq1", ["recap.variant", "released | paper"]),
+    ("recap.variant", "eq1", ["recap.variant", "released | paper | static | dwa"]),
     ("rl.method", "grpo_plus", ["rl.method", "reasoning_only", "modomodo", "recap"]),
     ("rl.group_size", 0, ["rl.group_size"]),
     ("rl.prompts_per_step", 0, ["rl.prompts_per_step"]),
-    ("rl.num_minibatches", 2, ["rl.num_minibatches", "image batches"]),
+    ("rl.num_minibatches", 0, ["rl.num_minibatches", ">= 1"]),
+    ("rl.weighting", "both", ["rl.weighting", "reward | loss"]),
+    ("mesh.process_id", 3, ["mesh.process_id"]),
     ("data.primary", "ocr", ["data.primary", "RL task"]),
     ("rl.epsilon_low", 1.0, ["rl.epsilon_low"]),
     ("rl.dual_clip_c", 0.5, ["rl.dual_clip_c"]),
@@ -52,8 +54,12 @@ INVALID = [
 @pytest.mark.parametrize("field, value, words", INVALID, ids=[f"{f}={v}" for f, v, _ in INVALID])
 def test_invalid_value_names_the_field_and_what_is_allowed(field, value, words):
     config = override(short_config(), {field: value})
+    if field == "mesh.process_id":  # explicit coordinator fields need a distributed mesh
+        config = override(config, {"mesh.spec": "fsdp=1", "mesh.distributed": True,
+                                   "mesh.coordinator_address": "127.0.0.1:1234",
+                                   "mesh.num_processes": 2})
     with pytest.raises(ConfigError) as error:
-        run_config.validate(config)
+        plan.build_plan(config)
     for word in words:
         assert word in str(error.value), (word, str(error.value))
 

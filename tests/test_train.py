@@ -170,13 +170,15 @@ def test_cli_overrides_reach_the_config(tmp_path):
 def test_sources_open_in_source_id_order():
     """Source id s means the same source for the replay, the objectives and the logs: the
     primary first, then by name (ConfigDict keys come back sorted, not as written)."""
-    from recap_jax import rollout, run_config
+    from recap_jax import plan, run_config
+    from recap_jax.data.run_sources import open_sources
 
     config = short_config()
     names = run_config.source_names(config)
     assert names == ["reasoning", "grounding", "ocr"]
-    assert [s.name for s in rollout.open_sources(config, "train")] == names
-    assert [s.name for s in rollout.open_sources(config, "eval")] == names
+    sources = plan.build_plan(config).sources
+    assert [s.name for s in open_sources(sources, "train")] == names
+    assert [s.name for s in open_sources(sources, "eval")] == names
     config.data.primary = "ocr"
     assert run_config.source_names(config) == ["ocr", "grounding", "reasoning"]
 
@@ -195,13 +197,14 @@ def test_warmstart_box_targets_are_in_the_frame_the_model_sees(tmp_path):
     reference itself ~1. Before the fix the box stayed in the original frame."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-    from recap_jax import rewards, rollout
+    from recap_jax import plan, policy, rewards
+    from recap_jax.data.run_sources import WarmStartTargets
     from recap_jax.data.synthetic import SyntheticSource
 
     config = short_config(tokenizer__max_pixels=56 * 84)  # forces a downscale
-    processor = rollout.build_processor(config, str(tmp_path))
+    processor = policy.build_processor(plan.build_plan(config), str(tmp_path))
     source = SyntheticSource("grounding", size=8, image_size=(98, 154))
-    targets = rollout.WarmStartTargets(source, processor)
+    targets = WarmStartTargets(source, processor)
     for i in range(len(source)):
         record = source.load(i)
         input_size = smart_resize(*record.image_size, factor=28, min_pixels=config.tokenizer.min_pixels,
@@ -210,17 +213,17 @@ def test_warmstart_box_targets_are_in_the_frame_the_model_sees(tmp_path):
         context = dict(image_size=record.image_size, input_size=input_size)
         completion = targets.load(i).answer
         assert rewards.iou(completion, record.answer, **context) > 0.75  # whole-pixel rounding
-        unscaled = rollout.WarmStartTargets(source).load(i).answer  # the box left in the original frame
+        unscaled = WarmStartTargets(source).load(i).answer  # the box left in the original frame
         assert rewards.iou(unscaled, record.answer, **context) < 0.6
 
 
 def test_demo_tokenizer_spells_ocr_text_one_token_per_letter(tmp_path):
     """The demo BPE is built without the OCR transcriptions, so a transcription is one token
     per glyph (a merge like "KL" would make the same glyph one token here, half a token there)."""
-    from recap_jax import rollout
+    from recap_jax import plan, policy
     from recap_jax.data.synthetic import OCR_ALPHABET, generate
 
-    tokenizer = rollout.build_processor(short_config(), str(tmp_path)).tokenizer
+    tokenizer = policy.build_processor(plan.build_plan(short_config()), str(tmp_path)).tokenizer
     for record in generate("ocr", "eval", 20):
         pieces = [tokenizer.decode([i]) for i in tokenizer(record.answer_text, add_special_tokens=False)["input_ids"]]
         assert pieces == list(record.answer_text)

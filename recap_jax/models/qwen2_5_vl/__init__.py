@@ -15,7 +15,7 @@ _EXPORTS = {
     "ConfigError": "config", "Qwen2_5_VLConfig": "config", "TextConfig": "config", "VisionConfig": "config",
     "qwen2_5_vl_3b": "config", "qwen2_5_vl_7b": "config", "tiny": "config",
     "InputError": "model", "ModelInputs": "model", "Qwen2_5_VLForConditionalGeneration": "model",
-    "init_model": "model", "prepare_inputs": "model",
+    "init_model": "model", "prepare_inputs": "model", "init_sharded_model": "sharded",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,0 +1,413 @@
+"""The one place where a run config becomes typed objects.
+
+    plan = build_plan(config)          # after run_config.validate(config)
+    plan.model.precision               # PrecisionConfig (the optimizer wrapper follows it)
+    for stage in plan.stages:          # SFT warm-start (if any), then RL (if any)
+        stage.grpo, stage.replay, stage.recap, stage.optimizer, stage.sampling_params(ids)
+
+Every dataclass is built from its config section as a whole: a section's fields that a
+dataclass declares go to it by name (``rl.epsilon_low`` -> ``GRPOConfig.epsilon_low``), and
+the few that differ in meaning are converted here, once (``rl.dual_clip_c = 0`` -> None,
+``rl.beta = -1`` -> the method's beta, ``rl.max_new_tokens`` -> the length limit of both the
+sampler and the loss). A `_Reader` records every config leaf read while the plan is built;
+`unread_fields` lists the others, and a test requires it to be empty for `base_config()` and
+every file in configs/: a field nothing reads would be silently ignored.
+
+Values are validated where their type lives (GRPOConfig, RecapConfig, ReplayConfig,
+PrecisionConfig, MeshConfig check their own fields in ``__post_init__``); their errors are
+re-raised as `run_config.ConfigError` naming ``config.<section>.<field>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import optax
+
+from recap_jax import grpo, recap, run_config
+from recap_jax.data.replay import MODOMODO_SHARES, ReplayConfig
+from recap_jax.data.tasks import get_task
+from recap_jax.parallel import MeshConfig, parse_mesh_spec
+from recap_jax.precision import PrecisionConfig
+from recap_jax.run_config import ConfigError
+from recap_jax.sampling import SamplingParams
+from recap_jax.train_state import make_optimizer
+
+__all__ = ["DataPlan", "ModelPlan", "RunPlan", "SourcePlan", "StagePlan", "build_plan",
+           "objective_set", "unread_fields"]
+
+SFT_RNG_OFFSET, RL_RNG_OFFSET = 0, 1_000_003  # step keys fold in (offset + step): disjoint
+
+
+# --------------------------------------------------------------------------- config reading
+
+
+class _Reader:
+    """Reads a ConfigDict and remembers every leaf it handed out (dotted paths)."""
+
+    def __init__(self, config):
+        self.config = config
+        self.read: set[str] = set()
+
+    def get(self, path: str) -> Any:
+        node = self.config
+        for part in path.split("."):
+            node = node[part]
+        if not hasattr(node, "keys"):
+            self.read.add(path)
+        return node
+
+    def section(self, path: str, names: Sequence[str] | None = None) -> dict[str, Any]:
+        """{field: value} of a section's leaves (only ``names`` when given), all marked read."""
+        node = self.get(path)
+        keys = list(node.keys()) if names is None else [n for n in names if n in node]
+        return {key: self.get(f"{path}.{key}") for key in keys}
+
+    def fields_of(self, cls, path: str, exclude: Sequence[str] = ()) -> dict[str, Any]:
+        """The section's values of the fields ``cls`` declares (by name), marked read."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in exclude]
+        return self.section(path, names)
+
+
+def _leaves(config, prefix: str = "") -> list[str]:
+    out = []
+    for key in config.keys():
+        path = f"{prefix}{key}"
+        value = config[key]
+        out += _leaves(value, f"{path}.") if hasattr(value, "keys") else [path]
+    return out
+
+
+def unread_fields(config) -> list[str]:
+    """Config leaves that building the plan does not read (should be none)."""
+    reader = _Reader(config)
+    _build(reader)
+    return sorted(set(_leaves(config)) - reader.read)
+
+
+def _as_config_error(section: str, error: Exception) -> ConfigError:
+    """A dataclass's own validation error, renamed to the config field it came from."""
+    message = re.sub(r"^\w+\.(\w+)", rf"config.{section}.\1", str(error))
+    message = re.sub(r"^(precision|mesh)\.(\w+)", rf"config.{section}.\2", message)
+    if not message.startswith("config."):
+        message = f"config.{section}: {message}"
+    return ConfigError(message)
+
+
+def _make(cls, section: str, **kwargs):
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise _as_config_error(section, error) from None
+
+
+# --------------------------------------------------------------------------- plan types
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPlan:
+    """``config.model`` as a whole: which model, its precision, and the tiny preset's sizes."""
+
+    path: str
+    require_path: bool
+    preset: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    text_layers: int
+    heads: int
+    kv_heads: int
+    vision_depth: int
+    vision_hidden_size: int
+    rope_theta: float
+    param_dtype: str
+    compute_dtype: str
+    remat: str
+    logits_chunk: int
+
+    @property
+    def precision(self) -> PrecisionConfig:
+        return PrecisionConfig(self.param_dtype, self.compute_dtype, self.remat)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerPlan:
+    """``config.tokenizer``: the tokenizer directory ("" = the model's or the demo BPE)."""
+
+    path: str
+    min_pixels: int
+    max_pixels: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SourcePlan:
+    """One entry of ``config.data.sources`` (see run_config.source_config)."""
+
+    name: str
+    kind: str
+    train: tuple[str, ...]
+    eval: tuple[str, ...]
+    image_root: str
+    size: int
+    eval_size: int
+    max_records: int
+    layout: str
+
+    def paths(self, split: str) -> tuple[str, ...]:
+        return self.train if split == "train" else self.eval
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPlan:
+    """``config.data`` without the sources: buckets and pipeline sizes."""
+
+    prompt_buckets: tuple[int, ...]
+    answer_buckets: tuple[int, ...]
+    patch_buckets: tuple[int, ...]
+    num_parallel_calls: int
+    prefetch: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    """One training stage: what it draws, how it is weighted, optimised and sampled.
+
+    name: "sft" (warm-start: every source's targets as next-token prediction) or "rl".
+    sources: the stage's source names in source-id order (the ids of `objectives`).
+    objectives: the K objectives; lambda has one entry per objective.
+    grpo: the loss (GRPOConfig) of the stage's batches of G rows per prompt.
+    recap: the weight update (None: lambda = 1 for the baselines and the warm-start).
+    optimizer: AdamW on the stage's schedule, with the float32 master copy when parameters
+      are not float32, and the vision tower frozen where the method says so.
+    max_new_tokens, temperature, top_p, top_k: the sampler's settings (RL only).
+    max_bad_steps: non-finite steps in a row before the run saves and stops.
+    rng_offset: step keys fold in (rng_offset + step).
+    eval_every: steps between evaluations (0: at the start and the end of RL only; SFT: never).
+    """
+
+    name: str
+    steps: int
+    sources: tuple[str, ...]
+    objectives: recap.ObjectiveSet
+    grpo: grpo.GRPOConfig
+    replay: ReplayConfig
+    recap: recap.RecapConfig | None
+    optimizer: optax.GradientTransformation = dataclasses.field(compare=False, repr=False)
+    max_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_bad_steps: int = 5
+    rng_offset: int = 0
+    eval_every: int = 0
+    freeze_vision: bool = False
+
+    @property
+    def is_rl(self) -> bool:
+        return self.name == "rl"
+
+    @property
+    def reference(self) -> bool:
+        """Whether the step needs the frozen reference policy (a KL term)."""
+        return self.grpo.beta > 0
+
+    def sampling_params(self, eos_token_id, pad_token_id: int) -> SamplingParams:
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k,
+                              eos_token_id, pad_token_id, self.grpo.group_size).validate()
+
+    def source_grpo(self, source: str) -> grpo.GRPOConfig:
+        """The loss config of a batch of ``source``: an SFT source's rows are one per prompt."""
+        kind = get_task(source).kind
+        return self.grpo if kind == "rl" else dataclasses.replace(self.grpo, group_size=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """The whole run, typed: built once by `build_plan`, read by everything else."""
+
+    seed: int
+    model: ModelPlan
+    tokenizer: TokenizerPlan
+    mesh: MeshConfig | None
+    data: DataPlan
+    sources: tuple[SourcePlan, ...]
+    stages: tuple[StagePlan, ...]
+    checkpoint_every: int
+    checkpoint_keep: int
+    eval_num_examples: int
+    eval_batch_size: int
+    eval_max_new_tokens: int
+    eval_image_reliance: bool
+    log_every: int
+    tensorboard: bool
+
+    @property
+    def source_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.sources)
+
+    def stage(self, name: str) -> StagePlan | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def objective_set(names: Sequence[str]) -> recap.ObjectiveSet:
+    """The objectives of sources ``names``, from the task registry (the one place that says
+    which source is RL with which rewards and which is SFT)."""
+    return recap.ObjectiveSet([(n, get_task(n).kind, get_task(n).rewards) for n in names])
+
+
+def build_plan(config, *, check_paths: bool = True) -> RunPlan:
+    """The RunPlan of a config, validated first (run_config.validate, then each type's own
+    checks); a ConfigError names the first invalid field."""
+    run_config.validate(config, check_paths=check_paths)
+    return _build(_Reader(config))
+
+
+def _build(reader: _Reader) -> RunPlan:
+    config = reader.config
+    seed = reader.get("seed")
+    model = _make(ModelPlan, "model", **reader.section("model"))
+    _make(PrecisionConfig, "model", param_dtype=model.param_dtype,
+          compute_dtype=model.compute_dtype, remat=model.remat)
+    tokenizer = TokenizerPlan(**reader.section("tokenizer"))
+    names = run_config.source_names(config)
+    reader.get("data.primary")
+    sources = tuple(_source_plan(reader, name) for name in names)
+    data = DataPlan(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
+                       for k, v in reader.fields_of(DataPlan, "data").items()})
+    stages = tuple(s for s in (_sft_stage(reader, model, data, names, seed),
+                               _rl_stage(reader, model, data, names, seed)) if s is not None)
+    return RunPlan(
+        seed=seed, model=model, tokenizer=tokenizer, mesh=_mesh(reader), data=data,
+        sources=sources, stages=stages,
+        checkpoint_every=reader.get("checkpoint.every_steps"),
+        checkpoint_keep=reader.get("checkpoint.keep"),
+        eval_num_examples=reader.get("eval.num_examples"),
+        eval_batch_size=reader.get("eval.batch_size"),
+        eval_max_new_tokens=reader.get("eval.max_new_tokens"),
+        eval_image_reliance=reader.get("eval.image_reliance"),
+        log_every=reader.get("log.every_steps"), tensorboard=reader.get("log.tensorboard"))
+
+
+def _source_plan(reader: _Reader, name: str) -> SourcePlan:
+    values = reader.section(f"data.sources.{name}")
+    for split in ("train", "eval"):
+        values[split] = tuple(p.strip() for p in str(values[split]).split(",") if p.strip())
+    return _make(SourcePlan, f"data.sources.{name}", name=name, **values)
+
+
+def _mesh(reader: _Reader) -> MeshConfig | None:
+    fields = reader.section("mesh")
+    spec = fields.pop("spec")
+    if not spec:
+        if fields["distributed"]:
+            raise ConfigError("config.mesh.distributed=True needs config.mesh.spec (e.g. "
+                              "'fsdp=-1'): a multi-host run shards over a mesh")
+        return None
+    try:
+        sizes = parse_mesh_spec(spec)
+    except ValueError as error:
+        raise ConfigError(f"config.mesh.spec={spec!r}: {error}") from None
+    explicit = dict(coordinator_address=fields["coordinator_address"] or None,
+                    num_processes=fields["num_processes"] or None,
+                    process_id=None if fields["process_id"] < 0 else fields["process_id"])
+    return _make(MeshConfig, "mesh", data=sizes.data, fsdp=sizes.fsdp, tensor=sizes.tensor,
+                 distributed=fields["distributed"], **explicit)
+
+
+def _optimizer(learning_rate, total_updates, warmup_fraction, max_grad_norm, weight_decay,
+               precision: PrecisionConfig, freeze_vision: bool) -> optax.GradientTransformation:
+    """AdamW on the stage's schedule; a float32 master copy for low-precision parameters;
+    zero updates for the vision tower when it is frozen (the master copy wraps the whole
+    thing, so a frozen weight stays bit-identical)."""
+    optimizer = make_optimizer(learning_rate, max(total_updates, 1),
+                               warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm,
+                               weight_decay=weight_decay)
+    if freeze_vision:
+        optimizer = optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()},
+                                          _vision_labels)
+    return precision.wrap_optimizer(optimizer)
+
+
+def _vision_labels(params):
+    import jax
+
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if "visual" in jax.tree_util.keystr(path) else "trained", params)
+
+
+def _replay(data: DataPlan, seed: int, **kwargs) -> ReplayConfig:
+    return _make(ReplayConfig, "data", seed=seed, prompt_buckets=data.prompt_buckets,
+                 answer_buckets=data.answer_buckets, patch_buckets=data.patch_buckets,
+                 num_parallel_calls=data.num_parallel_calls, prefetch=data.prefetch, **kwargs)
+
+
+def _sft_stage(reader: _Reader, model: ModelPlan, data: DataPlan, names, seed) -> StagePlan | None:
+    sft = reader.section("sft")
+    max_bad_steps = reader.get("rl.max_bad_steps")
+    if sft["steps"] == 0:
+        return None
+    objectives = objective_set_sft(names)
+    table = grpo.GRPOConfig(group_size=1, reward_objective_index=((-1,),) * len(names),
+                            sft_objective_index=tuple(range(len(names))))
+    shares = sft["source_shares"]
+    replay = _replay(data, seed, batch_size=sft["batch_size"],
+                     strategy="modomodo" if shares else "uniform", homogeneous=False,
+                     weights=run_config.parse_shares(shares, len(names)) if shares else None)
+    optimizer = _optimizer(sft["learning_rate"], sft["steps"], sft["warmup_fraction"],
+                           sft["max_grad_norm"], sft["weight_decay"], model.precision, False)
+    return StagePlan("sft", sft["steps"], tuple(names), objectives, table, replay, None,
+                     optimizer, max_bad_steps=max_bad_steps,
+                     rng_offset=SFT_RNG_OFFSET)
+
+
+def objective_set_sft(names: Sequence[str]) -> recap.ObjectiveSet:
+    """The warm-start's objectives: every source as next-token prediction (``<name>/ntp``)."""
+    return recap.ObjectiveSet([(name, "sft", ()) for name in names])
+
+
+_RL_STAGE_FIELDS = ("steps", "method", "prompts_per_step", "max_new_tokens", "temperature",
+                    "top_p", "top_k", "learning_rate", "warmup_fraction", "max_grad_norm",
+                    "weight_decay", "beta", "dual_clip_c", "max_bad_steps")
+
+
+def _rl_stage(reader: _Reader, model: ModelPlan, data: DataPlan, names, seed) -> StagePlan | None:
+    rl = reader.section("rl", _RL_STAGE_FIELDS)
+    method = run_config.METHODS[rl["method"]]
+    primary = names[0]
+    used = tuple(names) if method.replay else (primary,)
+    objectives = objective_set(used)
+    loss_fields = reader.fields_of(grpo.GRPOConfig, "rl", exclude=("beta", "dual_clip_c"))
+    recap_fields = reader.section("recap")
+    shares = reader.get("data.modomodo_shares")
+    eval_every = reader.get("eval.every_steps")
+    if rl["steps"] == 0:  # a warm-start only: no RL machinery
+        return None
+    grpo_config = _make(
+        grpo.GRPOConfig.for_objectives, "rl", objectives=objectives, **loss_fields,
+        beta=method.beta if rl["beta"] == -1 else rl["beta"],
+        dual_clip_c=rl["dual_clip_c"] or None, max_completion_length=rl["max_new_tokens"])
+    recap_config = None
+    if method.recap:
+        recap_config = _make(objectives.recap_config, "recap", **recap_fields,
+                             max_steps=max(rl["steps"], 1))
+    weights = None
+    if rl["method"] == "modomodo":
+        weights = (run_config.parse_shares(shares, len(used)) if shares
+                   else tuple(MODOMODO_SHARES[n] for n in used))
+    replay = _replay(data, seed, batch_size=rl["prompts_per_step"], strategy=method.strategy,
+                     homogeneous=True, primary=(primary,), weights=weights)
+    updates = rl["steps"] * grpo_config.num_iterations * grpo_config.num_minibatches
+    optimizer = _optimizer(rl["learning_rate"], updates, rl["warmup_fraction"],
+                           rl["max_grad_norm"], rl["weight_decay"], model.precision,
+                           method.freeze_vision)
+    return StagePlan("rl", rl["steps"], used, objectives, grpo_config, replay, recap_config,
+                     optimizer, max_new_tokens=rl["max_new_tokens"],
+                     temperature=rl["temperature"], top_p=rl["top_p"], top_k=rl["top_k"],
+                     max_bad_steps=rl["max_bad_steps"], rng_offset=RL_RNG_OFFSET,
+                     eval_every=eval_every, freeze_vision=method.freeze_vision)
