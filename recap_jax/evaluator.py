@@ -16,7 +16,7 @@ from recap_jax.data import encode as encode_lib
 from recap_jax.data.records import BadRecord
 from recap_jax.data.run_sources import WarmStartTargets
 from recap_jax.data.tasks import Task, get_task
-from recap_jax.rollout import decode_completions, prompt_inputs, score
+from recap_jax.rollout import decode_completions, gather, prompt_inputs, score
 
 __all__ = ["Evaluator", "other_image_partners", "to_device"]
 
@@ -104,7 +104,7 @@ class Evaluator:
                     nll_sums += self._nll_sums(graphdef, params, chunk, batch, inputs)
                 if not greedy:
                     continue
-                out = jax.device_get(sampling.generate_prepared(
+                out = gather(sampling.generate_prepared(
                     graphdef, params, inputs, self.params, jax.random.key(0)))
                 texts = decode_completions(
                     self.processor.tokenizer, out.tokens, out.lengths,
@@ -145,7 +145,7 @@ class Evaluator:
         sums = []
         for prompt in (inputs, other):
             step_batch = {"prompt": prompt, "completions": targets, "completion_mask": mask}
-            lp, _ = jax.device_get(logprob(params, to_device(step_batch)))
+            lp, _ = gather(logprob(params, to_device(step_batch)))
             sums.append(-float((np.asarray(lp) * mask).sum()))
         return np.asarray([*sums, mask.sum(), (mask.sum(axis=1) > 0).sum()], np.float64)
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from recap_jax.data import synthetic
 from recap_jax.data.tasks import get_task
@@ -87,9 +89,12 @@ def build_processor(plan, workdir: str) -> processor_lib.Qwen2_5_VLProcessor:
     directory = plan.tokenizer.path or plan.model.path
     if not directory:
         directory = os.path.join(workdir, "tokenizer")
-        if not os.path.exists(os.path.join(directory, "tokenizer.json")):
+        built = os.path.exists(os.path.join(directory, "tokenizer.json"))
+        if not built and jax.process_index() == 0:
             processor_lib.build_demo_tokenizer(demo_corpus(plan), plan.model.vocab_size,
                                                directory)
+        if jax.process_count() > 1:  # the others read what process 0 wrote
+            multihost_utils.sync_global_devices("recap_jax demo tokenizer")
     return processor_lib.Qwen2_5_VLProcessor.from_pretrained(
         directory, min_pixels=plan.tokenizer.min_pixels, max_pixels=plan.tokenizer.max_pixels)
 
@@ -130,6 +135,11 @@ def load_params(plan, directory: str, mesh=None):
 
 def export(graphdef, params, processor, directory: str) -> None:
     """The policy as a Hugging Face directory (weights, config and tokenizer) that
-    transformers and transformers-based evaluation harnesses load."""
+    transformers and transformers-based evaluation harnesses load. On several processes
+    every process gathers the parameters and process 0 writes."""
+    if jax.process_count() > 1:
+        params = multihost_utils.process_allgather(params)
+        if jax.process_index() != 0:
+            return
     checkpoint_lib.save_pretrained(nnx.merge(graphdef, params), directory)
     processor.tokenizer.save_pretrained(directory)

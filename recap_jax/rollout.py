@@ -21,7 +21,7 @@ from recap_jax.data.tasks import Task
 from recap_jax.models.qwen2_5_vl.model import ModelInputs
 from recap_jax.train_step import TrainBatch
 
-__all__ = ["BATCH_AXES", "PATCH_BUCKET", "Placement", "decode_completions", "prompt_inputs", "rl_batch", "score",
+__all__ = ["BATCH_AXES", "PATCH_BUCKET", "Placement", "decode_completions", "gather", "prompt_inputs", "rl_batch", "score",
            "sft_batch"]
 
 PATCH_BUCKET = 256
@@ -30,6 +30,13 @@ BATCH_AXES = TrainBatch(
     prompt=ModelInputs(input_ids=0, attention_mask=0, position_ids=1, feature_index=0,
                        pixel_values=None, vision=None, rope_deltas=0),
     completions=0, completion_mask=0, source_id=0, rewards=0, old_logprobs=0, truncated=0)
+
+
+def gather(tree: Any) -> Any:
+    """Host numpy of device arrays, on one process or (global arrays) on several."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 class Placement:
@@ -64,12 +71,6 @@ class Placement:
         if self.mesh is None:
             return jax.tree.map(jnp.asarray, tree)
         return parallel.shard_batch(tree, self.mesh, batch_axes=axes)
-
-    def gather(self, tree):
-        """Host numpy of (global) device arrays: every process gets all rows."""
-        if self.count == 1:
-            return jax.device_get(tree)
-        return multihost_utils.process_allgather(tree, tiled=True)
 
     def local_batch(self, batch: TrainBatch) -> TrainBatch:
         """This process's rows of a host TrainBatch built from the global replay batch."""
@@ -129,7 +130,7 @@ def rl_batch(*, graphdef, params, batch: dict, task: Task, source_id: int, model
     inputs = prompt_inputs(model_config, batch, prompt_buckets)
     mine = placement.local_prompts(inputs)
     device_inputs = placement.to_device(mine, BATCH_AXES.prompt)
-    out = placement.gather(sampling.generate_prepared(graphdef, params, device_inputs,
+    out = gather(sampling.generate_prepared(graphdef, params, device_inputs,
                                                       sampling_params, rng))
     out = jax.tree.map(placement.local, out)
     group = sampling_params.num_samples

@@ -80,6 +80,23 @@ class CheckpointsUnreadable(RuntimeError):
 # --------------------------------------------------------------------------- host
 
 
+class _SilentLog:
+    """The metrics log of processes other than 0 (process 0 writes the run's files)."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.superseded_path = os.path.join(workdir, "metrics.superseded.jsonl")
+
+    def write(self, *args, **kwargs) -> None:
+        pass
+
+    def rewind(self, *args, **kwargs) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
 def _host_scalars(metrics: dict) -> dict:
     """Replicated metrics -> numpy (a multi-process array: its local copy)."""
     return {k: np.asarray(v.addressable_data(0) if isinstance(v, jax.Array) else v)
@@ -133,7 +150,8 @@ def build_run(plan: plan_lib.RunPlan, workdir: str) -> Run:
                           answer_buckets=plan.data.answer_buckets,
                           image_reliance=plan.eval_image_reliance)
     checkpoints = RunCheckpoints(os.path.join(workdir, "checkpoints"), keep=plan.checkpoint_keep)
-    log = MetricsLog(workdir, tensorboard=plan.tensorboard)
+    log = MetricsLog(workdir, tensorboard=plan.tensorboard) if jax.process_index() == 0 \
+        else _SilentLog(workdir)
     return Run(plan, workdir, processor, model_config, graphdef, params, rollout.Placement(mesh),
                train_sources, evaluator, checkpoints, log, skips)
 
@@ -195,6 +213,8 @@ def _evaluate(run: Run, params, rl_step: int, stage: str = "rl") -> dict:
     values = {f"eval/{task}/{metric}": value for task, table in results.items()
               for metric, value in table.items() if metric != "num_examples"}
     run.log.write("eval", rl_step, dict(values, eval_time_s=time.perf_counter() - start))
+    if jax.process_index() != 0:
+        return results
     os.makedirs(os.path.join(run.workdir, "eval"), exist_ok=True)
     with open(os.path.join(run.workdir, "eval", f"{stage}_step_{rl_step}.json"), "w") as handle:
         json.dump({"stage": stage, "step": rl_step, "tasks": results}, handle, indent=1)
@@ -249,8 +269,9 @@ class _StageSteps:
                 grpo_config, logprob_fn, self.stage.optimizer, recap=self.stage.recap)
         return self._steps[grpo_config.group_size]
 
-    def batch(self, replay_batch: dict, step: int, params) -> tuple[TrainBatch, Any, int, str]:
-        """(device TrainBatch, its GRPOConfig, tokens processed, source) of a replay batch."""
+    def batch(self, replay_batch: dict, step: int, params):
+        """(device TrainBatch, its GRPOConfig, tokens processed, source, this process's rows)
+        of one replay batch."""
         run, stage, place = self.run, self.stage, self.run.placement
         source_id = int(replay_batch["source_id"][0]) if stage.is_rl else 0
         name = stage.sources[source_id]
@@ -272,7 +293,8 @@ class _StageSteps:
                 num_reward_columns=grpo_config.num_reward_columns, prompt_buckets=buckets)
             batch = place.local_batch(batch)
             tokens = stats["trained_tokens"]
-        return place.to_device(batch, rollout.BATCH_AXES), grpo_config, tokens, name
+        rows = len(batch.source_id)
+        return place.to_device(batch, rollout.BATCH_AXES), grpo_config, tokens, name, rows
 
 
 def _save(run: Run, global_step: int, state, stage: str, stage_step: int, replay,
@@ -314,7 +336,8 @@ def run_stage(run: Run, stage: plan_lib.StagePlan, params, resumed) -> Any:
     try:
         for step in range(start + 1, stage.steps + 1):
             began = time.perf_counter()
-            batch, grpo_config, tokens, source = steps.batch(next(replay), step, state.params)
+            batch, grpo_config, tokens, source, rows = steps.batch(next(replay), step,
+                                                                   state.params)
             state, metrics = steps.step_fn(grpo_config)(state, batch, None, reference)
             metrics = _host_scalars(metrics)
             clock.add(time.perf_counter() - began)
@@ -324,7 +347,8 @@ def run_stage(run: Run, stage: plan_lib.StagePlan, params, resumed) -> Any:
                     and (rl_batch or k in SFT_SCALARS)}
             if stage.is_rl:
                 line["source"] = source
-            line.update(tokens_per_s=tokens / clock.times[-1], step_time_s=clock.times[-1])
+            line.update(tokens_per_s=tokens / clock.times[-1], step_time_s=clock.times[-1],
+                        process_rows=rows)
             line.update(_objective_values(stage.objectives, metrics))
             run.record(stage.name, step, line)
             if step % plan.log_every == 0 or step == stage.steps:
@@ -395,8 +419,11 @@ def train(config, workdir: str, *, on_step=None) -> Any:
     written (monitoring, tests).
     """
     plan = plan_lib.build_plan(config)
+    if plan.mesh is not None:
+        parallel.initialize_distributed(plan.mesh)  # before anything touches the devices
     os.makedirs(workdir, exist_ok=True)
-    _write_config(config, workdir)
+    if jax.process_index() == 0:
+        _write_config(config, workdir)
     run = build_run(plan, workdir)
     run.on_step = on_step
     try:
