@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,8 @@ from recap_jax.data.tasks import Task
 from recap_jax.models.qwen2_5_vl.model import ModelInputs
 from recap_jax.train_step import TrainBatch
 
-__all__ = ["BATCH_AXES", "PATCH_BUCKET", "Placement", "decode_completions", "gather", "prompt_inputs", "rl_batch", "score",
-           "sft_batch"]
+__all__ = ["BATCH_AXES", "PATCH_BUCKET", "Placement", "decode_completions", "gather",
+           "prompt_inputs", "rl_batch", "score", "sft_batch"]
 
 PATCH_BUCKET = 256
 # the row axis of every leaf of a TrainBatch (None: the same on every process)

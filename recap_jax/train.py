@@ -52,7 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recap_jax import parallel, plan as plan_lib, policy, recap, rollout, run_config, sampling
+from recap_jax import parallel, policy, recap, rollout, run_config, sampling
+from recap_jax import plan as plan_lib
 from recap_jax.checkpointing import CheckpointMismatch, RunCheckpoints
 from recap_jax.data.records import SkipCounter
 from recap_jax.data.replay import make_replay
@@ -61,7 +62,7 @@ from recap_jax.data.tasks import get_task
 from recap_jax.evaluator import Evaluator
 from recap_jax.metrics_log import MetricsLog
 from recap_jax.train_state import TrainState
-from recap_jax.train_step import TrainBatch, make_train_step
+from recap_jax.train_step import make_train_step
 
 __all__ = ["CheckpointsUnreadable", "TrainingStopped", "load_checkpoint_params", "main",
            "run_stage", "train"]
@@ -354,8 +355,9 @@ def run_stage(run: Run, stage: plan_lib.StagePlan, params, resumed) -> Any:
             if step % plan.log_every == 0 or step == stage.steps:
                 print(_progress(stage.name, step, stage.steps, line,
                                 clock.eta(stage.steps - step)), flush=True)
-            save = lambda: _save(run, offset + step, state, stage.name, step, replay,  # noqa: E731,B023
-                                 bad_steps)
+            def save(step=step, state=state, bad_steps=bad_steps):
+                _save(run, offset + step, state, stage.name, step, replay, bad_steps)
+
             if bad_steps >= stage.max_bad_steps:
                 save()
                 raise TrainingStopped(

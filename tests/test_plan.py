@@ -2,7 +2,6 @@
 values (precision wrapper, mesh, presets, RECAP variants, mini-batches), and the paper's
 configs plan without their data."""
 
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,7 @@ import pytest
 from recap_jax import plan, policy, precision, run_config
 from recap_jax.models.qwen2_5_vl import model as model_lib
 from recap_jax.run_config import ConfigError
-from tests.short_run import ROOT, load_config, override, short_config
+from tests.short_run import ROOT, load_config, short_config
 
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py"))
 
