@@ -1,6 +1,7 @@
 """Cost of one jitted `recap.update` (K = 8 objectives, W = 10), per variant.
 
     python benchmarks/recap_update.py [--calls 4000] [--train-step-ms MS] [--out PATH]
+    python -m benchmarks.recap_update --in-step     # RECAP inside the jitted train step
 
 Median (min, 90th percentile) wall time of one call, in microseconds, each call followed by
 block_until_ready, after a warm-up past 2W steps (so `paper` is out of its warm-up); rows are
@@ -10,6 +11,10 @@ train step only the difference remains. The reference measured in the same run i
 numpy computation of the `released` weights from a [K, 2W] history (what a PyTorch trainer
 does in Python each step). With --train-step-ms the table adds the share of one train step
 (the issue's goal: < 0.5%).
+
+--in-step times the real thing: the jitted VLM train step (tiny Qwen2.5-VL, B = 4 prompts x
+G = 4, images, K = 2) with RECAP computing lambda inside it from this batch's signals, against
+the same step with lambda = 1, interleaved; the difference is what RECAP costs a step.
 """
 
 import argparse
@@ -54,12 +59,72 @@ def time_interleaved(fns, calls, rounds=20):
                    sorted(t)[int(0.9 * len(t))] * 1e6) for name, t in times.items()}
 
 
+def in_step(rounds: int = 15) -> str:
+    """Median step time with RECAP inside the step and with lambda = 1 (same batch)."""
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from recap_jax import sampling
+    from recap_jax.grpo import GRPOConfig
+    from recap_jax.models.qwen2_5_vl import config as C
+    from recap_jax.models.qwen2_5_vl import model as M
+    from recap_jax.tools import memory
+    from recap_jax.train_state import TrainState
+    from recap_jax.train_step import TrainBatch, make_train_step
+
+    cfg = C.tiny(vocab_size=512, text_layers=2, vision_depth=2, fullatt_block_indexes=(1,))
+    work = memory.Workload(batch=4, group_size=4, prompt_len=64, completion_len=32, images=1,
+                           image_size=56)
+    raw = memory.example_batch(cfg, work, seed=0)
+    rows = raw["completions"].shape[0]
+    rewards = np.random.default_rng(0).random((rows, 2)).astype(np.float32)
+    batch = jax.tree.map(jnp.asarray, TrainBatch(
+        prompt=raw["prompt"], completions=raw["completions"],
+        completion_mask=raw["completion_mask"], source_id=raw["source_id"], rewards=rewards,
+        old_logprobs=raw["old_logprobs"], truncated=np.zeros((rows,), bool)))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: M.init_model(cfg, seed=0)))
+    params = jax.jit(lambda: nnx.state(M.init_model(cfg, seed=0)))()
+    config = GRPOConfig(group_size=4, reward_objective_index=((0, 1),), sft_objective_index=(-1,))
+    recap_config = recap.RecapConfig(window=W)
+    optimizer = optax.adamw(1e-5)
+    steps, states = {}, {}
+    for name, rc in (("lambda = 1", None), ("RECAP inside", recap_config)):
+        steps[name] = make_train_step(config, sampling.make_logprob_fn(graphdef, 4), optimizer,
+                                      recap=rc, donate_state=False)
+        states[name] = TrainState.create(params, optimizer, jax.random.key(0),
+                                         recap.init(recap_config, 2) if rc else None)
+        jax.block_until_ready(steps[name](states[name], batch))
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name in steps:
+            start = time.perf_counter()
+            jax.block_until_ready(steps[name](states[name], batch))
+            times[name].append(time.perf_counter() - start)
+    plain, inside = (statistics.median(times[n]) for n in ("lambda = 1", "RECAP inside"))
+    best_plain, best_inside = (min(times[n]) for n in ("lambda = 1", "RECAP inside"))
+    return "\n".join([
+        f"Train step with RECAP inside vs lambda = 1 (tiny Qwen2.5-VL, 16 rows, K = 2, W = {W}), "
+        f"{rounds} interleaved rounds; jax {jax.__version__}, {platform.machine()}, "
+        f"{os.cpu_count()} cores", "",
+        "| step | median ms | min ms |", "|---|---|---|",
+        f"| lambda = 1 | {plain * 1e3:.1f} | {best_plain * 1e3:.1f} |",
+        f"| RECAP inside | {inside * 1e3:.1f} | {best_inside * 1e3:.1f} |", "",
+        f"RECAP's share of the step: median {100 * (inside - plain) / plain:+.2f}%, "
+        f"min {100 * (best_inside - best_plain) / best_plain:+.2f}% (goal < 0.5%; a negative "
+        "figure is noise)."])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=4000)
+    parser.add_argument("--in-step", action="store_true", help="time RECAP inside the train step")
     parser.add_argument("--train-step-ms", type=float, default=None)
     parser.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = parser.parse_args()
+    if args.in_step:
+        print(in_step())
+        return
 
     rng = np.random.default_rng(0)
     directions = ("reward",) * 6 + ("loss",) * 2

@@ -138,7 +138,7 @@ def export(graphdef, params, processor, directory: str) -> None:
     transformers and transformers-based evaluation harnesses load. On several processes
     every process gathers the parameters and process 0 writes."""
     if jax.process_count() > 1:
-        params = multihost_utils.process_allgather(params)
+        params = multihost_utils.process_allgather(params, tiled=True)
         if jax.process_index() != 0:
             return
     checkpoint_lib.save_pretrained(nnx.merge(graphdef, params), directory)
