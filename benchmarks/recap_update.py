@@ -12,9 +12,10 @@ numpy computation of the `released` weights from a [K, 2W] history (what a PyTor
 does in Python each step). With --train-step-ms the table adds the share of one train step
 (the issue's goal: < 0.5%).
 
---in-step times the real thing: the jitted VLM train step (tiny Qwen2.5-VL, B = 4 prompts x
-G = 4, images, K = 2) with RECAP computing lambda inside it from this batch's signals, against
-the same step with lambda = 1, interleaved; the difference is what RECAP costs a step.
+--in-step times the real thing: the jitted VLM train step (tiny Qwen2.5-VL, B = 4 prompts of
+256 tokens x G = 4 completions of 128, images, K = 2) with RECAP computing lambda inside it
+from this batch's signals, against the same step with lambda = 1, interleaved; the
+difference is what RECAP costs a step.
 """
 
 import argparse
@@ -59,7 +60,7 @@ def time_interleaved(fns, calls, rounds=20):
                    sorted(t)[int(0.9 * len(t))] * 1e6) for name, t in times.items()}
 
 
-def in_step(rounds: int = 15) -> str:
+def in_step(rounds: int = 30) -> str:
     """Median step time with RECAP inside the step and with lambda = 1 (same batch)."""
     import jax.numpy as jnp
     import optax
@@ -74,7 +75,7 @@ def in_step(rounds: int = 15) -> str:
     from recap_jax.train_step import TrainBatch, make_train_step
 
     cfg = C.tiny(vocab_size=512, text_layers=2, vision_depth=2, fullatt_block_indexes=(1,))
-    work = memory.Workload(batch=4, group_size=4, prompt_len=64, completion_len=32, images=1,
+    work = memory.Workload(batch=4, group_size=4, prompt_len=256, completion_len=128, images=1,
                            image_size=56)
     raw = memory.example_batch(cfg, work, seed=0)
     rows = raw["completions"].shape[0]
