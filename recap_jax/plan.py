@@ -25,6 +25,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import optax
 
 from recap_jax import grpo, recap, run_config
@@ -335,8 +336,6 @@ def _optimizer(learning_rate, total_updates, warmup_fraction, max_grad_norm, wei
 
 
 def _vision_labels(params):
-    import jax
-
     return jax.tree_util.tree_map_with_path(
         lambda path, _: "frozen" if "visual" in jax.tree_util.keystr(path) else "trained", params)
 
