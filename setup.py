@@ -42,6 +42,8 @@ TEST_REQUIRES = [
     "nbclient>=0.10",
     "ipykernel>=6",
     "matplotlib>=3.8",
+    # the linter .ci/run runs (configuration: ruff.toml)
+    "ruff==0.14.9",
 ]
 
 setup(
