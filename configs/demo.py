@@ -32,7 +32,8 @@ def get_config():
     c.data.patch_buckets = (64,)
     c.sft.update(steps=300, batch_size=32, learning_rate=2e-3, warmup_fraction=0.05)
     c.rl.update(steps=60, method="recap", prompts_per_step=8, group_size=4, max_new_tokens=24,
-                temperature=1.0, learning_rate=2e-5, warmup_fraction=0.1)
+                temperature=1.0, learning_rate=2e-5, warmup_fraction=0.1,
+                log_lambda_effect=True)  # the demo shows what lambda changes in each update
     c.checkpoint.update(every_steps=20, keep=2)
     c.eval.update(every_steps=0, num_examples=64, batch_size=32, max_new_tokens=24)
     c.log.every_steps = 10

@@ -187,6 +187,8 @@ class StagePlan:
     max_bad_steps: non-finite steps in a row before the run saves and stops.
     rng_offset: step keys fold in (rng_offset + step).
     eval_every: steps between evaluations (0: at the start and the end of RL only; SFT: never).
+    freeze_vision: the vision tower gets no updates (modomodo).
+    log_lambda_effect: the step also logs the gradient cosine with lambda = 1.
     """
 
     name: str
@@ -205,6 +207,7 @@ class StagePlan:
     rng_offset: int = 0
     eval_every: int = 0
     freeze_vision: bool = False
+    log_lambda_effect: bool = False
 
     @property
     def is_rl(self) -> bool:
@@ -372,7 +375,7 @@ def objective_set_sft(names: Sequence[str]) -> recap.ObjectiveSet:
 
 _RL_STAGE_FIELDS = ("steps", "method", "prompts_per_step", "max_new_tokens", "temperature",
                     "top_p", "top_k", "learning_rate", "warmup_fraction", "max_grad_norm",
-                    "weight_decay", "beta", "dual_clip_c", "max_bad_steps")
+                    "weight_decay", "beta", "dual_clip_c", "max_bad_steps", "log_lambda_effect")
 
 
 def _rl_stage(reader: _Reader, model: ModelPlan, data: DataPlan, names, seed) -> StagePlan | None:
@@ -409,4 +412,5 @@ def _rl_stage(reader: _Reader, model: ModelPlan, data: DataPlan, names, seed) ->
                      optimizer, max_new_tokens=rl["max_new_tokens"],
                      temperature=rl["temperature"], top_p=rl["top_p"], top_k=rl["top_k"],
                      max_bad_steps=rl["max_bad_steps"], rng_offset=RL_RNG_OFFSET,
-                     eval_every=eval_every, freeze_vision=method.freeze_vision)
+                     eval_every=eval_every, freeze_vision=method.freeze_vision,
+                     log_lambda_effect=rl["log_lambda_effect"])

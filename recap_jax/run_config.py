@@ -164,6 +164,10 @@ def base_config() -> ml_collections.ConfigDict:
         num_minibatches=1,
         # recompute the old log-probs with the pre-update params instead of the sampler's
         recompute_old_logprobs=False,
+        # also log lambda_gradient_cosine: the cosine between the update's gradient and the
+        # one lambda = 1 would give (one more backward pass per update); advantage_change is
+        # always logged
+        log_lambda_effect=False,
         max_bad_steps=5,  # stop (after saving) when this many steps in a row are not finite
     )
     # variant: released | paper (recap-method.md) | dwa (Liu et al. 2019) | static (lambda = 1)

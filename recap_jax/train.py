@@ -30,8 +30,10 @@ warmstart/ and final/ (Hugging Face directories), eval/<stage>_step_<n>.json, to
 Metric keys (one JSONL line per step; see recap_jax.metrics_log): loss, grad_norm,
 update_norm (global L2 norm of the change of the stored parameters: 0 when a bf16 update is
 rounded away), param_norm, ratio_max, ratio_p99 (importance ratio pi / pi_old over RL
-tokens), skipped, source, tokens_per_s, step_time_s, completion_length_mean,
-truncated_fraction, entropy, clip_fraction_{low,high}, kl (lwf), logprob_abs_diff; per
+tokens), skipped, source, tokens_per_s, step_time_s, process_rows (the rows this process
+fed), advantage_change (||A(lambda) - A(1)|| / ||A(1)||: what lambda changed in the
+advantages), lambda_gradient_cosine (rl.log_lambda_effect: cosine of the update's gradient
+with the one lambda = 1 would give), completion_length_mean, truncated_fraction, entropy, clip_fraction_{low,high}, kl (lwf), logprob_abs_diff; per
 objective o: reward/<o> (batch mean raw reward, RL objectives in the batch), ntp_loss/<o>
 (SFT objectives in the batch), weight/<o> (the lambda that weighted this step), recap/c/<o>,
 recap/i/<o> (RECAP's c and i after this step's signal; recap only).
@@ -179,7 +181,8 @@ def _objective_values(objectives: recap.ObjectiveSet, metrics: dict) -> dict[str
 
 SCALARS = ("loss", "grad_norm", "update_norm", "param_norm", "skipped", "entropy", "kl",
            "logprob_abs_diff", "ratio_max", "ratio_p99", "clip_fraction_low",
-           "clip_fraction_high", "completion_length_mean", "truncated_fraction")
+           "clip_fraction_high", "completion_length_mean", "truncated_fraction",
+           "advantage_change", "lambda_gradient_cosine")
 SFT_SCALARS = ("loss", "grad_norm", "update_norm", "param_norm", "skipped")
 
 
@@ -267,7 +270,8 @@ class _StageSteps:
             logprob_fn = sampling.make_logprob_fn(self.run.graphdef, grpo_config.group_size,
                                                   self.run.plan.model.logits_chunk)
             self._steps[grpo_config.group_size] = make_train_step(
-                grpo_config, logprob_fn, self.stage.optimizer, recap=self.stage.recap)
+                grpo_config, logprob_fn, self.stage.optimizer, recap=self.stage.recap,
+                measure_lambda_effect=self.stage.log_lambda_effect)
         return self._steps[grpo_config.group_size]
 
     def batch(self, replay_batch: dict, step: int, params):

@@ -280,25 +280,35 @@ def _ratio_stats(logprobs: jax.Array, old_logprobs: jax.Array, rl_mask: jax.Arra
 
 def _make_update(config: GRPOConfig, logprob_fn: LogprobFn,
                  optimizer: optax.GradientTransformation, weighting: _Weighting,
-                 whole_batch: Mapping[str, Any], shared: Any):
-    """One optimizer update on one mini-batch (a lax.scan body over (params, opt_state)).
+                 whole_batch: Mapping[str, Any], shared: Any, measure_lambda_effect: bool):
+    """One optimizer update on one mini-batch (a lax.scan body over (params, opt_state,
+    recap_state)).
 
+    The policy's forward (`logprob_fn`) and the loss on its log-probs (`head`) are separate so
+    that one forward can serve two backward passes: with ``measure_lambda_effect`` the
+    gradient the loss would have with lambda = 1 is computed too, and their cosine logged.
     Without precomputed weights (RECAP with one update per step), lambda and the advantages
-    are computed inside the loss from this forward's NTP losses (stop_gradient).
+    are computed in `head` from this forward's NTP losses (stop_gradient).
     """
 
-    def loss_fn(params, minibatch):
-        minibatch = _join(minibatch, shared)
-        batch = minibatch["batch"]
-        logprobs, entropy = logprob_fn(params, batch)
+    def forward(params, minibatch):
+        logprobs, entropy = logprob_fn(params, minibatch["batch"])
         expected = tuple(np.shape(minibatch["loss_mask"]))
         for name, value in (("token_logprobs", logprobs), ("token_entropy", entropy)):
             if value is not None and tuple(value.shape) != expected:
                 raise ValueError(f"logprob_fn returned {name} of shape {value.shape}; "
                                  f"expected {expected} (rows x completion tokens)")
-        if "weights" in minibatch:
-            weights, advantages, new_recap = (minibatch["weights"][0],
-                                              minibatch["advantages"], None)
+        return logprobs, entropy
+
+    def head(logprobs, entropy, minibatch, unit_weights: bool = False):
+        batch = minibatch["batch"]
+        new_recap = None
+        if unit_weights:
+            weights = jnp.ones((config.num_objectives,), jnp.float32)
+            advantages = minibatch["advantages_unit"] if "advantages_unit" in minibatch else \
+                grpo.rollout_advantages(config, whole_batch, weights)[0]
+        elif "weights" in minibatch:
+            weights, advantages = minibatch["weights"][0], minibatch["advantages"]
         else:  # one update: lambda from this very forward (the whole batch)
             weights, new_recap = weighting.weights(*objective_ntp(
                 config, logprobs, minibatch["loss_mask"], batch["source_id"]))
@@ -308,15 +318,24 @@ def _make_update(config: GRPOConfig, logprob_fn: LogprobFn,
         loss, aux = grpo.policy_loss(config, weights, logprobs, old, advantages,
                                      minibatch["loss_mask"], batch["source_id"],
                                      reference if config.beta > 0 else None, entropy)
-        rl_mask = minibatch["loss_mask"] * grpo.membership(config, batch["source_id"]).rl_row[:, None]
-        aux["ratio_max"], aux["ratio_p99"] = _ratio_stats(logprobs, old, rl_mask)
+        rl_rows = grpo.membership(config, batch["source_id"]).rl_row
+        aux["ratio_max"], aux["ratio_p99"] = _ratio_stats(
+            logprobs, old, minibatch["loss_mask"] * rl_rows[:, None])
         aux["weights"] = weights
         return loss, (aux, new_recap)
 
     def update(carry, minibatch):
         params, opt_state, recap_state = carry
-        (loss, (aux, new_recap)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, minibatch)
+        minibatch = _join(minibatch, shared)
+        (logprobs, entropy), pullback = jax.vjp(lambda p: forward(p, minibatch), params)
+        no_entropy = None if entropy is None else jnp.zeros_like(entropy)  # a metric only
+        (loss, (aux, new_recap)), cotangent = jax.value_and_grad(head, has_aux=True)(
+            logprobs, entropy, minibatch)
+        (grads,) = pullback((cotangent, no_entropy))
+        if measure_lambda_effect:
+            unit = jax.grad(lambda lp: head(lp, entropy, minibatch, True)[0])(logprobs)
+            (unit_grads,) = pullback((unit, no_entropy))
+            aux["lambda_gradient_cosine"] = _cosine(grads, unit_grads)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
@@ -329,6 +348,23 @@ def _make_update(config: GRPOConfig, logprob_fn: LogprobFn,
                                                       skipped=~finite)
 
     return update
+
+
+def _cosine(a: Any, b: Any) -> jax.Array:
+    """cos(a, b) of two gradient pytrees (1 when either is 0: nothing to compare)."""
+    dot = sum(jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
+              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    norms = _global_norm(a) * _global_norm(b)
+    return jnp.where(norms > 0, dot / jnp.where(norms > 0, norms, 1.0), 1.0)
+
+
+def advantage_change(config: GRPOConfig, batch: Mapping[str, Any], weights: jax.Array
+                     ) -> jax.Array:
+    """||A(lambda) - A(1)|| / ||A(1)|| over the batch: how much lambda changes the advantages
+    (0 when it cannot, e.g. a common factor on one source's lambdas in `reward` mode)."""
+    with_weights = grpo.rollout_advantages(config, batch, weights)[0]
+    unit = grpo.rollout_advantages(config, batch, jnp.ones_like(weights))[0]
+    return jnp.linalg.norm(with_weights - unit) / jnp.maximum(jnp.linalg.norm(unit), 1e-12)
 
 
 def _global_norm(tree: Any) -> jax.Array:
@@ -345,7 +381,8 @@ def _update_norm(new: Any, old: Any) -> jax.Array:
 
 def make_train_step(config: GRPOConfig, logprob_fn: LogprobFn,
                     optimizer: optax.GradientTransformation, *,
-                    recap: recap_lib.RecapConfig | None = None, donate_state: bool = True):
+                    recap: recap_lib.RecapConfig | None = None,
+                    measure_lambda_effect: bool = False, donate_state: bool = True):
     """The jitted step(state, batch, weights=None, reference_params=None) -> (state, metrics).
 
     weights: lambda [K] float32, or None for 1 (baselines); with ``recap`` it must be None:
@@ -353,6 +390,10 @@ def make_train_step(config: GRPOConfig, logprob_fn: LogprobFn,
       and the updated RECAP state is returned in the new state.
     reference_params: the frozen reference policy's params when config.beta > 0 and the
       batch holds no ``ref_logprobs``: its log-probs are computed inside the step.
+    measure_lambda_effect: also log ``lambda_gradient_cosine``, the cosine between the
+      update's gradient and the one lambda = 1 would give (one more backward pass per
+      update, no more forward). ``advantage_change`` (||A(lambda) - A(1)|| / ||A(1)||) is
+      always logged.
     Compiles once per batch shape / dtype structure. The state is donated.
     """
     single_update = config.num_iterations * config.num_minibatches == 1
@@ -392,8 +433,12 @@ def make_train_step(config: GRPOConfig, logprob_fn: LogprobFn,
             recap_state = recap_state if new_recap is None else new_recap
             samples["advantages"] = grpo.rollout_advantages(config, batch, step_weights)[0]
             samples["weights"] = jnp.broadcast_to(step_weights, (rows, k))  # split like rows
+            if measure_lambda_effect:
+                samples["advantages_unit"] = grpo.rollout_advantages(
+                    config, batch, jnp.ones((k,), jnp.float32))[0]
         split_samples, shared = _split_rows(samples, config.num_minibatches)
-        update = _make_update(config, logprob_fn, optimizer, weighting, batch, shared)
+        update = _make_update(config, logprob_fn, optimizer, weighting, batch, shared,
+                              measure_lambda_effect)
 
         def epoch(carry, key):
             rows_of = split_samples
@@ -411,7 +456,10 @@ def make_train_step(config: GRPOConfig, logprob_fn: LogprobFn,
         metrics.update(update_norm=_update_norm(params, state.params),
                        param_norm=_global_norm(params),
                        ratio_max=per_update["ratio_max"].max(),
-                       ratio_p99=per_update["ratio_p99"].max())
+                       ratio_p99=per_update["ratio_p99"].max(),
+                       advantage_change=advantage_change(config, batch, used))
+        if measure_lambda_effect:
+            metrics["lambda_gradient_cosine"] = per_update["lambda_gradient_cosine"].mean()
         if recap is not None:
             metrics.update(recap_c=recap_state.c, recap_i=recap_state.i)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
