@@ -33,8 +33,8 @@ rounded away), param_norm, ratio_max, ratio_p99 (importance ratio pi / pi_old ov
 tokens), skipped, source, tokens_per_s, step_time_s, process_rows (the rows this process
 fed), advantage_change (||A(lambda) - A(1)|| / ||A(1)||: what lambda changed in the
 advantages), lambda_gradient_cosine (rl.log_lambda_effect: cosine of the update's gradient
-with the one lambda = 1 would give), completion_length_mean, truncated_fraction, entropy, clip_fraction_{low,high}, kl (lwf), logprob_abs_diff; per
-objective o: reward/<o> (batch mean raw reward, RL objectives in the batch), ntp_loss/<o>
+with the one lambda = 1 would give), completion_length_mean, truncated_fraction, entropy,
+clip_fraction_{low,high}, kl (lwf), logprob_abs_diff; per objective o: reward/<o> (batch mean raw reward, RL objectives in the batch), ntp_loss/<o>
 (SFT objectives in the batch), weight/<o> (the lambda that weighted this step), recap/c/<o>,
 recap/i/<o> (RECAP's c and i after this step's signal; recap only).
 Eval lines: eval/<task>/<metric>, eval/<task>/completion_length.
