@@ -325,13 +325,17 @@ def _mesh(reader: _Reader) -> MeshConfig | None:
 
 
 def _optimizer(learning_rate, total_updates, warmup_fraction, max_grad_norm, weight_decay,
-               precision: PrecisionConfig, freeze_vision: bool) -> optax.GradientTransformation:
-    """AdamW on the stage's schedule; a float32 master copy for low-precision parameters;
-    zero updates for the vision tower when it is frozen (the master copy wraps the whole
-    thing, so a frozen weight stays bit-identical)."""
-    optimizer = make_optimizer(learning_rate, max(total_updates, 1),
+               precision: PrecisionConfig, freeze_vision: bool,
+               accumulate: int = 1) -> optax.GradientTransformation:
+    """AdamW on the stage's schedule; gradients averaged over ``accumulate`` calls before each
+    update (optax.MultiSteps: the calls in between change nothing); a float32 master copy for
+    low-precision parameters; zero updates for the vision tower when it is frozen (the master
+    copy wraps the whole thing, so a frozen weight stays bit-identical)."""
+    optimizer = make_optimizer(learning_rate, max(total_updates // accumulate, 1),
                                warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm,
                                weight_decay=weight_decay)
+    if accumulate > 1:
+        optimizer = optax.MultiSteps(optimizer, every_k_schedule=accumulate)
     if freeze_vision:
         optimizer = optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()},
                                           _vision_labels)
@@ -375,7 +379,8 @@ def objective_set_sft(names: Sequence[str]) -> recap.ObjectiveSet:
 
 _RL_STAGE_FIELDS = ("steps", "method", "prompts_per_step", "max_new_tokens", "temperature",
                     "top_p", "top_k", "learning_rate", "warmup_fraction", "max_grad_norm",
-                    "weight_decay", "beta", "dual_clip_c", "max_bad_steps", "log_lambda_effect")
+                    "weight_decay", "beta", "dual_clip_c", "max_bad_steps", "log_lambda_effect",
+                    "sources_per_update")
 
 
 def _rl_stage(reader: _Reader, model: ModelPlan, data: DataPlan, names, seed) -> StagePlan | None:
@@ -407,7 +412,7 @@ def _rl_stage(reader: _Reader, model: ModelPlan, data: DataPlan, names, seed) ->
     updates = rl["steps"] * grpo_config.num_iterations * grpo_config.num_minibatches
     optimizer = _optimizer(rl["learning_rate"], updates, rl["warmup_fraction"],
                            rl["max_grad_norm"], rl["weight_decay"], model.precision,
-                           method.freeze_vision)
+                           method.freeze_vision, rl["sources_per_update"])
     return StagePlan("rl", rl["steps"], used, objectives, grpo_config, replay, recap_config,
                      optimizer, max_new_tokens=rl["max_new_tokens"],
                      temperature=rl["temperature"], top_p=rl["top_p"], top_k=rl["top_k"],

@@ -168,6 +168,10 @@ def base_config() -> ml_collections.ConfigDict:
         # one lambda = 1 would give (one more backward pass per update); advantage_change is
         # always logged
         log_lambda_effect=False,
+        # batches (one source each) whose gradients are averaged into one optimizer update:
+        # 2 is the released hybrid run's gradient accumulation (two consecutive single-source
+        # micro-batches per update); every batch still gets its own RECAP signal and lambda
+        sources_per_update=1,
         max_bad_steps=5,  # stop (after saving) when this many steps in a row are not finite
     )
     # variant: released | paper (recap-method.md) | dwa (Liu et al. 2019) | static (lambda = 1)
@@ -259,6 +263,7 @@ def validate(config, *, check_paths: bool = True) -> None:
     if config.rl.beta != -1:
         _number(config, "rl.beta", 0.0)
     _int(config, "rl.max_bad_steps", 1)
+    _int(config, "rl.sources_per_update", 1)
     # rl.epsilon_*, dual_clip_c, num_iterations, num_minibatches, the loss options and
     # recap.* are checked by the types they build (GRPOConfig, RecapConfig) in plan.build_plan
     _int(config, "checkpoint.every_steps", 0)

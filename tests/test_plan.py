@@ -150,3 +150,33 @@ def test_model_package_does_not_import_training_and_parallel_not_the_model():
     result = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_sources_per_update_averages_two_batches_into_one_step_on_their_union():
+    """rl.sources_per_update=2 (the released hybrid run's gradient accumulation): two train
+    steps on batches A and B move the parameters as one step on A + B does with the plan's
+    optimizer for half the updates (equal token counts: the union's token mean is the mean of
+    the two); the first of the two steps changes nothing."""
+    from recap_jax.grpo import GRPOConfig
+    from recap_jax.train_state import TrainState
+    from recap_jax.train_step import make_train_step
+    from tests.test_train_step import fixed_batch, init_params, logprob_fn
+
+    def run(optimizer, batches):
+        state = TrainState.create(init_params(jax.random.key(1), 0.5), optimizer, jax.random.key(0))
+        step = make_train_step(GRPOConfig(group_size=4), logprob_fn, optimizer, donate_state=False)
+        norms = []
+        for batch in batches:
+            state, metrics = step(state, jax.tree.map(jnp.asarray, batch))
+            norms.append(float(metrics["update_norm"]))
+        return state.params, norms
+
+    accumulating = plan.build_plan(short_config(rl__steps=4, rl__sources_per_update=2,
+                                                rl__warmup_fraction=0.0)).stage("rl").optimizer
+    single = plan.build_plan(short_config(rl__steps=2, rl__warmup_fraction=0.0)).stage("rl").optimizer
+    a, b = fixed_batch(0, rows=8), fixed_batch(1, rows=8)
+    union = jax.tree.map(lambda x, y: np.concatenate([x, y]), a, b)
+    accumulated, norms = run(accumulating, [a, b])
+    one, _ = run(single, [union])
+    assert norms[0] == 0.0 and norms[1] > 0
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), accumulated, one)
