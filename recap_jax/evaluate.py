@@ -5,7 +5,7 @@
 ``--step`` is a checkpoint step as listed in WORKDIR/checkpoints (SFT step, or sft.steps + RL
 step); the default is the newest. Prints a per-task table and writes it to
 WORKDIR/eval/checkpoint_<N>.json (``--nogreedy``: checkpoint_<N>_teacher_forced.json, only the
-answer-NLL / image-reliance metrics of rollout.Evaluator, no decoding).
+answer-NLL / image-reliance metrics of evaluator.Evaluator, no decoding).
 """
 
 from __future__ import annotations

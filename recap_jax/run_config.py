@@ -181,7 +181,7 @@ def base_config() -> ml_collections.ConfigDict:
         every_steps=0,  # RL steps between evaluations (0 = before and after RL only)
         num_examples=64, batch_size=16, max_new_tokens=32,
         # also the reference answers' NLL with the record's own image and with another's
-        # (answer_nll, answer_nll_other_image, image_reliance: rollout.Evaluator)
+        # (answer_nll, answer_nll_other_image, image_reliance: evaluator.Evaluator)
         image_reliance=True,
     )
     c.log = dict(every_steps=10, tensorboard=True)

@@ -182,7 +182,7 @@ def run_training(label: str, workdir: Path, overrides: dict) -> bool:
 
 def measure_image_reliance(label: str, workdir: Path, overrides: dict) -> None:
     """The teacher-forced metrics (answer NLL with the own / another record's image,
-    rollout.Evaluator) of a finished run's last checkpoint, once: `recap_jax.evaluate
+    evaluator.Evaluator) of a finished run's last checkpoint, once: `recap_jax.evaluate
     --nogreedy` with the run's overrides. Runs whose eval lines already hold them (the
     evaluator computes them by default now) need nothing, but the file keeps the report
     uniform for runs made before."""
@@ -364,7 +364,7 @@ def render_markdown(results: dict) -> str:
     out += ["", "## Does the model still look? Image reliance (nats per answer token)", "",
             ("Teacher-forced NLL of the held-out reference answers with the record's own image, "
              "and how much higher it is with another record's image of the same size "
-             "(`image_reliance`, rollout.Evaluator): about 0 for a model that ignores images. A "
+             "(`image_reliance`, evaluator.Evaluator): about 0 for a model that ignores images. A "
              "direct measure of use of the image, which greedy metrics of a weak model (IoU "
              "near 0, OCR F1 near chance) hardly resolve."), "",
             "| method | " + " | ".join(f"{t} {m}" for t, m in RELIANCE_METRICS) + " |",
