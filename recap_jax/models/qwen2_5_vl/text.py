@@ -31,10 +31,11 @@ import numpy as np
 from flax import nnx
 
 from recap_jax import parallel
+from recap_jax.models.qwen2_5_vl import attention
 from recap_jax.models.qwen2_5_vl.config import TextConfig
 from recap_jax.models.qwen2_5_vl.layers import (LAYERS_AXIS, REMAT_POLICIES, RMSNorm, SwiGLU, TensorSpec, matmul,
-                                                 apply_rotary, cached_attention, dot_product_attention, export_to_specs,
-                                                 load_from_specs, make_param, scan_layers)
+                                                 apply_rotary, cached_attention, export_to_specs, load_from_specs,
+                                                 make_param, scan_layers)
 
 # Logical axis names of the cached values stacked over layers, shape `kv_cache_shape` (the keys
 # swap the last two), for sharding rules in parallel.py; one layer's buffer drops the first.
@@ -173,26 +174,30 @@ class Attention(nnx.Module):
         self.v_proj = HeadsProjection(c.hidden_size, c.num_key_value_heads, c.head_dim, heads_axis="kv_heads", **kw)
         self.o_proj = OutputProjection(c.num_attention_heads, c.head_dim, c.hidden_size, **kw)
 
-    def __call__(self, x, cos, sin, mask, layer_cache, cache_index, dtype, prefix=None):
-        """x [B, S, E]; cos/sin [B, S, 1, D]; mask broadcastable to [B, 1, S, keys].
+    def __call__(self, x, cos, sin, valid, layer_cache, cache, dtype, prefix=None):
+        """x [B, S, E]; cos/sin [B, S, 1, D]; valid [B, S] bool: the new tokens' real positions.
 
-        layer_cache: None, or (k, v) of this layer, [B, Hkv, D, max_len] and [B, Hkv, max_len, D];
-        the new keys and values are written at slots [cache_index, cache_index + S) (in place)
-        and the queries attend to the whole buffer, after ``prefix`` (a shared, read-only
-        (k, v, mask) of this layer, see `cached_attention`) when given.
+        layer_cache: None (causal self-attention over the S tokens, `attention.causal_attention`),
+        or (k, v) of this layer, [B, Hkv, D, max_len] and [B, Hkv, max_len, D]; then ``cache``
+        is (cache_valid [B, max_len] after this write, index: the first slot written): the new
+        keys and values are written at slots [index, index + S) (in place) and each query
+        attends to the valid slots up to its own, after ``prefix`` (a shared, read-only
+        (k, v, valid) of this layer, see `layers.cached_attention`) when given.
         Returns (output [B, S, E], updated (k, v) or None).
         """
         q, k, v = self.project(x, cos, sin, dtype)
         if layer_cache is None:
-            return self.o_proj(dot_product_attention(q, k, v, mask), dtype), None
+            return self.o_proj(attention.causal_attention(q, k, v, valid), dtype), None
+        cache_valid, index = cache
         cached_k, cached_v = layer_cache
+        new_k, new_v = k, v
         k = jax.lax.dynamic_update_slice(cached_k, k.transpose(0, 2, 3, 1).astype(cached_k.dtype),
-                                         (0, 0, 0, cache_index))
+                                         (0, 0, 0, index))
         v = jax.lax.dynamic_update_slice(cached_v, v.transpose(0, 2, 1, 3).astype(cached_v.dtype),
-                                         (0, 0, cache_index, 0))
+                                         (0, 0, index, 0))
         if prefix is not None:
             prefix = (prefix[0].astype(dtype), prefix[1].astype(dtype), prefix[2])
-        out = cached_attention(q, k.astype(dtype), v.astype(dtype), mask, prefix)
+        out = _cached_attention(q, new_k, new_v, k.astype(dtype), v.astype(dtype), valid, cache_valid, index, prefix)
         return self.o_proj(out, dtype), (k, v)
 
     def project(self, x, cos, sin, dtype):
@@ -201,20 +206,19 @@ class Attention(nnx.Module):
         k = apply_rotary(self.k_proj(x, dtype), cos, sin)
         return q, k, self.v_proj(x, dtype)
 
-    def with_shared_prefix(self, x_prefix, x, prefix_rotary, rotary, prefix_mask, mask, prefix_valid, dtype):
+    def with_shared_prefix(self, x_prefix, x, prefix_rotary, rotary, prefix_valid, valid, dtype):
         """Self-attention of Bp prefixes and of B = Bp * G continuations that each attend to
         their prefix (row r to prefix row r // G) and then causally to themselves.
 
-        x_prefix [Bp, P, E], x [B, S, E]; *_rotary: (cos, sin) [.., 1, D]; prefix_mask / mask:
-        the causal masks of each part; prefix_valid [Bp, P]: the prefix's real keys. The
-        prefix's keys and values are computed once and read by all G continuations
-        (`cached_attention`'s prefix), never repeated. Returns (prefix output, output).
+        x_prefix [Bp, P, E], x [B, S, E]; *_rotary: (cos, sin) [.., 1, D]; prefix_valid [Bp, P]
+        / valid [B, S]: the real tokens of each part. The prefix's keys and values are computed
+        once (`attention.prefix_attention`: the reference reads them once per group, the fused
+        kernels repeat them per row). Returns (prefix output, output).
         """
         qp, kp, vp = self.project(x_prefix, *prefix_rotary, dtype)
         q, k, v = self.project(x, *rotary, dtype)
-        kp_t, vp = kp.transpose(0, 2, 3, 1), vp.transpose(0, 2, 1, 3)
-        prefix_out = cached_attention(qp, kp_t, vp, prefix_mask)
-        out = cached_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask, (kp_t, vp, prefix_valid))
+        prefix_out = attention.causal_attention(qp, kp, vp, prefix_valid)
+        out = attention.prefix_attention(q, k, v, valid, kp, vp, prefix_valid)
         return self.o_proj(prefix_out, dtype), self.o_proj(out, dtype)
 
 
@@ -231,21 +235,19 @@ class DecoderLayer(nnx.Module):
         self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, use_bias=False, embed_axis="embed", mlp_axis="mlp",
                           rngs=rngs, param_dtype=param_dtype, stack=stack)
 
-    def __call__(self, h, cos, sin, mask, layer_cache, cache_index, dtype, prefix=None):
-        attn, layer_cache = self.self_attn(self.input_layernorm(h), cos, sin, mask, layer_cache, cache_index, dtype,
-                                           prefix)
+    def __call__(self, h, cos, sin, valid, layer_cache, cache, dtype, prefix=None):
+        attn, layer_cache = self.self_attn(self.input_layernorm(h), cos, sin, valid, layer_cache, cache, dtype, prefix)
         h = h + attn
         return self.feed_forward(h, dtype), layer_cache
 
     def feed_forward(self, h, dtype):
         return h + self.mlp(self.post_attention_layernorm(h), dtype)
 
-    def with_shared_prefix(self, h_prefix, h, prefix_rotary, rotary, prefix_mask, mask, prefix_valid, dtype):
+    def with_shared_prefix(self, h_prefix, h, prefix_rotary, rotary, prefix_valid, valid, dtype):
         """The block on prefixes [Bp, P, E] and their continuations [B, S, E]
         (`Attention.with_shared_prefix`); returns both residual streams."""
         attn_prefix, attn = self.self_attn.with_shared_prefix(
-            self.input_layernorm(h_prefix), self.input_layernorm(h), prefix_rotary, rotary, prefix_mask, mask,
-            prefix_valid, dtype)
+            self.input_layernorm(h_prefix), self.input_layernorm(h), prefix_rotary, rotary, prefix_valid, valid, dtype)
         return self.feed_forward(h_prefix + attn_prefix, dtype), self.feed_forward(h + attn, dtype)
 
 
@@ -314,10 +316,8 @@ class TextModel(nnx.Module):
         dtype = self.dtype
 
         if cache is None:
-            mask = _causal_mask(attention_mask)
-
             def body(layer, h, _):
-                h, _ = layer(parallel.constrain(h, HIDDEN_AXES), cos, sin, mask, None, None, dtype)
+                h, _ = layer(parallel.constrain(h, HIDDEN_AXES), cos, sin, attention_mask, None, None, dtype)
                 return h, None
 
             h, _ = scan_layers(self.layers, body, h, remat=self.remat)
@@ -328,14 +328,12 @@ class TextModel(nnx.Module):
             _check_prefix(prefix, batch, self.config)
         index = cache.index
         valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, index))
-        slots = jnp.arange(cache.max_len)
-        query_slots = index + jnp.arange(seq_len)
-        mask = valid[:, None, None, :] & (slots[None, :] <= query_slots[:, None])[None, None]
 
         new_k, new_v = [], []
         for i, (layer, k, v) in enumerate(zip(self.split_layers() if layers is None else layers, cache.k, cache.v)):
             shared = None if prefix is None else (prefix.k[i], prefix.v[i], prefix.valid)
-            h, (k, v) = layer(parallel.constrain(h, HIDDEN_AXES), cos, sin, mask, (k, v), index, dtype, shared)
+            h, (k, v) = layer(parallel.constrain(h, HIDDEN_AXES), cos, sin, attention_mask, (k, v), (valid, index),
+                              dtype, shared)
             new_k.append(k)
             new_v.append(v)
         new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid, index=(index + seq_len).astype(jnp.int32))
@@ -362,16 +360,14 @@ class TextModel(nnx.Module):
         if batch % groups:
             raise ValueError(f"with_shared_prefix: {groups} prefixes do not divide the batch of {batch} rows")
         prefix_valid = jnp.asarray(prefix_attention_mask).astype(bool)
-        prefix_mask = _causal_mask(prefix_valid)
-        mask = _causal_mask(jnp.asarray(attention_mask).astype(bool))
+        valid = jnp.asarray(attention_mask).astype(bool)
         prefix_rotary = self._rotary(prefix_position_ids)
         rotary = self._rotary(position_ids)
         dtype = self.dtype
 
         def body(layer, carry, _):
             h_prefix, h = (parallel.constrain(x, HIDDEN_AXES) for x in carry)
-            return layer.with_shared_prefix(h_prefix, h, prefix_rotary, rotary, prefix_mask, mask, prefix_valid,
-                                            dtype), None
+            return layer.with_shared_prefix(h_prefix, h, prefix_rotary, rotary, prefix_valid, valid, dtype), None
 
         start = (prefix_embeds.astype(dtype), inputs_embeds.astype(dtype))
         (h_prefix, h), _ = scan_layers(self.layers, body, start, remat=self.remat)
@@ -383,10 +379,29 @@ class TextModel(nnx.Module):
         return cos[:, :, None, :], sin[:, :, None, :]
 
 
-def _causal_mask(valid: jax.Array) -> jax.Array:
-    """[B, 1, S, S] bool: query i may attend to key j <= i where ``valid`` [B, S] holds."""
-    seq_len = valid.shape[1]
-    return jnp.tril(jnp.ones((seq_len, seq_len), bool))[None, None] & valid[:, None, None, :]
+def _cached_attention(q, new_k, new_v, keys_t, values, valid, cache_valid, index, prefix):
+    """Attention of S new tokens after they were written to the cache at slots [index, index + S).
+
+    q, new_k, new_v [B, S, H(kv), D]: the new tokens' projections; keys_t / values: the whole
+    (updated) buffers in the compute dtype; valid [B, S], cache_valid [B, max_len].
+    * S = max_len without a prefix (a prefill that fills the cache, so index is 0): causal
+      self-attention of the new tokens (`attention.causal_attention`, a fused kernel where
+      there is one);
+    * S = 1 (a decode step): `attention.decode_attention` (which reads only the filled slots
+      outside the reference);
+    * otherwise, and always under the ``xla`` implementation: the reference
+      `layers.cached_attention` over the whole buffer, masked to valid slots <= the query's.
+    """
+    seq_len, max_len = q.shape[1], keys_t.shape[-1]
+    fused = attention.resolve() != "xla"
+    if fused and seq_len == max_len and prefix is None:
+        return attention.causal_attention(q, new_k.astype(q.dtype), new_v.astype(q.dtype), valid)
+    if seq_len == 1:
+        return attention.decode_attention(q, keys_t, values, cache_valid, index, prefix)
+    slots = jnp.arange(max_len)
+    query_slots = index + jnp.arange(seq_len)
+    mask = cache_valid[:, None, None, :] & (slots[None, :] <= query_slots[:, None])[None, None]
+    return cached_attention(q, keys_t, values, mask, prefix)
 
 
 def _check_inputs(inputs_embeds, position_ids, attention_mask, config: TextConfig) -> tuple[int, int]:

@@ -31,10 +31,10 @@ import numpy as np
 from flax import nnx
 
 from recap_jax import parallel
+from recap_jax.models.qwen2_5_vl import attention
 from recap_jax.models.qwen2_5_vl.config import VisionConfig
-from recap_jax.models.qwen2_5_vl.layers import (Linear, RMSNorm, SwiGLU, TensorSpec, apply_rotary,
-                                                dot_product_attention, export_to_specs, load_from_specs, make_param,
-                                                matmul, scan_layers)
+from recap_jax.models.qwen2_5_vl.layers import (Linear, RMSNorm, SwiGLU, TensorSpec, apply_rotary, export_to_specs,
+                                                load_from_specs, make_param, matmul, scan_layers)
 
 PAD_SEGMENT = -1
 # Logical axes of the patch stream [num_patches, hidden]: patches split over the batch mesh axes.
@@ -182,11 +182,11 @@ def segment_mask(segment_ids: jax.Array) -> jax.Array:
 def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """Non-causal attention restricted to segments (the reference's cu_seqlens chunks).
 
-    q, k, v: [N, heads, head_dim]; segment_ids: [N]. Computes all N x N scores and masks
-    them: the full-attention blocks' path (segments = frames, of any length).
+    q, k, v: [N, heads, head_dim]; segment_ids: [N]. The full-attention blocks' path
+    (segments = frames, of any length): `attention.segment_attention` with the segment ids
+    (the reference computes all N x N scores and masks them; the fused kernels take the ids).
     """
-    mask = segment_mask(segment_ids)[None, None]
-    return dot_product_attention(q[None], k[None], v[None], mask)[0]
+    return attention.segment_attention(q[None], k[None], v[None], segment_ids[None], segment_ids[None])[0]
 
 
 # Segment ids of the padding `window_attention` adds: the tail that rounds N up to whole
@@ -218,9 +218,8 @@ def window_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
 
     query_segments = blocks(segment_ids, _TAIL_SEGMENT)
     key_segments = with_neighbours(query_segments, _OUTSIDE_SEGMENT)
-    mask = query_segments[:, None, :, None] == key_segments[:, None, None, :]
-    out = dot_product_attention(blocks(q, 0), with_neighbours(blocks(k, 0), 0), with_neighbours(blocks(v, 0), 0),
-                                mask)
+    out = attention.segment_attention(blocks(q, 0), with_neighbours(blocks(k, 0), 0),
+                                      with_neighbours(blocks(v, 0), 0), query_segments, key_segments)
     return out.reshape(count * block, *q.shape[1:])[:n]
 
 
