@@ -1,0 +1,618 @@
+"""One prepared accelerator benchmark: train-step MFU, prefill and decode speed (with the
+decode's fraction of the HBM roofline), the same model in transformers + PyTorch as the ratio
+reference, peak memory of each, and a check of the compiled programs for silent bf16 -> f32
+matmul upcasts.
+
+    python -m benchmarks.accelerator --out $OUT/accelerator.json          # GPU: 3B shape (+ 7B decoder)
+    python -m benchmarks.accelerator --tiny --out /tmp/accelerator.json   # CPU: tiny shape, seconds
+
+The model is random with Qwen2.5-VL-3B's real dimensions (`config.qwen2_5_vl_3b`), parameters
+and compute in bf16. Sections, each timed after a warm-up call that compiles (compilation is
+never in a timing), each in its own try/except (an error is recorded in the table and the
+run goes on), skipped once ``--budget-s`` is spent:
+
+* ``jax_train``: `train_step.make_train_step` with `sampling.make_logprob_fn` (GRPO, the
+  prompt run once for its G completions). MFU = model FLOPs / (step time x peak), the model
+  FLOPs from `benchmarks.mfu.train_flops` (shared prompt counted once, 3 x forward).
+* ``jax_prefill``: the model's forward over the prompts (vision tower + decoder), tokens/s.
+* ``jax_decode``: `sampling.generate_prepared` for N new tokens (no EOS); a decode step's time
+  is (generate time - prefill time) / N; the HBM roofline of a step is (decoder + lm_head
+  weight bytes + KV bytes of the prompt prefix and of the half-filled completion cache) /
+  peak bandwidth, and the table gives the fraction of it reached.
+* ``torch_train`` / ``torch_generate``: transformers' Qwen2_5_VLForConditionalGeneration
+  (sdpa, bf16, the same dimensions, its own random weights) on the same device: a TRL-style
+  forward + backward + AdamW on the same batch (prompt repeated per completion, logits at the
+  completion positions), and ``generate`` with ``num_return_sequences=G``.
+* ``jax_train_7b``: the train step with Qwen2.5-VL-7B's decoder (and vision tower) where the
+  device has the memory (not in --tiny mode).
+
+Peak figures by device name (`PEAKS`); a CPU has none ("n/a", MFU not computed) unless
+--peak-tflops / --peak-gbs are given. The JSON written to --out holds every row.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave memory for PyTorch in the same run
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from benchmarks.mfu import train_flops  # noqa: E402
+from recap_jax import grpo, sampling  # noqa: E402
+from recap_jax.models.qwen2_5_vl import attention  # noqa: E402
+from recap_jax.models.qwen2_5_vl import config as config_lib  # noqa: E402
+from recap_jax.models.qwen2_5_vl import model as model_lib  # noqa: E402
+from recap_jax.models.qwen2_5_vl import text as text_lib  # noqa: E402
+from recap_jax.tools import memory  # noqa: E402
+from recap_jax.train_state import TrainState, make_optimizer  # noqa: E402
+from recap_jax.train_step import make_train_step  # noqa: E402
+
+# device name substring -> (dense bf16 FLOP/s, HBM bytes/s), vendors' datasheets
+PEAKS = {
+    "H200": (989e12, 4.8e12),
+    "H100": (989e12, 3.35e12),
+    "A100": (312e12, 2.0e12),
+}
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+# ----------------------------------------------------------------------------- peaks
+def device_peaks(device, peak_tflops: float | None = None, peak_gbs: float | None = None) -> dict[str, Any]:
+    """{"flops": FLOP/s or None, "bandwidth": bytes/s or None, "name": device kind, "source": ...}."""
+    name = getattr(device, "device_kind", str(device))
+    flops = bandwidth = None
+    source = "n/a"
+    for key, (f, b) in PEAKS.items():
+        if key.lower() in name.lower():
+            flops, bandwidth, source = f, b, f"datasheet ({key})"
+            break
+    if peak_tflops:
+        flops, source = peak_tflops * 1e12, "given"
+    if peak_gbs:
+        bandwidth = peak_gbs * 1e9
+    return {"name": name, "platform": device.platform, "flops": flops, "bandwidth": bandwidth, "source": source}
+
+
+# ----------------------------------------------------------------------------- HLO check
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\w+)\[[^\]]*\](?:\{[^}]*\})?\s+([\w\-]+)\((.*)$")
+_PASS_THROUGH = {"reshape", "transpose", "bitcast", "copy", "broadcast", "slice", "dynamic-slice", "concatenate",
+                 "pad", "get-tuple-element"}
+_MATMULS = {"dot", "convolution"}
+_LOW = {"bf16", "f16"}
+
+
+def _operand_names(rest: str) -> list[str]:
+    """The operand names of an instruction from the text after ``opcode(``: printed with their
+    types (``f32[4,8]{1,0} %x``) or without (``x``), depending on the jax version."""
+    depth, end = 0, len(rest)
+    for i, char in enumerate(rest):  # the operand list ends at the matching ')'
+        depth += char in "([{"
+        if char in ")]}":
+            if depth == 0:
+                end = i
+                break
+            depth -= 1
+    listed = re.sub(r"\[[^\]]*\]|\{[^}]*\}", "", rest[:end])
+    return [piece.split()[-1].lstrip("%") for piece in listed.split(",") if piece.strip()]
+
+
+def _instructions(hlo_text: str) -> dict[str, tuple[str, str, list[str], str]]:
+    """name -> (result dtype, opcode, operand names, line) of every HLO instruction."""
+    table = {}
+    for line in hlo_text.splitlines():
+        match = _INSTRUCTION.match(line)
+        if match:
+            name, dtype, opcode, rest = match.groups()
+            table[name] = (dtype, opcode, _operand_names(rest), line.strip())
+    return table
+
+
+def _dtype(name: str, table) -> str | None:
+    return table[name][0] if name in table else None
+
+
+def _from_low_precision(name: str, table, depth: int = 0) -> bool:
+    """Whether the value ``name`` is a 16-bit float converted up (through shape-only ops)."""
+    if name not in table or depth > 12:
+        return False
+    _, opcode, operands, _ = table[name]
+    if opcode == "convert":
+        return bool(operands) and _dtype(operands[0], table) in _LOW
+    if opcode in _PASS_THROUGH:
+        return any(_from_low_precision(operand, table, depth + 1) for operand in operands)
+    if opcode == "fusion":  # compiled programs fuse the convert: 16-bit in, f32 out
+        return any(_dtype(operand, table) in _LOW for operand in operands)
+    return False
+
+
+def upcast_matmuls(hlo_text: str) -> list[str]:
+    """The f32 matmuls of an HLO module whose inputs are bf16/f16 values converted to f32.
+
+    A matmul (``dot``, ``convolution``, or a cuBLAS gemm custom-call) with an f32 operand that
+    is a 16-bit value run through ``convert`` (and shape-only ops) computes in f32 what the
+    model meant to compute in bf16: at an eighth to a fifteenth of the matrix units' rate on
+    a GPU. Matmuls that take bf16 operands and accumulate into f32 (scores, the output
+    projection) are not upcasts; f32 values that never were bf16 (optimizer, loss, softmax
+    statistics) are not either. Returns the offending instruction lines.
+    """
+    table = _instructions(hlo_text)
+    found = []
+    for name, (dtype, opcode, operands, line) in table.items():
+        is_gemm = opcode == "custom-call" and ("gemm" in line or "matmul" in line)
+        if dtype != "f32" or not (opcode in _MATMULS or is_gemm):
+            continue
+        if any(_dtype(operand, table) == "f32" and _from_low_precision(operand, table) for operand in operands):
+            found.append(line[:300])
+    return found
+
+
+def matmul_dtypes(hlo_text: str) -> dict[str, int]:
+    """Counts of matmul instructions by their operand dtypes (e.g. "bf16,bf16->f32": 12)."""
+    counts: dict[str, int] = {}
+    table = _instructions(hlo_text)
+    for dtype, opcode, operands, line in table.values():
+        if opcode in _MATMULS or (opcode == "custom-call" and ("gemm" in line or "matmul" in line)):
+            key = ",".join(str(_dtype(operand, table)) for operand in operands[:2]) + "->" + dtype
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def hlo_report(lowered) -> dict[str, Any]:
+    """Upcasts in the program as traced (the model's own code) and as compiled (what runs)."""
+    traced = lowered.as_text(dialect="hlo")
+    compiled = lowered.compile().as_text()
+    return {"traced_upcasts": upcast_matmuls(traced), "compiled_upcasts": upcast_matmuls(compiled),
+            "compiled_matmul_dtypes": matmul_dtypes(compiled)}
+
+
+# ----------------------------------------------------------------------------- workloads
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """The benchmark's sizes: a train step's `memory.Workload` and the generation's."""
+
+    train: memory.Workload
+    gen_prompts: int
+    gen_samples: int
+    gen_prompt_len: int
+    gen_image_size: int
+    gen_new_tokens: int
+    repeats: int
+
+
+def shapes(tiny: bool) -> Shapes:
+    if tiny:
+        return Shapes(memory.Workload(2, 2, 48, 16, 1, 56), 2, 2, 48, 56, 8, 2)
+    return Shapes(memory.Workload(2, 8, 1024, 512, 1, 448), 8, 8, 512, 448, 128, 3)
+
+
+def model_config(tiny: bool, preset: str = "3b") -> config_lib.Qwen2_5_VLConfig:
+    return config_lib.tiny(vocab_size=512) if tiny else config_lib.PRESETS[preset]()
+
+
+def median_time(fn: Callable[[], Any], repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after one untimed warm-up call (which compiles)."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def jax_peak_bytes(device) -> int | None:
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return None if not stats else int(stats.get("peak_bytes_in_use", 0)) or None
+
+
+def compiled_bytes(compiled) -> int | None:
+    """Arguments + outputs + temporaries - aliased bytes of one executable (its own peak)."""
+    try:
+        m = compiled.memory_analysis()
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return None
+
+
+def param_bytes(tree) -> int:
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def decode_step_bytes(config: config_lib.Qwen2_5_VLConfig, rows: int, prompts: int, prompt_len: int,
+                      new_tokens: int, itemsize: int = 2) -> int:
+    """Fewest bytes one decode step reads: the decoder's weights and the output projection (the
+    token embedding is gathered, a row per sequence) and the KV cache of the prompt prefix
+    (once per prompt) and of the completions, half filled on average over the run."""
+    t = config.text
+    per_layer = (t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
+                 + t.num_attention_heads * t.head_dim * t.hidden_size + 3 * t.hidden_size * t.intermediate_size
+                 + 2 * t.hidden_size + (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim)
+    weights = t.num_hidden_layers * per_layer + t.hidden_size * t.vocab_size + t.hidden_size
+    kv_per_token = t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim
+    kv = kv_per_token * (prompts * prompt_len + rows * new_tokens / 2)
+    return int((weights + kv) * itemsize)
+
+
+# ----------------------------------------------------------------------------- JAX sections
+def build_model(config, dtype=jnp.bfloat16):
+    model = model_lib.init_model(config, seed=0, dtype=dtype, param_dtype=dtype)
+    return nnx.split(model)
+
+
+def jax_train(config, workload: memory.Workload, repeats: int, peaks: dict, with_hlo: bool) -> dict[str, Any]:
+    graphdef, params = build_model(config)
+    batch = jax.tree.map(jnp.asarray, memory.example_batch(config, workload))
+    grpo_config = grpo.GRPOConfig(group_size=workload.group_size, reward_objective_index=((0,),),
+                                  sft_objective_index=(-1,))
+    optimizer = make_optimizer(1e-6, 100)
+    step = make_train_step(grpo_config, sampling.make_logprob_fn(graphdef, workload.group_size), optimizer)
+    weights = jnp.ones((1,), jnp.float32)
+    holder = {"state": TrainState.create(params, optimizer, jax.random.key(0))}
+    del params
+    lowered = step.lower(holder["state"], batch, weights)
+    compile_start = time.perf_counter()
+    compiled = lowered.compile()
+    row: dict[str, Any] = {"compile_s": time.perf_counter() - compile_start, "peak_bytes_program": compiled_bytes(compiled)}
+    if with_hlo:
+        row["hlo"] = {"traced_upcasts": upcast_matmuls(lowered.as_text(dialect="hlo")),
+                      "compiled_upcasts": upcast_matmuls(compiled.as_text()),
+                      "compiled_matmul_dtypes": matmul_dtypes(compiled.as_text())}
+
+    def run():
+        holder["state"], metrics = compiled(holder["state"], batch, weights)
+        return metrics
+
+    seconds = median_time(run, repeats)
+    flops = train_flops(config, workload)
+    tokens = workload.batch * (workload.prompt_len + workload.group_size * workload.completion_len)
+    row.update(step_s=seconds, model_flops=flops["total"], model_flops_vision=flops["vision"],
+               model_flops_text=flops["text"], tokens_per_step=tokens, tokens_per_s=tokens / seconds,
+               peak_flops=peaks["flops"],
+               mfu=None if not peaks["flops"] else flops["total"] / (seconds * peaks["flops"]),
+               param_bytes=param_bytes(holder["state"].params), attention=_used())
+    del holder, compiled
+    return row
+
+
+def _used() -> dict[str, int]:
+    return {f"{use}:{impl}": n for (use, impl), n in attention.USED.items()}
+
+
+def gen_inputs(config, shp: Shapes):
+    workload = memory.Workload(shp.gen_prompts, shp.gen_samples, shp.gen_prompt_len, 1, 1, shp.gen_image_size)
+    return memory.example_batch(config, workload)["prompt"]
+
+
+def jax_generation(config, shp: Shapes, peaks: dict, with_hlo: bool) -> tuple[dict, dict]:
+    """(prefill row, decode row) of the sampler on the generation workload."""
+    graphdef, state = build_model(config)
+    inputs = jax.tree.map(jnp.asarray, gen_inputs(config, shp))
+    forward = jax.jit(lambda s, i: nnx.merge(graphdef, s).forward(i)[0])
+    prefill_s = median_time(lambda: forward(state, inputs), shp.repeats)
+    prompt_tokens = shp.gen_prompts * shp.gen_prompt_len
+    prefill = {"prefill_s": prefill_s, "prompt_tokens": prompt_tokens, "tokens_per_s": prompt_tokens / prefill_s,
+               "what": "forward over the prompts (vision tower + decoder), as a prefill"}
+
+    params = sampling.SamplingParams(max_new_tokens=shp.gen_new_tokens, temperature=1.0, eos_token_id=(),
+                                     num_samples=shp.gen_samples).validate()
+    generate = sampling._generate_jit  # the jitted sampler behind generate_prepared
+    lowered = generate.lower(graphdef, state, inputs, params, jax.random.key(0))
+    compiled = lowered.compile()
+    decode: dict[str, Any] = {"peak_bytes_program": compiled_bytes(compiled)}
+    if with_hlo:
+        decode["hlo"] = {"traced_upcasts": upcast_matmuls(lowered.as_text(dialect="hlo")),
+                         "compiled_upcasts": upcast_matmuls(compiled.as_text())}
+    total_s = median_time(lambda: sampling.generate_prepared(graphdef, state, inputs, params, jax.random.key(0)),
+                          shp.repeats)
+    rows = shp.gen_prompts * shp.gen_samples
+    step_s = max(total_s - prefill_s, 1e-9) / shp.gen_new_tokens
+    step_bytes = decode_step_bytes(config, rows, shp.gen_prompts, shp.gen_prompt_len, shp.gen_new_tokens)
+    decode.update(generate_s=total_s, new_tokens=shp.gen_new_tokens, rows=rows, step_s=step_s,
+                  tokens_per_s=rows / step_s, bytes_per_step=step_bytes, peak_bandwidth=peaks["bandwidth"],
+                  roofline_fraction=None if not peaks["bandwidth"] else step_bytes / step_s / peaks["bandwidth"],
+                  attention=_used())
+    return prefill, decode
+
+
+def decode_step_hlo(config) -> dict[str, Any]:
+    """The HLO report of ONE decode step (the text model over a cache with a shared prefix)."""
+    graphdef, state = build_model(config)
+    text = nnx.merge(graphdef, state).language_model
+    rows, groups, prompt_len, steps = 4, 2, 16, 8
+    prefix = text_lib.init_cache(config.text, groups, prompt_len, jnp.bfloat16)
+    prefix = prefix._replace(valid=jnp.ones_like(prefix.valid), index=jnp.int32(prompt_len))
+    cache = text_lib.init_cache(config.text, rows, steps, jnp.bfloat16)
+
+    def step(state, cache, tokens):
+        model = nnx.merge(graphdef, state)
+        positions = jnp.zeros((3, rows, 1), jnp.int32)
+        hidden, cache = model.language_model(model.language_model.embed(tokens), positions,
+                                             jnp.ones((rows, 1), jnp.int32), cache, prefix=prefix)
+        return model.logits(hidden[:, 0]), cache
+
+    del text
+    return hlo_report(jax.jit(step).lower(state, cache, jnp.zeros((rows, 1), jnp.int32)))
+
+
+# ----------------------------------------------------------------------------- PyTorch sections
+def torch_model(config, device):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    hf_config = transformers.Qwen2_5_VLConfig(**config.to_hf_dict())
+    hf_config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = transformers.Qwen2_5_VLForConditionalGeneration(hf_config).to(torch.bfloat16)
+    return model
+
+
+def _torch_sync(device):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _torch_time(fn, repeats, device) -> float:
+    fn()
+    _torch_sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _torch_sync(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _torch_peak(device):
+    import torch
+
+    return int(torch.cuda.max_memory_allocated()) if device == "cuda" else None
+
+
+def torch_sections(config, shp: Shapes, device: str, results: dict, budget: "Budget") -> None:
+    """transformers' train step and generate on the same workloads (rows into ``results``)."""
+    import torch
+
+    model = torch_model(config, device)
+    workload = shp.train
+    if budget.allows("torch_train"):
+        def train_row():
+            batch = memory.example_batch(config, workload)
+            prompt = batch["prompt"]
+            ids = np.concatenate([np.repeat(prompt.input_ids, workload.group_size, 0), batch["completions"]], 1)
+            pixels = np.repeat(prompt.pixel_values.reshape(workload.batch, -1, prompt.pixel_values.shape[-1]),
+                               workload.group_size, 0).reshape(-1, prompt.pixel_values.shape[-1])
+            grid = np.repeat(np.asarray([workload.grid(config)] * workload.batch), workload.group_size, 0)
+            t = lambda x, dtype=None: torch.tensor(np.asarray(x), device=device, dtype=dtype)  # noqa: E731
+            ids_t = t(ids.astype(np.int64))
+            kwargs = dict(input_ids=ids_t, attention_mask=torch.ones_like(ids_t),
+                          pixel_values=t(pixels, torch.bfloat16), image_grid_thw=t(grid.astype(np.int64)),
+                          mm_token_type_ids=t((ids == config.image_token_id).astype(np.int64)))
+            completion = workload.completion_len
+            adv = t(batch["rewards"][:, 0] - batch["rewards"].mean(), torch.float32)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+            model.train()
+
+            def step():
+                logits = model(**kwargs, logits_to_keep=completion + 1).logits[:, :-1].float()
+                logp = torch.log_softmax(logits, -1).gather(-1, ids_t[:, -completion:, None])[..., 0]
+                ratio = torch.exp(logp - logp.detach())
+                loss = -torch.minimum(ratio * adv[:, None], torch.clamp(ratio, 0.8, 1.2) * adv[:, None]).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+            seconds = _torch_time(step, shp.repeats, device)
+            del optimizer
+            return {"step_s": seconds, "peak_bytes": _torch_peak(device),
+                    "what": "TRL-style: prompt repeated per completion, logits at the completion positions"}
+
+        results["torch_train"] = guarded("torch_train", train_row)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    if budget.allows("torch_generate"):
+        def generate_row():
+            prompt = gen_inputs(config, shp)
+            side = shp.gen_image_size // config.vision.patch_size
+            t = lambda x, dtype=None: torch.tensor(np.asarray(x), device=device, dtype=dtype)  # noqa: E731
+            kwargs = dict(input_ids=t(prompt.input_ids.astype(np.int64)),
+                          attention_mask=t(prompt.attention_mask.astype(np.int64)),
+                          pixel_values=t(prompt.pixel_values, torch.bfloat16),
+                          image_grid_thw=t(np.asarray([[1, side, side]] * shp.gen_prompts, np.int64)),
+                          mm_token_type_ids=t((prompt.input_ids == config.image_token_id).astype(np.int64)))
+            model.eval()
+            model.generation_config.eos_token_id = None
+
+            def prefill():
+                with torch.no_grad():
+                    model(**kwargs, logits_to_keep=1)
+
+            def generate():
+                with torch.no_grad():
+                    model.generate(**kwargs, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                   max_new_tokens=shp.gen_new_tokens, min_new_tokens=shp.gen_new_tokens,
+                                   num_return_sequences=shp.gen_samples, pad_token_id=config.pad_token_id)
+
+            prefill_s = _torch_time(prefill, shp.repeats, device)
+            total_s = _torch_time(generate, max(1, shp.repeats - 1), device)
+            rows = shp.gen_prompts * shp.gen_samples
+            step_s = max(total_s - prefill_s, 1e-9) / shp.gen_new_tokens
+            return {"prefill_s": prefill_s, "prefill_tokens_per_s": shp.gen_prompts * shp.gen_prompt_len / prefill_s,
+                    "generate_s": total_s, "step_s": step_s, "tokens_per_s": rows / step_s,
+                    "peak_bytes": _torch_peak(device)}
+
+        results["torch_generate"] = guarded("torch_generate", generate_row)
+    del model
+    gc.collect()
+
+
+# ----------------------------------------------------------------------------- running
+class Budget:
+    """The run's time budget: a section starts only while time is left (skips are recorded)."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.start, self.skipped = seconds, time.perf_counter(), []
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def allows(self, name: str) -> bool:
+        if self.elapsed() < self.seconds:
+            return True
+        self.skipped.append(name)
+        log(f"[{self.elapsed():6.1f}s] skip {name}: budget of {self.seconds:.0f} s spent")
+        return False
+
+
+def guarded(name: str, fn: Callable[[], dict]) -> dict:
+    """``fn()``'s row, or {"error": ...} (with the traceback's tail) when it raises."""
+    start = time.perf_counter()
+    log(f"[section] {name} ...")
+    try:
+        row = fn()
+    except Exception as error:  # noqa: BLE001 - every failure is recorded and the run goes on
+        row = {"error": f"{type(error).__name__}: {error}"[:2000], "traceback": traceback.format_exc()[-3000:]}
+    row["section_s"] = time.perf_counter() - start
+    log(f"[section] {name}: {'ERROR ' + row['error'][:300] if 'error' in row else 'ok'} ({row['section_s']:.1f} s)")
+    return row
+
+
+def _fmt(x, unit="", scale=1.0, digits=3):
+    if x is None:
+        return "n/a"
+    return f"{x / scale:.{digits}g}{unit}"
+
+
+def table(results: dict) -> str:
+    """The markdown table of a results dict (what main prints)."""
+    r = results
+    g = lambda name, key: r.get(name, {}).get(key)  # noqa: E731
+    ratio = lambda a, b: None if not a or not b else a / b  # noqa: E731
+    lines = ["| quantity | recap_jax | transformers + PyTorch | PyTorch / JAX time |", "|---|---|---|---|"]
+    lines.append(f"| train step (s) | {_fmt(g('jax_train', 'step_s'))} | {_fmt(g('torch_train', 'step_s'))} | "
+                 f"{_fmt(ratio(g('torch_train', 'step_s'), g('jax_train', 'step_s')))} |")
+    mfu = g("jax_train", "mfu")
+    lines.append(f"| train-step MFU | {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | | |")
+    lines.append(f"| prefill tokens/s | {_fmt(g('jax_prefill', 'tokens_per_s'))} | "
+                 f"{_fmt(g('torch_generate', 'prefill_tokens_per_s'))} | "
+                 f"{_fmt(ratio(g('torch_generate', 'prefill_s'), g('jax_prefill', 'prefill_s')))} |")
+    lines.append(f"| decode step (ms) | {_fmt(g('jax_decode', 'step_s'), scale=1e-3)} | "
+                 f"{_fmt(g('torch_generate', 'step_s'), scale=1e-3)} | "
+                 f"{_fmt(ratio(g('torch_generate', 'step_s'), g('jax_decode', 'step_s')))} |")
+    lines.append(f"| decode tokens/s | {_fmt(g('jax_decode', 'tokens_per_s'))} | "
+                 f"{_fmt(g('torch_generate', 'tokens_per_s'))} | |")
+    frac = g("jax_decode", "roofline_fraction")
+    lines.append(f"| decode, fraction of HBM roofline | {'n/a' if frac is None else f'{100 * frac:.1f}%'} | | |")
+    lines.append(f"| peak memory, train (GB) | {_fmt(g('jax_train', 'peak_bytes_program'), scale=1e9)} | "
+                 f"{_fmt(g('torch_train', 'peak_bytes'), scale=1e9)} | |")
+    lines.append(f"| peak memory, generate (GB) | {_fmt(g('jax_decode', 'peak_bytes_program'), scale=1e9)} | "
+                 f"{_fmt(g('torch_generate', 'peak_bytes'), scale=1e9)} | |")
+    if "jax_train_7b" in r:
+        m7 = g("jax_train_7b", "mfu")
+        lines.append(f"| 7B train step (s) / MFU | {_fmt(g('jax_train_7b', 'step_s'))} / "
+                     f"{'n/a' if m7 is None else f'{100 * m7:.1f}%'} | | |")
+    upcasts = {name: {k: len(v) for k, v in row.get("hlo", {}).items() if k.endswith("upcasts")}
+               for name, row in r.items() if isinstance(row, dict) and "hlo" in row}
+    lines.append(f"| bf16 -> f32 matmul upcasts (traced / compiled) | {upcasts} | | |")
+    errors = [name for name, row in r.items() if isinstance(row, dict) and "error" in row]
+    if errors or r.get("skipped"):
+        lines.append(f"| errors / skipped | {errors} / {r.get('skipped')} | | |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="path of the JSON table")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (automatic without an accelerator)")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="skip the sections that would start later")
+    parser.add_argument("--attention", default="auto", choices=attention.IMPLEMENTATIONS)
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--peak-gbs", type=float, default=None)
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--no-7b", action="store_true")
+    args = parser.parse_args(argv)
+
+    budget = Budget(args.budget_s)
+    device = jax.devices()[0]
+    tiny = args.tiny or device.platform == "cpu"
+    attention.set_implementation(args.attention)
+    peaks = device_peaks(device, args.peak_tflops, args.peak_gbs)
+    config = model_config(tiny)
+    shp = shapes(tiny)
+    results: dict[str, Any] = {
+        "device": peaks, "jax": jax.__version__, "tiny": tiny, "attention": args.attention,
+        "attention_resolved": attention.resolve(), "config": "tiny" if tiny else "3b",
+        "train_workload": dataclasses.asdict(shp.train),
+        "generation_workload": {k: v for k, v in dataclasses.asdict(shp).items() if k.startswith("gen_")},
+    }
+    log(f"accelerator benchmark: {peaks['name']} ({peaks['platform']}), jax {jax.__version__}, "
+        f"attention {args.attention} -> {attention.resolve()}, {'tiny' if tiny else '3B'} shapes, "
+        f"budget {args.budget_s:.0f} s")
+
+    def write():
+        results["skipped"] = budget.skipped
+        results["elapsed_s"] = budget.elapsed()
+        results["attention_fallbacks"] = {" / ".join(k): n for k, n in attention.FALLBACKS.items()}
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+
+    if budget.allows("jax_train"):
+        results["jax_train"] = guarded("jax_train", lambda: jax_train(config, shp.train, shp.repeats, peaks, True))
+        write()
+    gc.collect()
+    if budget.allows("jax_generation"):
+        holder = {}
+
+        def prefill_row():
+            holder["prefill"], holder["decode"] = jax_generation(config, shp, peaks, True)
+            return holder["prefill"]
+
+        results["jax_prefill"] = guarded("jax_prefill + jax_decode", prefill_row)
+        results["jax_decode"] = holder.get("decode", {"error": "see jax_prefill"})
+        write()
+    gc.collect()
+    if budget.allows("decode_step_hlo"):
+        results["decode_step"] = guarded("decode_step_hlo", lambda: {"hlo": decode_step_hlo(config)})
+        write()
+    results["jax_peak_bytes_process"] = jax_peak_bytes(device)
+    if not args.no_torch:
+        torch_device = "cuda" if device.platform == "gpu" else "cpu"
+        row = guarded("torch", lambda: torch_sections(config, shp, torch_device, results, budget) or {})
+        if "error" in row:
+            results["torch"] = row
+        write()
+    if not tiny and not args.no_7b and budget.allows("jax_train_7b"):
+        config_7b = model_config(False, "7b")
+        results["jax_train_7b"] = guarded("jax_train_7b", lambda: jax_train(config_7b, shp.train, shp.repeats,
+                                                                             peaks, False))
+        write()
+    write()
+    log("\n" + table(results))
+    log(f"\nwritten: {args.out} ({budget.elapsed():.0f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,70 @@
+"""`python -m benchmarks.accelerator` on the CPU in tiny mode: the JSON's fields, MFU and the
+roofline fraction recomputed from the JSON's own numbers, and the bf16 check of the HLO (no
+bf16 -> f32 upcast matmuls in the traced train step or decode step; and the check finds one
+where there is one)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks.accelerator import upcast_matmuls
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    out = tmp_path_factory.mktemp("accelerator") / "table.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    result = subprocess.run([sys.executable, "-m", "benchmarks.accelerator", "--tiny", "--out", str(out),
+                             "--peak-tflops", "0.1", "--peak-gbs", "20", "--budget-s", "300"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| train-step MFU |" in result.stdout
+    return json.loads(out.read_text())
+
+
+def test_every_section_ran_without_error(table):
+    for name in ("jax_train", "jax_prefill", "jax_decode", "decode_step", "torch_train", "torch_generate"):
+        assert name in table and "error" not in table[name], (name, table.get(name))
+    assert table["skipped"] == [] and table["tiny"] is True
+
+
+def test_mfu_is_model_flops_over_time_times_peak(table):
+    train = table["jax_train"]
+    assert train["peak_flops"] == pytest.approx(0.1e12)
+    assert train["model_flops"] == train["model_flops_vision"] + train["model_flops_text"] > 0
+    assert train["mfu"] == pytest.approx(train["model_flops"] / (train["step_s"] * train["peak_flops"]), rel=1e-9)
+
+
+def test_decode_roofline_fraction_is_bytes_over_time_over_bandwidth(table):
+    decode = table["jax_decode"]
+    assert decode["roofline_fraction"] == pytest.approx(
+        decode["bytes_per_step"] / decode["step_s"] / decode["peak_bandwidth"], rel=1e-9)
+    assert decode["tokens_per_s"] == pytest.approx(decode["rows"] / decode["step_s"], rel=1e-9)
+    assert table["jax_prefill"]["tokens_per_s"] > 0 and table["torch_generate"]["tokens_per_s"] > 0
+
+
+def test_bf16_train_and_decode_steps_have_no_upcast_matmuls(table):
+    """The traced programs (the model's own code; XLA:CPU itself runs bf16 dots in f32, so the
+    compiled CPU program says nothing about a GPU's)."""
+    for name in ("jax_train", "jax_decode", "decode_step"):
+        assert table[name]["hlo"]["traced_upcasts"] == [], (name, table[name]["hlo"]["traced_upcasts"][:3])
+
+
+def test_the_upcast_check_finds_a_bf16_matmul_done_in_f32():
+    a, b = jnp.ones((4, 8), jnp.bfloat16), jnp.ones((8, 16), jnp.bfloat16)
+    upcast = jax.jit(lambda a, b: a.astype(jnp.float32) @ b.astype(jnp.float32)).lower(a, b)
+    accumulate = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)).lower(a, b)
+    assert len(upcast_matmuls(upcast.as_text(dialect="hlo"))) == 1
+    assert upcast_matmuls(accumulate.as_text(dialect="hlo")) == []
+    # autodiff of an f32-accumulating bf16 matmul: its backward upcasts (what layers.einsum_f32 avoids)
+    grad = jax.jit(jax.grad(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).sum())).lower(a, b)
+    assert len(upcast_matmuls(grad.as_text(dialect="hlo"))) == 1
