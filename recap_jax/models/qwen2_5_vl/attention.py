@@ -145,7 +145,7 @@ def _on_gpu() -> bool:
 def _cudnn_unsupported(dtype, head_dim: int, q_len: int, kv_len: int) -> str | None:
     """Why cuDNN's flash attention would reject these inputs (None = accepted), checked
     before tracing it so that the fallback is explicit."""
-    if dtype not in (jnp.bfloat16, jnp.float16):
+    if dtype not in (jnp.bfloat16, jnp.float16) and not EMULATE_CUDNN["on"]:  # jax.nn's XLA impl. takes any
         return f"dtype {dtype} (cuDNN takes bf16/fp16)"
     if head_dim % 8 or head_dim > 256:
         return f"head_dim {head_dim}"

@@ -14,6 +14,7 @@ Conventions
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -119,6 +120,34 @@ def make_param(key: jax.Array, shape: Sequence[int], logical_axes: Sequence[str 
     return nnx.Param(value.astype(dtype), logical_axes=axes)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``jnp.einsum(spec, a, b)`` accumulated and returned in float32, whose backward runs its
+    two matmuls in the operands' own dtype.
+
+    Why: autodiff of an einsum with ``preferred_element_type=float32`` on bf16 operands meets
+    a float32 cotangent and promotes the other operand to float32, so the backward of the
+    attention scores and of the output projection ran as float32 matmuls (a sixteenth of a
+    GPU's bf16 rate), found by `benchmarks.accelerator.upcast_matmuls`. Here the cotangent is
+    rounded to the operands' dtype first (as a bf16 model's every other gradient is); for
+    float32 operands this is exactly the plain einsum's gradient.
+    """
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _einsum_f32_fwd(spec, a, b):
+    return einsum_f32(spec, a, b), (a, b)
+
+
+def _einsum_f32_bwd(spec, residuals, cotangent):
+    a, b = residuals
+    _, pullback = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), a, b)
+    return pullback(cotangent.astype(jnp.result_type(a, b)))
+
+
+einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
+
+
 def matmul(x: jax.Array, kernel: jax.Array, contract: int = 1, preferred_element_type: Any = None) -> jax.Array:
     """x [..., *K] times kernel [*K, *N] -> [..., *N], contracting x's last ``contract`` axes with
     kernel's first ``contract``, as ONE 2-D matmul [rows, prod K] x [prod K, prod N].
@@ -133,7 +162,11 @@ def matmul(x: jax.Array, kernel: jax.Array, contract: int = 1, preferred_element
     if x.shape[x.ndim - contract:] != k_shape:
         raise ValueError(f"matmul: x {x.shape} does not end in kernel's contracted axes {k_shape}")
     k_size = int(np.prod(k_shape))
-    y = jnp.dot(x.reshape(-1, k_size), kernel.reshape(k_size, -1), preferred_element_type=preferred_element_type)
+    x2, kernel2 = x.reshape(-1, k_size), kernel.reshape(k_size, -1)
+    if preferred_element_type is not None and jnp.dtype(preferred_element_type) == jnp.float32:
+        y = einsum_f32("mk,kn->mn", x2, kernel2)  # bf16 backward matmuls (see einsum_f32)
+    else:
+        y = jnp.dot(x2, kernel2, preferred_element_type=preferred_element_type)
     return y.reshape(*lead, *n_shape)
 
 
@@ -260,7 +293,7 @@ def cached_attention(q: jax.Array, keys_t: jax.Array, values: jax.Array, mask: j
     rows = num_heads // num_kv_heads * q_len
     qh = q.reshape(batch, q_len, num_kv_heads, rows // q_len, head_dim).transpose(0, 2, 3, 1, 4)
     qh = qh.reshape(batch, num_kv_heads, rows, head_dim)
-    scores = jnp.einsum("bhmd,bhdk->bhmk", qh, keys_t, preferred_element_type=jnp.float32) * (head_dim ** -0.5)
+    scores = einsum_f32("bhmd,bhdk->bhmk", qh, keys_t) * (head_dim ** -0.5)
     if mask is not None:
         groups = rows // q_len
         split = scores.reshape(batch, num_kv_heads, groups, q_len, kv_len)
@@ -296,8 +329,7 @@ def _attend_after_prefix(qh: jax.Array, scores: jax.Array, values: jax.Array,
         x = x.reshape(groups, num_kv_heads, share, rows, x.shape[-1]).transpose(0, 2, 1, 3, 4)
         return x.reshape(batch, num_kv_heads, rows, x.shape[-1])
 
-    prefix_scores = jnp.einsum("bhmd,bhdk->bhmk", to_groups(qh), prefix_keys_t,
-                               preferred_element_type=jnp.float32) * (head_dim ** -0.5)
+    prefix_scores = einsum_f32("bhmd,bhdk->bhmk", to_groups(qh), prefix_keys_t) * (head_dim ** -0.5)
     prefix_scores = _apply_mask(prefix_scores, prefix_mask[:, None, None, :])
     probs = jax.nn.softmax(jnp.concatenate([from_groups(prefix_scores), scores], axis=-1), axis=-1)
     probs = probs.astype(values.dtype)
