@@ -23,8 +23,13 @@ run goes on), skipped once ``--budget-s`` is spent:
   (sdpa, bf16, the same dimensions, its own random weights) on the same device: a TRL-style
   forward + backward + AdamW on the same batch (prompt repeated per completion, logits at the
   completion positions), and ``generate`` with ``num_return_sequences=G``.
-* ``jax_train_7b``: the train step with Qwen2.5-VL-7B's decoder (and vision tower) where the
-  device has the memory (not in --tiny mode).
+* ``jax_train_7b``: the train step with Qwen2.5-VL-7B's decoder (and vision tower), G = 4,
+  where the device has the memory (not in --tiny mode).
+
+Each section runs in its own interpreter (``--section``), so that its device memory is
+returned when it ends (JAX's allocator keeps what it took; PyTorch then gets the whole device)
+and a crash loses that section only. If PyTorch's train step runs out of memory, it is
+retried with gradient checkpointing (as TRL / EasyR1 train), recorded in its row.
 
 Peak figures by device name (`PEAKS`); a CPU has none ("n/a", MFU not computed) unless
 --peak-tflops / --peak-gbs are given. The JSON written to --out holds every row.
@@ -38,7 +43,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave memory 
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import gc  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
@@ -154,7 +158,7 @@ def upcast_matmuls(hlo_text: str) -> list[str]:
     """
     table = _instructions(hlo_text)
     found = []
-    for name, (dtype, opcode, operands, line) in table.items():
+    for dtype, opcode, operands, line in table.values():
         is_gemm = opcode == "custom-call" and ("gemm" in line or "matmul" in line)
         if dtype != "f32" or not (opcode in _MATMULS or is_gemm):
             continue
@@ -269,7 +273,8 @@ def jax_train(config, workload: memory.Workload, repeats: int, peaks: dict, with
     lowered = step.lower(holder["state"], batch, weights)
     compile_start = time.perf_counter()
     compiled = lowered.compile()
-    row: dict[str, Any] = {"compile_s": time.perf_counter() - compile_start, "peak_bytes_program": compiled_bytes(compiled)}
+    row: dict[str, Any] = {"compile_s": time.perf_counter() - compile_start,
+                           "peak_bytes_program": compiled_bytes(compiled)}
     if with_hlo:
         row["hlo"] = {"traced_upcasts": upcast_matmuls(lowered.as_text(dialect="hlo")),
                       "compiled_upcasts": upcast_matmuls(compiled.as_text()),
@@ -287,7 +292,6 @@ def jax_train(config, workload: memory.Workload, repeats: int, peaks: dict, with
                peak_flops=peaks["flops"],
                mfu=None if not peaks["flops"] else flops["total"] / (seconds * peaks["flops"]),
                param_bytes=param_bytes(holder["state"].params), attention=_used())
-    del holder, compiled
     return row
 
 
@@ -422,9 +426,17 @@ def torch_sections(config, shp: Shapes, device: str, results: dict, budget: "Bud
                 loss.backward()
                 optimizer.step()
 
-            seconds = _torch_time(step, shp.repeats, device)
+            checkpointing = False
+            try:
+                seconds = _torch_time(step, shp.repeats, device)
+            except torch.cuda.OutOfMemoryError:  # as TRL / EasyR1 train: with gradient checkpointing
+                optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                model.gradient_checkpointing_enable()
+                checkpointing = True
+                seconds = _torch_time(step, shp.repeats, device)
             del optimizer
-            return {"step_s": seconds, "peak_bytes": _torch_peak(device),
+            return {"step_s": seconds, "peak_bytes": _torch_peak(device), "gradient_checkpointing": checkpointing,
                     "what": "TRL-style: prompt repeated per completion, logits at the completion positions"}
 
         results["torch_train"] = guarded("torch_train", train_row)
@@ -463,8 +475,6 @@ def torch_sections(config, shp: Shapes, device: str, results: dict, budget: "Bud
                     "peak_bytes": _torch_peak(device)}
 
         results["torch_generate"] = guarded("torch_generate", generate_row)
-    del model
-    gc.collect()
 
 
 # ----------------------------------------------------------------------------- running
@@ -541,6 +551,65 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+SECTIONS = ("jax_train", "jax_generation", "decode_step", "torch", "jax_train_7b")
+
+
+def run_section(name: str, tiny: bool, peaks: dict, budget: Budget) -> dict[str, Any]:
+    """The rows of one section, in this process (``--section``)."""
+    config, shp = model_config(tiny), shapes(tiny)
+    if name == "jax_train":
+        return {"jax_train": guarded(name, lambda: jax_train(config, shp.train, shp.repeats, peaks, True))}
+    if name == "jax_generation":
+        holder = {}
+
+        def prefill_row():
+            holder["prefill"], holder["decode"] = jax_generation(config, shp, peaks, True)
+            return holder["prefill"]
+
+        prefill = guarded("jax_prefill + jax_decode", prefill_row)
+        return {"jax_prefill": prefill, "jax_decode": holder.get("decode", {"error": "see jax_prefill"})}
+    if name == "decode_step":
+        return {"decode_step": guarded(name, lambda: {"hlo": decode_step_hlo(config)})}
+    if name == "torch":
+        rows: dict[str, Any] = {}
+        device = "cuda" if peaks["platform"] == "gpu" else "cpu"
+        row = guarded("torch", lambda: torch_sections(config, shp, device, rows, budget) or {})
+        if "error" in row:
+            rows["torch"] = row
+        return rows
+    if name == "jax_train_7b":  # G = 4: the 7B step's activations without remat fit one H200
+        workload = dataclasses.replace(shp.train, group_size=4)
+        return {"jax_train_7b": guarded(name, lambda: jax_train(model_config(False, "7b"), workload, shp.repeats,
+                                                                 peaks, False))}
+    raise ValueError(f"unknown section {name!r}; one of {SECTIONS}")
+
+
+def _section_in_subprocess(name: str, args, remaining_s: float) -> dict[str, Any]:
+    """Runs one section in a fresh interpreter (device memory is returned when it exits, so JAX
+    and PyTorch each get the whole device; a crash costs that section only) and returns its rows."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, f"{name}.json")
+        command = [sys.executable, "-m", "benchmarks.accelerator", "--section", name, "--out", out,
+                   "--attention", args.attention, "--budget-s", str(max(remaining_s, 1.0))]
+        command += ["--tiny"] if args.tiny else []
+        command += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
+        command += ["--peak-gbs", str(args.peak_gbs)] if args.peak_gbs else []
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        try:
+            result = subprocess.run(command, cwd=root, timeout=remaining_s + 60, stdout=sys.stdout,
+                                    stderr=subprocess.PIPE, text=True)
+            stderr = result.stderr
+        except subprocess.TimeoutExpired as error:
+            return {name: {"error": f"timed out after {remaining_s + 60:.0f} s", "stderr": str(error.stderr)[-2000:]}}
+        if os.path.exists(out):
+            with open(out) as f:
+                return json.load(f)["sections"]
+        return {name: {"error": f"exit code {result.returncode}", "stderr": stderr[-3000:]}}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="path of the JSON table")
@@ -551,14 +620,24 @@ def main(argv=None) -> dict:
     parser.add_argument("--peak-gbs", type=float, default=None)
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--no-7b", action="store_true")
+    parser.add_argument("--section", default=None, choices=SECTIONS, help="run one section here (internal)")
     args = parser.parse_args(argv)
 
     budget = Budget(args.budget_s)
     device = jax.devices()[0]
     tiny = args.tiny or device.platform == "cpu"
+    args.tiny = tiny
     attention.set_implementation(args.attention)
     peaks = device_peaks(device, args.peak_tflops, args.peak_gbs)
-    config = model_config(tiny)
+    if args.section:
+        rows = run_section(args.section, tiny, peaks, budget)
+        fallbacks = {" / ".join(k): n for k, n in attention.FALLBACKS.items()}
+        rows[args.section + "_meta"] = {"attention_fallbacks": fallbacks, "skipped": budget.skipped,
+                                        "jax_peak_bytes_process": jax_peak_bytes(device)}
+        with open(args.out, "w") as f:
+            json.dump({"sections": rows}, f, indent=1, default=str)
+        return rows
+
     shp = shapes(tiny)
     results: dict[str, Any] = {
         "device": peaks, "jax": jax.__version__, "tiny": tiny, "attention": args.attention,
@@ -573,40 +652,18 @@ def main(argv=None) -> dict:
     def write():
         results["skipped"] = budget.skipped
         results["elapsed_s"] = budget.elapsed()
-        results["attention_fallbacks"] = {" / ".join(k): n for k, n in attention.FALLBACKS.items()}
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1, default=str)
 
-    if budget.allows("jax_train"):
-        results["jax_train"] = guarded("jax_train", lambda: jax_train(config, shp.train, shp.repeats, peaks, True))
-        write()
-    gc.collect()
-    if budget.allows("jax_generation"):
-        holder = {}
-
-        def prefill_row():
-            holder["prefill"], holder["decode"] = jax_generation(config, shp, peaks, True)
-            return holder["prefill"]
-
-        results["jax_prefill"] = guarded("jax_prefill + jax_decode", prefill_row)
-        results["jax_decode"] = holder.get("decode", {"error": "see jax_prefill"})
-        write()
-    gc.collect()
-    if budget.allows("decode_step_hlo"):
-        results["decode_step"] = guarded("decode_step_hlo", lambda: {"hlo": decode_step_hlo(config)})
-        write()
-    results["jax_peak_bytes_process"] = jax_peak_bytes(device)
-    if not args.no_torch:
-        torch_device = "cuda" if device.platform == "gpu" else "cpu"
-        row = guarded("torch", lambda: torch_sections(config, shp, torch_device, results, budget) or {})
-        if "error" in row:
-            results["torch"] = row
-        write()
-    if not tiny and not args.no_7b and budget.allows("jax_train_7b"):
-        config_7b = model_config(False, "7b")
-        results["jax_train_7b"] = guarded("jax_train_7b", lambda: jax_train(config_7b, shp.train, shp.repeats,
-                                                                             peaks, False))
+    sections = [name for name in SECTIONS
+                if not (name == "torch" and args.no_torch) and not (name == "jax_train_7b" and (tiny or args.no_7b))
+                and not (name == "decode_step" and not tiny)]  # on a GPU, jax_decode's report covers decoding
+    for name in sections:
+        if not budget.allows(name):
+            continue
+        log(f"[{budget.elapsed():6.1f}s] {name} (subprocess)")
+        results.update(_section_in_subprocess(name, args, args.budget_s - budget.elapsed()))
         write()
     write()
     log("\n" + table(results))

@@ -143,7 +143,8 @@ def test_vision_window_blocks_equal_reference(impl):
     block, windows = 8, [8, 4, 8, 6, 8]
     ids = _image_segments(windows, 40)
     q, k, v = (x[0] for x in _qkv(rng, 1, 40, 40, heads=2, kv_heads=2, dtype=DTYPES[impl]))
-    expected = attention.numpy_attention(q[None], k[None], v[None], ids[None, None, :, None] == ids[None, None, None])[0]
+    same_window = ids[None, None, :, None] == ids[None, None, None]
+    expected = attention.numpy_attention(q[None], k[None], v[None], same_window)[0]
     with attention.use_implementation(impl):
         got = jax.jit(lambda q, k, v: window_attention(q, k, v, jnp.asarray(ids), block))(
             *(jnp.asarray(x, DTYPES[impl]) for x in (q, k, v)))
@@ -158,7 +159,7 @@ def test_chunked_decode_equals_reference_and_reads_only_filled_chunks(with_prefi
     """The decode step at slot ``index`` of a 48-slot cache (chunks of 16): equal to the XLA
     reference; NaN written into the chunks after the query's does not reach the output."""
     rng = np.random.default_rng(seed)
-    batch, groups, length, head_dim = 4, 2, 48, 16
+    batch, groups, length = 4, 2, 48
     assert attention.decode_chunk(length) == 16
     q, k, v = _qkv(rng, batch, 1, length)
     keys_t, values = k.transpose(0, 2, 3, 1).copy(), v.transpose(0, 2, 1, 3).copy()

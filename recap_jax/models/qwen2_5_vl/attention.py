@@ -271,8 +271,8 @@ def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array,
     keys = jnp.concatenate([jnp.repeat(prefix_k, share, axis=0), k], axis=1)
     values = jnp.concatenate([jnp.repeat(prefix_v, share, axis=0), v], axis=1)
     if impl == "cudnn":
-        mask = jnp.concatenate([jnp.broadcast_to(rows_prefix_valid[:, None, None, :], (q.shape[0], 1, length, prefix_len)),
-                                causal_mask(valid)], axis=-1)
+        prefix_mask = jnp.broadcast_to(rows_prefix_valid[:, None, None, :], (q.shape[0], 1, length, prefix_len))
+        mask = jnp.concatenate([prefix_mask, causal_mask(valid)], axis=-1)
         return _cudnn(q, keys, values, mask)
     kv_segments = jnp.concatenate([rows_prefix_valid, valid], axis=1).astype(jnp.int32)
     placeholders = jnp.zeros((q.shape[0], prefix_len, *q.shape[2:]), q.dtype)
