@@ -13,6 +13,10 @@ Rewards (the paper's, see shared/docs/recap-method.md, "Rewards used in the pape
   whitespace then ``<answer>…</answer>`` (contents may span lines), else 0. The same language
   as ``re.fullmatch(r"<think>.*?</think>\\s*<answer>.*?</answer>", c, re.DOTALL)`` of the
   released code, decided in linear time. No stripping: leading/trailing text fails.
+- ``format_think_strict``: open-r1's newline-strict format of the released RLVR-only runs,
+  ``re.match(r"^<think>\\n.*?\\n</think>\\n<answer>\\n.*?\\n</answer>$", c, DOTALL | MULTILINE)``,
+  decided in linear time. With MULTILINE, ``$`` also matches before any newline, so text
+  after a newline that follows ``</answer>`` still scores 1 (as released).
 - ``format_answer``: 1 if the whole completion is ``<answer>…</answer>``, else 0.
 - ``accuracy``: 1 if the answer equals the reference by (1) math-verify symbolic
   equivalence, (2) exact string match after normalisation (case-folded, whitespace
@@ -20,6 +24,15 @@ Rewards (the paper's, see shared/docs/recap-method.md, "Rewards used in the pape
   "(B)", "B." or "B) text" against an answer starting with that letter). The answer is the
   text inside the last ``<answer>…</answer>`` pair of the completion, or the whole
   completion when it has no such pair (as in the released code).
+- ``accuracy_released``: the released cascade (ThinkLite/SAT rewards), first success wins:
+  (1) math-verify ``parse`` of the WHOLE completion verified against the parsed reference;
+  (2) the first ``<answer>…</answer>`` on one line (no DOTALL; else the whole completion),
+  stripped, equal to the reference (its own first answer pair, else itself), case-sensitive;
+  (3) the last standalone letter A-H of that answer equal to the reference; (4) a grader on
+  math-verify's parse: inert (see `accuracy_released`). ``accuracy`` stays the default of
+  our own configs: it reads the last ``<answer>`` (the final one a model writes), compares
+  case- and whitespace-insensitively, and reads a letter only against a letter reference,
+  so "C. blue" references accept "C" and prose never earns a letter by accident.
 - ``iou``: IoU of the first ``[x1, y1, x2, y2]`` inside the last ``<answer>`` pair with the
   reference box. ``iou_thresholded``: 1 if that IoU > 0.5 else 0 (RLVR-only setting).
 - ``ocr_exact`` / ``ocr_char_f1``: evaluation metrics for transcription (see their docs).
@@ -43,10 +56,12 @@ __all__ = [
     "REWARDS",
     "RewardFn",
     "accuracy",
+    "accuracy_released",
     "box_iou",
     "extract_answer",
     "format_answer",
     "format_think",
+    "format_think_strict",
     "get_reward",
     "iou",
     "iou_thresholded",
@@ -148,6 +163,32 @@ def format_think(completion: str, reference: Any = None, **context) -> float:
     # answer body; the final "</answer>" must not overlap the "<answer>" it closes.
     match = _THINK_TO_ANSWER.search(completion, len(_THINK_OPEN))
     return float(match is not None and match.end() <= n - len(_ANSWER_CLOSE))
+
+
+_STRICT_OPEN = "<think>\n"
+_STRICT_MIDDLE = "\n</think>\n<answer>\n"
+_STRICT_CLOSE = re.compile(r"\n</answer>(?:\n|\Z)")
+
+
+@_never_raise
+def format_think_strict(completion: str, reference: Any = None, **context) -> float:
+    """1.0 if open-r1's newline-strict format matches ``completion`` (released RLVR-only runs).
+
+    The released check is ``re.match(r"^<think>\\n.*?\\n</think>\\n<answer>\\n.*?\\n</answer>$",
+    completion, re.DOTALL | re.MULTILINE)``. Decided here in linear time: the completion starts
+    with ``"<think>\\n"``; the first ``"\\n</think>\\n<answer>\\n"`` after that opening (the
+    reasoning may be empty, but the two newlines are distinct characters) leaves the most room
+    for the answer; some later ``"\\n</answer>"`` is followed by the end of the text or by a
+    newline (MULTILINE ``$``). ``<think> r </think> <answer>B</answer>`` scores 0 here and 1
+    with `format_think`.
+    """
+    del reference, context
+    if not completion.startswith(_STRICT_OPEN):
+        return 0.0
+    middle = completion.find(_STRICT_MIDDLE, len(_STRICT_OPEN))
+    if middle < 0:
+        return 0.0
+    return float(_STRICT_CLOSE.search(completion, middle + len(_STRICT_MIDDLE)) is not None)
 
 
 @_never_raise
@@ -334,6 +375,131 @@ def accuracy(completion: str, reference: Any, **context) -> float:
     return float(_symbolic_equal(answer, reference))
 
 
+# --------------------------------------------------------------------------- released accuracy
+
+# The whole completion reaches math-verify in `accuracy_released` (step 1) only up to this many
+# characters (main thread, under the SIGALRM limit; off the main thread the tighter cap of
+# `_symbolic_equal` applies), and only when `_safe_for_symbolic` finds nothing sympy cannot
+# bound. Longer or unsafe completions go on to steps 2-3.
+MAX_RELEASED_PARSE_CHARS = 8_000
+_RELEASED_LETTERS = frozenset("ABCDEFGH")
+_LETTER_BEFORE = frozenset("[(")
+_LETTER_AFTER = frozenset("])")
+
+
+def first_answer_on_one_line(text: str) -> str | None:
+    """The body of the first ``<answer>…</answer>`` whose body holds no newline, or None.
+
+    The released ``re.search(r"<answer>(.*?)</answer>", text)`` (no DOTALL: ``.`` stops at
+    ``\\n``), decided in linear time: an opening tag whose first closing tag comes after a
+    newline fails, and so does every opening tag before that newline.
+    """
+    position = 0
+    while True:
+        start = text.find(_ANSWER_OPEN, position)
+        if start < 0:
+            return None
+        body = start + len(_ANSWER_OPEN)
+        end = text.find(_ANSWER_CLOSE, body)
+        if end < 0:
+            return None
+        newline = text.find("\n", body, end)
+        if newline < 0:
+            return text[body:end]
+        position = newline + 1
+
+
+def released_letters(text: str) -> list[str]:
+    """The standalone option letters A-H of ``text``, as the released ``extract_letters``.
+
+    A letter counts when it opens the text or follows whitespace, ``[`` or ``(``, and is
+    followed by whitespace, ``]``, ``)`` or the end. Matches do not overlap and each consumes
+    the delimiter after its letter (the released ``re.findall``), so in "A B" only "A" counts:
+    the space before "B" was taken by "A".
+    """
+    letters, position, n = [], 0, len(text)
+    while position < n:
+        if position == 0 and text[0] in _RELEASED_LETTERS:
+            letter_at = 0
+        elif (text[position].isspace() or text[position] in _LETTER_BEFORE) and (
+                position + 1 < n and text[position + 1] in _RELEASED_LETTERS):
+            letter_at = position + 1
+        else:
+            position += 1
+            continue
+        after = letter_at + 1
+        if after == n:
+            letters.append(text[letter_at])
+            break
+        if text[after].isspace() or text[after] in _LETTER_AFTER:
+            letters.append(text[letter_at])
+            position = after + 1
+            continue
+        position += 1
+    return letters
+
+
+def _released_symbolic(completion: str, reference: str) -> bool:
+    """Step 1: math-verify's parse of the whole completion verifies against the reference's
+    parse (released argument order: the completion is math-verify's gold)."""
+    max_chars = (MAX_RELEASED_PARSE_CHARS if _in_main_thread()
+                 else MAX_SYMBOLIC_CHARS_OFF_MAIN_THREAD)
+    if not (_safe_for_symbolic(completion, max_chars)
+            and _safe_for_symbolic(reference, max_chars)):
+        return False
+
+    def compare() -> bool:
+        math_verify = _math_verify()
+        predicted = math_verify.parse(completion, parsing_timeout=None)
+        gold = math_verify.parse(reference, parsing_timeout=None)
+        if not predicted or not gold:
+            return False
+        return float(math_verify.verify(predicted, gold, timeout_seconds=None)) > 0
+
+    try:
+        _math_verify()
+        return _run_with_time_limit(compare, SYMBOLIC_TIME_LIMIT_S)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@_never_raise
+def accuracy_released(completion: str, reference: Any, **context) -> float:
+    """The released accuracy cascade (ThinkLite/SAT reward functions); first success wins.
+
+    1. math-verify: ``parse(completion)`` (the whole completion, not the answer) verified
+       against ``parse(reference)``, under the same time limit and input caps as `accuracy`.
+    2. exact match: the first one-line ``<answer>…</answer>`` body of the completion (else the
+       whole completion), stripped, equals the reference's own first one-line answer body
+       (else the whole reference), stripped. Case-sensitive, nothing else normalised.
+    3. letter: the LAST standalone letter A-H of that answer (`released_letters`) equals the
+       reference. No letter: the released code raises here and ends the cascade.
+    4. grader: the released code calls a MATH-style ``grade_answer`` on math-verify's parse of
+       the completion (a list, not a string); its module is not in the released repository,
+       and such graders either raise on a list or compare its text form, which never equals
+       a reference. The step is therefore inert, and omitted.
+
+    Differences from `accuracy` (ours): "The answer is (C)" vs "C" scores 1 here (letter
+    step) and 0 there (ours reads only a leading letter); "C" vs "C. blue" scores 0 here
+    (exact match on the whole reference) and 1 there (the reference names option C);
+    "<answer>yes</answer>" vs "Yes" scores 0 here and 1 there (case-folded).
+    """
+    del context
+    if reference is None:
+        return 0.0
+    reference = str(reference)
+    if _released_symbolic(completion, reference):
+        return 1.0
+    ground_truth = first_answer_on_one_line(reference)
+    ground_truth = (reference if ground_truth is None else ground_truth).strip()
+    answer = first_answer_on_one_line(completion)
+    answer = (completion if answer is None else answer).strip()
+    if answer == ground_truth:
+        return 1.0
+    letters = released_letters(answer)
+    return float(bool(letters) and letters[-1] == ground_truth)
+
+
 # --------------------------------------------------------------------------- IoU
 
 
@@ -468,7 +634,9 @@ def ocr_char_f1(completion: str, reference: Any, **context) -> float:
 
 REWARDS: dict[str, RewardFn] = {
     "accuracy": accuracy,
+    "accuracy_released": accuracy_released,
     "format_think": format_think,
+    "format_think_strict": format_think_strict,
     "format_answer": format_answer,
     "iou": iou,
     "iou_thresholded": iou_thresholded,

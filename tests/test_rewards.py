@@ -262,3 +262,106 @@ def test_non_string_completions_score_zero():
     for bad in (None, 3, b"<answer>3</answer>", ["<answer>3</answer>"]):
         for name, fn in ALL_REWARDS:
             assert fn(bad, "3") == 0.0, name
+
+
+# --------------------------------------------------------------------------- released variants
+# Independent transcriptions of the released reward code (open-r1 format_reward and the
+# ThinkLite/SAT accuracy cascade), written from its source for these tests.
+RELEASED_STRICT = re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$",
+                             re.DOTALL | re.MULTILINE)
+RELEASED_FIRST_ANSWER = re.compile(r"<answer>(.*?)</answer>")
+RELEASED_LETTER = re.compile(r"(^|\s|\[|\()([A-H])(\s|\]|\)|$)")
+
+
+def released_cascade_without_symbolic(completion: str, solution: str) -> float:
+    """Steps 2-3 of the released accuracy reward (math-verify aside, checked separately)."""
+    sol_match = RELEASED_FIRST_ANSWER.search(solution)
+    ground_truth = sol_match.group(1).strip() if sol_match else solution.strip()
+    content_match = RELEASED_FIRST_ANSWER.search(completion)
+    student = content_match.group(1).strip() if content_match else completion.strip()
+    if student == ground_truth:
+        return 1.0
+    letters = [m[1] for m in RELEASED_LETTER.findall(student)]
+    return float(bool(letters) and letters[-1] == ground_truth)
+
+
+STRICT_FRAGMENTS = ["<think>", "</think>", "<answer>", "</answer>", "\n", " ", "a", "B"]
+strict_text = st.lists(st.sampled_from(STRICT_FRAGMENTS), max_size=14).map("".join)
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("<think>\nr\n</think>\n<answer>\nB\n</answer>", 1.0),
+    ("<think>\n\n</think>\n<answer>\n\n</answer>", 1.0),  # empty bodies, distinct newlines
+    ("<think>\n</think>\n<answer>\nB\n</answer>", 0.0),  # one newline cannot serve twice
+    ("<think> r </think> <answer>B</answer>", 0.0),  # format_think gives 1
+    ("<think>\nr\n</think><answer>\nB\n</answer>", 0.0),
+    ("<think>\nr\n</think>\n<answer>\nB\n</answer>\ntrailing", 1.0),  # MULTILINE $
+    ("<think>\nr\n</think>\n<answer>\nB\n</answer> trailing", 0.0),
+    (" <think>\nr\n</think>\n<answer>\nB\n</answer>", 0.0),
+])
+def test_format_think_strict_hand_cases(completion, expected):
+    assert rewards.format_think_strict(completion) == expected
+    assert float(bool(RELEASED_STRICT.match(completion))) == expected
+
+
+@given(strict_text)
+def test_format_think_strict_matches_released_regex(completion):
+    assert rewards.format_think_strict(completion) == float(bool(RELEASED_STRICT.match(completion)))
+
+
+def test_format_think_strict_is_linear_on_adversarial_input():
+    completion = "<think>\n" + "\n</think>\n<answer>\n" * 100_000 + "x"
+    assert run_in_thread(lambda: rewards.format_think_strict(completion), timeout_s=30) == 0.0
+
+
+@pytest.mark.parametrize("completion, reference, released, ours", [
+    ("The answer is (C)", "C", 1.0, 0.0),  # the issue's counterexamples
+    ("C", "C. blue", 0.0, 1.0),
+    ("<answer>yes</answer>", "Yes", 0.0, 1.0),  # released is case-sensitive
+    ("<answer>1</answer> then <answer>2</answer>", "2", 0.0, 1.0),  # first vs last answer
+    ("<answer>A or B</answer>", "B", 1.0, 0.0),  # the last letter counts
+    ("<answer>\nB\n</answer>", "B", 1.0, 1.0),  # no one-line pair: the whole completion,
+    # whose letters end in B (the newline is whitespace)
+    ("<answer>B</answer>", "<answer>B</answer>", 1.0, 1.0),
+])
+def test_accuracy_released_counterexamples(completion, reference, released, ours):
+    assert rewards.accuracy_released(completion, reference) == released
+    assert released_cascade_without_symbolic(completion, reference) == released
+    assert rewards.accuracy(completion, reference) == ours
+
+
+def test_accuracy_released_symbolic_step_reads_the_whole_completion():
+    # math-verify finds "\frac{1}{2}" in the prose; the one-line answer alone would not match
+    completion = "so the result is $\\frac{1}{2}$ <answer>half</answer>"
+    assert released_cascade_without_symbolic(completion, "0.5") == 0.0
+    assert rewards.accuracy_released(completion, "0.5") == 1.0
+    assert run_in_thread(lambda: rewards.accuracy_released("$x+1$", "$1+x$")) == 1.0
+
+
+answer_bodies = st.text(alphabet="ABCHIabc ()[]\n.-:,", max_size=12)
+
+
+@settings(deadline=HANG_GUARD)
+@given(st.lists(st.sampled_from(["<answer>", "</answer>", "<think>", "\n", " "]) | answer_bodies.map(
+    lambda t: [t]), max_size=6).map(lambda parts: "".join(p if isinstance(p, str) else p[0] for p in parts)),
+    st.sampled_from(["A", "B", "C", "H", "(B)", "B. red", "<answer>C</answer>", "blue", "I"]))
+def test_accuracy_released_matches_transcription(completion, reference):
+    # letters and punctuation only: nothing math-verify would verify, so steps 2-3 decide
+    assert rewards.accuracy_released(completion, reference) == released_cascade_without_symbolic(
+        completion, reference)
+
+
+@given(st.text(alphabet=st.sampled_from(list("ABHI ([])\n\t\u00a0\u2003x")), max_size=20))
+def test_released_letters_match_released_findall(text):
+    assert rewards.released_letters(text) == [m[1] for m in RELEASED_LETTER.findall(text)]
+
+
+@given(st.lists(st.sampled_from(["<answer>", "</answer>", "\n", "a", "<"]), max_size=12).map("".join))
+def test_first_answer_on_one_line_matches_released_search(text):
+    match = RELEASED_FIRST_ANSWER.search(text)
+    assert rewards.first_answer_on_one_line(text) == (match.group(1) if match else None)
+
+
+def test_released_rewards_are_registered():
+    assert rewards.get_reward("accuracy_released") is rewards.accuracy_released
+    assert rewards.get_reward("format_think_strict") is rewards.format_think_strict
