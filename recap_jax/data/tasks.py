@@ -8,6 +8,13 @@ A *task* describes one data source (recap-method.md, "Objectives"):
 
 The K objectives of a training mix, in the fixed order used for the weight vector lambda
 (shape [K]), come from :func:`objective_names`.
+
+Prompt styles. Every paper source has two registered tasks: ``<name>`` ("bare": our prompts,
+the question + " " + the instruction, our `accuracy` reward) and ``<name>_released`` (the
+strings, targets and rewards of the authors' released code, recap-method.md "Released-code
+details"). A config selects the released style per source by its key in ``data.sources``
+(e.g. ``thinklite_released`` with adapter kind ``thinklite``), or through
+:func:`styled_task_name`. The synthetic demo tasks have only their own style.
 """
 
 from __future__ import annotations
@@ -20,6 +27,13 @@ from recap_jax import rewards as rewards_lib
 
 __all__ = [
     "ANSWER_SUFFIX",
+    "PROMPT_STYLES",
+    "RELEASED_ANSWER_SUFFIX",
+    "RELEASED_REASONING_SUFFIX",
+    "RELEASED_REFCOCO_SUFFIX",
+    "RELEASED_RLVR_SUFFIX",
+    "RELEASED_VARIANTS",
+    "SFT_LOSS_SPANS",
     "GROUNDING_QUESTION",
     "NTP",
     "TASKS",
@@ -28,6 +42,7 @@ __all__ = [
     "get_task",
     "objective_names",
     "register_task",
+    "styled_task_name",
 ]
 
 THINK_SUFFIX = (
@@ -39,6 +54,21 @@ GROUNDING_QUESTION = (
     "Please provide the bounding box coordinate of the region this sentence describes: {phrase}."
 )
 NTP = "ntp"
+
+# The released code's prompt strings (exact; recap-method.md, "Released-code details").
+# ThinkLite: the instruction on a new line after the question.
+RELEASED_REASONING_SUFFIX = "\n" + THINK_SUFFIX
+# RLVR-only (SAT, GeoQAV, ScienceQA): two spaces after the question, "final answer (option)".
+RELEASED_RLVR_SUFFIX = ("  Output the thinking process in <think> </think> and final answer "
+                        "(option) in <answer> </answer> tags.")
+# RefCOCO grounding replay: the box-format example.
+RELEASED_REFCOCO_SUFFIX = ("\nOutput the final answer in <answer> </answer> tags. The output "
+                           "answer format should be as follows:\n<answer>[x1, y1, x2, y2]"
+                           "</answer>\nPlease strictly follow the format.")
+# OCR SFT replay.
+RELEASED_ANSWER_SUFFIX = "\n" + ANSWER_SUFFIX
+PROMPT_STYLES = ("bare", "released")
+SFT_LOSS_SPANS = ("answer", "conversation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +86,11 @@ class Task:
       description: one line for humans.
       target_template: the completion an SFT warm-start teaches for this task, around the
         reference answer text ``{answer}`` (e.g. ``<think></think><answer>{answer}</answer>``
-        for a think-format task), so that the warm-started policy earns format rewards.
+        for a think-format task), so that the warm-started policy earns format rewards. For
+        an sft task it is also the replay target (released OCR: ``<answer>{answer}</answer>``).
+      sft_loss: sft tasks only: "answer" (NTP on the target's tokens) or "conversation" (the
+        released OCR replay: NTP on every non-pad, non-image token of the conversation, the
+        prompt included; see recap_jax.data.sft_targets).
     """
 
     name: str
@@ -67,6 +101,7 @@ class Task:
     answer_kind: Literal["text", "box"] = "text"
     description: str = ""
     target_template: str = "{answer}"
+    sft_loss: Literal["answer", "conversation"] = "answer"
 
     def __post_init__(self):
         where = f"task {self.name!r}"
@@ -92,6 +127,11 @@ class Task:
             raise ValueError(f"{where}: answer_kind must be 'text' or 'box'")
         if "{answer}" not in self.target_template:
             raise ValueError(f"{where}: target_template must contain '{{answer}}'")
+        if self.sft_loss not in SFT_LOSS_SPANS:
+            raise ValueError(f"{where}: sft_loss must be one of {SFT_LOSS_SPANS}, "
+                             f"got {self.sft_loss!r}")
+        if self.kind == "rl" and self.sft_loss != "answer":
+            raise ValueError(f"{where}: sft_loss applies to sft tasks only")
 
     @property
     def objectives(self) -> tuple[str, ...]:
@@ -120,16 +160,30 @@ class Task:
 
 THINK_TARGET = "<think></think><answer>{answer}</answer>"
 ANSWER_TARGET = "<answer>{answer}</answer>"
+# Think-format target that satisfies format_think_strict as well (newlines around bodies).
+STRICT_THINK_TARGET = "<think>\n\n</think>\n<answer>\n{answer}\n</answer>"
 
 
-def _rl(name, suffix, rewards, eval_metrics, description, answer_kind="text") -> Task:
-    """An RL task; its evaluation also reports the format reward (format_think or
-    format_answer): RL on another task can break a task's answer format before its accuracy."""
-    target = THINK_TARGET if suffix == THINK_SUFFIX else ANSWER_TARGET
-    format_metric = "format_think" if suffix == THINK_SUFFIX else "format_answer"
-    return Task(name=name, kind="rl", prompt_template="{question} " + suffix, rewards=rewards,
-                eval_metrics=(*eval_metrics, format_metric), answer_kind=answer_kind,
-                description=description, target_template=target)
+def _rl(name, suffix, rewards, eval_metrics, description, answer_kind="text", *,
+        template=None) -> Task:
+    """An RL task; its evaluation also reports its format reward (the one in ``rewards``, or
+    format_think / format_answer by the suffix): RL on another task can break a task's
+    answer format before its accuracy. ``template`` overrides "{question} " + suffix."""
+    think = "think" in suffix
+    target = ((STRICT_THINK_TARGET if "format_think_strict" in rewards else THINK_TARGET)
+              if think else ANSWER_TARGET)
+    format_metric = next((r for r in rewards if r.startswith("format_")),
+                         "format_think" if think else "format_answer")
+    return Task(name=name, kind="rl", prompt_template=template or "{question} " + suffix,
+                rewards=rewards, eval_metrics=(*eval_metrics, format_metric),
+                answer_kind=answer_kind, description=description, target_template=target)
+
+
+def _released(name, suffix, rewards, eval_metrics, description, answer_kind="text") -> Task:
+    """The released variant ``<name>_released``: the question (stripped) + ``suffix`` with no
+    separator (each released suffix carries its own newline or two spaces)."""
+    return _rl(f"{name}_released", suffix, rewards, eval_metrics, description, answer_kind,
+               template="{question}" + suffix)
 
 
 _BUILTINS = (
@@ -154,9 +208,46 @@ _BUILTINS = (
     _rl("sat", THINK_SUFFIX, ("accuracy", "format_think"), ("accuracy",), "SAT spatial reasoning"),
     _rl("scienceqa", THINK_SUFFIX, ("accuracy", "format_think"), ("accuracy",),
         "ScienceQA multiple choice"),
+    # The released code's prompts, targets and rewards for the same sources.
+    _released("thinklite", RELEASED_REASONING_SUFFIX, ("accuracy_released", "format_think"),
+              ("accuracy_released", "accuracy"), "ThinkLite-VL-70k, released prompt/rewards"),
+    _released("refcoco", RELEASED_REFCOCO_SUFFIX, ("iou", "format_answer"),
+              ("iou", "iou_thresholded"), "RefCOCO replay, released box-format prompt",
+              answer_kind="box"),
+    Task("ocr_llava_released", "sft", "{question}" + RELEASED_ANSWER_SUFFIX,
+         eval_metrics=("ocr_char_f1", "ocr_exact"), target_template=ANSWER_TARGET,
+         sft_loss="conversation",
+         description="LLaVA-OneVision OCR replay, released prompt/target/conversation loss"),
+    # Released LISA prompts are the dataset's own problem text (no suffix added).
+    _rl("lisa_released", THINK_SUFFIX, ("iou_thresholded", "format_think_strict"),
+        ("iou", "iou_thresholded"), "LISA-train, released rewards (prompt: the record's text)",
+        answer_kind="box", template="{question}"),
+    _released("geoqav", RELEASED_RLVR_SUFFIX, ("accuracy_released", "format_think_strict"),
+              ("accuracy_released", "accuracy"), "GeoQAV, released prompt/rewards"),
+    _released("sat", RELEASED_RLVR_SUFFIX, ("accuracy_released", "format_think_strict"),
+              ("accuracy_released", "accuracy"), "SAT, released prompt/rewards"),
+    _released("scienceqa", RELEASED_RLVR_SUFFIX, ("accuracy_released", "format_think_strict"),
+              ("accuracy_released", "accuracy"), "ScienceQA, released prompt/rewards"),
 )
 
 TASKS: dict[str, Task] = {task.name: task for task in _BUILTINS}
+# base task -> its released variant
+RELEASED_VARIANTS: dict[str, str] = {
+    name: f"{name}_released"
+    for name in ("thinklite", "refcoco", "ocr_llava", "lisa", "geoqav", "sat", "scienceqa")}
+
+
+def styled_task_name(name: str, style: str) -> str:
+    """The task a source ``name`` uses under prompt style ``style``: "bare" -> ``name``,
+    "released" -> ``<name>_released`` (ValueError naming what exists)."""
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
+    if style == "bare" or name in RELEASED_VARIANTS.values():
+        return name
+    if name not in RELEASED_VARIANTS:
+        raise ValueError(f"task {name!r} has no released prompt style; sources with one: "
+                         f"{sorted(RELEASED_VARIANTS)}")
+    return RELEASED_VARIANTS[name]
 
 
 def register_task(task: Task, *, overwrite: bool = False) -> Task:
