@@ -29,7 +29,10 @@ Variants (see recap-method.md, "Weight update")
               lambda = K_seen * (alpha softmax(c / T) + (1 - alpha) softmax(i / T)) over the
               objectives seen so far; no warm-up. Logged s = alpha c + (1 - alpha) i.
     paper     on losses (reward r enters as L = r_max - r): mu / mu_old = means of the newest
-              W / the W before; c = mu_old / mu; i = unbiased std(2W values) / (mu + mu_old);
+              W / the W before; c = mu_old / mu; i = sigma / (mu + mu_old) with sigma^2 =
+              sum over the 2W values of (L - centre)^2 / (2W - 1), centre = mu (Eq. 1 and
+              Algorithm 1, `paper_sigma="window"`, the default) or the mean of all 2W values
+              (Algorithm 2's pseudocode, `paper_sigma="2w"`);
               s = alpha c + (1 - alpha) i; lambda = K_ready * softmax(s / T) over objectives
               with 2W values; an objective still in warm-up has weight 1.
     dwa       (Liu et al., 2019) r_k = L(t-1) / L(t-2) for losses, R(t-2) / R(t-1) for rewards
@@ -53,6 +56,14 @@ Where the released code and the paper disagree, and what we do
       kind by `ObjectiveSet`), in every variant.
     - Instability. The paper divides an unbiased std over 2W values by mu + mu_old; the code
       takes the coefficient of variation (population std / mean). Each variant keeps its own.
+    - Sigma's centre (`paper` only). Eq. 1 and Algorithm 1 centre sigma on the current
+      window's mean mu; Algorithm 2's pseudocode on the mean of all 2W values. Both are
+      offered (`RecapConfig.paper_sigma`); the equation is the default.
+    - Saturation (`paper` only). With L = r_max - r, a reward approaching r_max drives mu
+      towards 0, so c = mu_old / mu and i = sigma / (mu + mu_old) grow without bound (the
+      worked example's format reward, 0.2 -> 0.97, gives c = 8.33): softmax(s / T) then puts
+      nearly all K of the weight on the saturated objective, for as long as the newest window
+      stays near r_max. The released variant has no such pole (its c is a ratio of rewards).
     - Warm-up. The paper waits for 2W values; the code has none. Each variant keeps its own;
       with round-robin sources, warm-up is per objective (see `paper` above).
 
@@ -81,6 +92,7 @@ import jax.numpy as jnp
 import numpy as np
 
 VARIANTS = ("released", "paper", "static", "dwa")
+PAPER_SIGMA_CENTRES = ("window", "2w")
 DIRECTIONS = ("reward", "loss")  # reward: higher is better; loss: lower is better
 KINDS = ("rl", "sft")
 DEFAULT_TEMPERATURE = {"released": 5.0, "paper": 5.0, "static": 5.0, "dwa": 2.0}
@@ -114,6 +126,8 @@ class RecapConfig:
       static_weights: per objective weights (finite, >= 0) of the `static` variant; None
         means all 1.
       eps: relative floor of |denominator| in every ratio, in (0, 1); see module docstring.
+      paper_sigma: `paper` only, the centre of sigma: "window" (Eq. 1 / Algorithm 1: the
+        newest window's mean mu; default) or "2w" (Algorithm 2: the mean of all 2W values).
     """
 
     variant: str = "released"
@@ -125,6 +139,7 @@ class RecapConfig:
     reward_upper_bounds: tuple[float, ...] | None = None
     static_weights: tuple[float, ...] | None = None
     eps: float = 1e-6
+    paper_sigma: str = "window"
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -154,6 +169,8 @@ class RecapConfig:
             _fail("max_steps", None, "an int >= 1 (required when alpha='anneal')")
         if self.max_steps is not None:
             set_("max_steps", int(self.max_steps))
+        if self.paper_sigma not in PAPER_SIGMA_CENTRES:
+            _fail("paper_sigma", self.paper_sigma, " | ".join(PAPER_SIGMA_CENTRES))
         if not _is_number(self.eps) or not 0.0 < self.eps < 1.0:
             _fail("eps", self.eps, "a number in (0, 1)")
         set_("eps", float(self.eps))
@@ -340,7 +357,8 @@ def _released_rates(config, h, fill, is_reward):
 
 
 def _paper_rates(config, h, is_reward):
-    """Eq. 1 on losses L (L = r_max - r for rewards): c = mu_old / mu, i = sigma/(mu+mu_old)."""
+    """Eq. 1 on losses L (L = r_max - r for rewards): c = mu_old / mu, i = sigma/(mu+mu_old);
+    sigma is centred on mu (`paper_sigma="window"`) or on the 2W mean ("2w"), over 2W - 1."""
     w = config.window
     k = h.shape[0]
     bounds = (np.ones((k,), np.float32) if config.reward_upper_bounds is None
@@ -348,7 +366,8 @@ def _paper_rates(config, h, is_reward):
     losses = jnp.clip(jnp.where(is_reward[:, None], bounds[:, None] - h, h), -_F32_MAX, _F32_MAX)
     ln = _normalise(losses, jnp.ones_like(losses, bool))
     mu_old, mu = jnp.mean(ln[:, :w], axis=-1), jnp.mean(ln[:, w:], axis=-1)
-    sigma = jnp.std(ln, axis=-1, ddof=1)  # 2W >= 2 values
+    centre = mu if config.paper_sigma == "window" else jnp.mean(ln, axis=-1)
+    sigma = jnp.sqrt(jnp.sum(jnp.square(ln - centre[:, None]), axis=-1) / (2 * w - 1))
     return (_ratio(mu_old, mu, config.eps, 1.0),
             _ratio(sigma, mu + mu_old, config.eps, 0.0))
 

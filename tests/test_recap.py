@@ -53,8 +53,11 @@ def ref_released(histories, directions, window, temperature, alpha):
     return weights, c, i
 
 
-def ref_paper(histories, directions, upper_bounds, window, temperature, alpha):
-    """recap-method.md `paper` (Eq. 1 on losses L = r_max - r). -> (w, c, i)."""
+def ref_paper(histories, directions, upper_bounds, window, temperature, alpha, centre="window"):
+    """recap-method.md `paper` (Eq. 1 on losses L = r_max - r). -> (w, c, i).
+
+    sigma is centred on the newest window's mean (Eq. 1, centre="window") or on the mean of
+    all 2W values (Algorithm 2, centre="2w")."""
     c, i, s, ready = [], [], [], []
     for k, (h, direction) in enumerate(zip(histories, directions)):
         if len(h) < 2 * window:
@@ -66,7 +69,7 @@ def ref_paper(histories, directions, upper_bounds, window, temperature, alpha):
         losses = [upper_bounds[k] - x if direction == "reward" else x for x in h[-2 * window:]]
         mu_old = sum(losses[:window]) / window
         mu = sum(losses[window:]) / window
-        mean = sum(losses) / len(losses)
+        mean = mu if centre == "window" else sum(losses) / len(losses)
         sigma = math.sqrt(sum((x - mean) ** 2 for x in losses) / (len(losses) - 1))
         c.append(mu_old / mu)
         i.append(sigma / (mu + mu_old))
@@ -97,12 +100,24 @@ def raw_histories(signals, present, upto):
 # ----------------------------------------------------------------- worked example
 
 
-@pytest.mark.parametrize("variant, c, i, weights", [
-    ("released", (0.531915, 0.750000), (0.389962, 0.416006), (0.987795, 1.012205)),
-    ("paper", (8.333333, 1.038462), (0.549234, 0.030094), (1.371964, 0.628036)),
+# `paper` with sigma centred on the current window's mean mu (Eq. 1), worked by hand from the
+# recap-method.md histories (W = 3, losses L = 1 - r, sigma^2 = sum (L - mu)^2 / (2W - 1)):
+#   format   L = .8 .5 .2 | .1 .05 .03: mu_old = .5, mu = .06, c = 8.333333;
+#            (L - mu) = .74 .44 .14 .04 -.01 -.03, squares sum .7634, /5 = .15268,
+#            sigma = .390743, i = .390743 / .56 = .697755; s = (c + i) / 2 = 4.515544
+#   accuracy L = .9 .88 .92 | .85 .95 .8: mu_old = .9, mu = .866667, c = 1.038462;
+#            (L - mu) = .033333 .013333 .053333 -.016667 .083333 -.066667, squares sum .0158,
+#            /5 = .00316, sigma = .056214, i = .056214 / 1.766667 = .031819; s = .535140
+#   lambda = 2 softmax(s / 5) = 2 sigmoid(.796081) = (1.378271, .621729)
+# ("2w", Algorithm 2: the published example's i = (0.549234, 0.030094) centres on the 2W mean.)
+@pytest.mark.parametrize("variant, sigma, c, i, weights", [
+    ("released", "window", (0.531915, 0.750000), (0.389962, 0.416006), (0.987795, 1.012205)),
+    ("paper", "2w", (8.333333, 1.038462), (0.549234, 0.030094), (1.371964, 0.628036)),
+    ("paper", "window", (8.333333, 1.038462), (0.697755, 0.031819), (1.378271, 0.621729)),
 ])
-def test_worked_example(variant, c, i, weights):
-    config = recap.RecapConfig(variant=variant, window=3, temperature=5.0, alpha=0.5)
+def test_worked_example(variant, sigma, c, i, weights):
+    config = recap.RecapConfig(variant=variant, window=3, temperature=5.0, alpha=0.5,
+                               paper_sigma=sigma)
     signals = np.array([FORMAT, ACCURACY], np.float32).T
     state, out = run(config, signals, np.ones_like(signals, bool))
     got_w, got_c, got_i = out[-1]
@@ -285,3 +300,38 @@ def test_static_returns_configured_weights(static_weights):
     np.testing.assert_array_equal(recap.init(config, 3).weights, expected)
     for weights, _, _ in out:
         np.testing.assert_array_equal(weights, expected.astype(np.float32))
+
+
+def test_paper_sigma_default_is_the_equation_and_is_checked():
+    assert recap.RecapConfig(variant="paper").paper_sigma == "window"
+    with pytest.raises(ValueError, match="paper_sigma"):
+        recap.RecapConfig(variant="paper", paper_sigma="mean")
+
+
+@pytest.mark.parametrize("centre", ["window", "2w"])
+def test_paper_sigma_centres_match_reference(centre):
+    rng = np.random.default_rng(3)
+    signals = rng.uniform(0.05, 0.95, size=(9, 2)).astype(np.float32)
+    config = recap.RecapConfig(variant="paper", window=3, paper_sigma=centre)
+    _, out = run(config, signals, np.ones_like(signals, bool))
+    histories = [list(map(float, signals[:, k])) for k in range(2)]
+    ref_w, ref_c, ref_i = ref_paper(histories, ("reward",) * 2, (1.0, 1.0), 3, 5.0, 0.5, centre)
+    np.testing.assert_allclose(out[-1][2], ref_i, rtol=1e-5)
+    np.testing.assert_allclose(out[-1][0], ref_w, rtol=1e-5)
+
+
+def test_paper_saturation_pathology():
+    """L = r_max - r: as a reward saturates, mu -> 0 and c = mu_old / mu explodes, so the
+    saturated objective takes almost all K of the weight (released stays near 1)."""
+    steady = [0.5, 0.52, 0.48] * 2
+    for top in (0.9, 0.99, 0.999):
+        saturating = [0.2, 0.4, 0.6, top, top, top]
+        signals = np.array([saturating, steady], np.float32).T
+        paper = recap.RecapConfig(variant="paper", window=3)
+        released = recap.RecapConfig(variant="released", window=3)
+        _, out_p = run(paper, signals, np.ones_like(signals, bool))
+        _, out_r = run(released, signals, np.ones_like(signals, bool))
+        c_expected = (0.8 + 0.6 + 0.4) / 3 / (1 - top)
+        np.testing.assert_allclose(out_p[-1][1][0], c_expected, rtol=1e-3)
+        assert abs(out_r[-1][0][0] - 1.0) < 0.1
+    assert out_p[-1][0][0] > 1.999  # c = 600 at r = 0.999: lambda ~ (K, 0)
