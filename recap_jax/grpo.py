@@ -5,6 +5,14 @@ Symbols (recap-method.md): G completions per prompt (`group_size`), clip range e
 objective weights lambda [K]. Every function here is pure and takes static shapes; options
 are Python strings chosen at trace time (a GRPOConfig is hashable and never traced).
 
+Variants (all off by default): GSPO's sequence-level importance ratio
+s_i = exp((1/|y_i|) sum_t log(pi_t / pi_old,t)) (Zheng et al. 2025, `importance_ratio`); an
+entropy bonus -alpha_H H (`entropy_coef`); DAPO's soft overlong punishment R_length(|y|) over
+a buffer L_cache before L_max (Yu et al. 2025, `overlong_buffer`, `overlong_penalty`); and
+truncated importance sampling (TIS) of the sampler / trainer mismatch,
+w_t = min(pi_old,trainer / pi_sampler, C) (Yao et al. 2025, "Your efficient RL framework
+secretly brings you off-policy RL training", `tis_cap`).
+
 Objectives (recap-method.md, "Objectives"): sources s = 0..S-1 are RL sources (F_s <= F
 reward functions) or SFT sources. Objective k is one (RL source, reward function) pair or one
 SFT source. Two static tables, e.g. from `recap.ObjectiveSet`, map sources to objectives:
@@ -51,6 +59,7 @@ ADVANTAGE_NORMALIZATIONS = ("group", "batch", "none")
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 WEIGHTINGS = ("reward", "loss")
+IMPORTANCE_RATIOS = ("token", "sequence")
 _LOG_RATIO_BOUND = 20.0  # |log ratio| clamp (as verl) so exp() stays finite
 _ZERO_VARIANCE_TOLERANCE = 1e-6
 
@@ -102,6 +111,25 @@ class GRPOConfig:
       num_minibatches: optimizer updates per epoch (>= 1); the batch is split along rows by
         whole groups, so B must be a multiple of num_minibatches * G.
       shuffle_minibatches: permute the groups (with the train state's rng) before each epoch.
+      importance_ratio: "token" (PPO / GRPO: r_t = pi_t / pi_old,t per token) or "sequence"
+        (GSPO: every token of completion i uses s_i = exp(mean_t log(pi_t / pi_old,t)) over
+        its loss-mask tokens, written as sg[s_i] pi_t / sg[pi_t], so that with
+        "seq-mean-token-mean" aggregation the gradient is GSPO's grad of s_i; GSPO's paper
+        clips s_i with a much smaller range, e.g. epsilon_low=3e-4, epsilon_high=4e-4).
+      entropy_coef: alpha_H >= 0; the loss gets -alpha_H H, H the token entropy of the RL
+        rows aggregated like the policy loss (a regulariser like the KL term: lambda does not
+        scale it). Needs the policy's entropy (`policy_loss(..., entropy=)`) with gradient.
+      overlong_buffer: L_cache >= 0 tokens; 0 disables DAPO's soft overlong punishment. With
+        L_max = max_completion_length (or T), an RL completion of |y| tokens gets
+        overlong_penalty * R_length, R_length = 0 for |y| <= L_max - L_cache,
+        ((L_max - L_cache) - |y|) / L_cache above (-1 at |y| = L_max), added to the rewards
+        that drive the advantages (see `overlong_reward_penalty`; RECAP's signals and the
+        per-objective reward statistics stay the raw rewards).
+      overlong_penalty: the penalty's scale (>= 0; DAPO uses 1).
+      tis_cap: None, or C > 0: truncated importance sampling of the rollout / trainer mismatch;
+        each RL token's policy loss is multiplied by w_t = min(pi_old,trainer / pi_sampler, C)
+        (no gradient). Needs recompute_old_logprobs (else pi_old is the sampler's and w = 1)
+        and the sampler's log-probs (`policy_loss(..., sampler_logprobs=)`).
     """
 
     group_size: int = 4
@@ -122,11 +150,17 @@ class GRPOConfig:
     num_iterations: int = 1
     num_minibatches: int = 1
     shuffle_minibatches: bool = False
+    importance_ratio: str = "token"
+    entropy_coef: float = 0.0
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+    tis_cap: float | None = None
 
     def __post_init__(self):
         for field, allowed in (("advantage_normalization", ADVANTAGE_NORMALIZATIONS),
                                ("loss_aggregation", LOSS_AGGREGATIONS),
-                               ("kl_estimator", KL_ESTIMATORS), ("weighting", WEIGHTINGS)):
+                               ("kl_estimator", KL_ESTIMATORS), ("weighting", WEIGHTINGS),
+                               ("importance_ratio", IMPORTANCE_RATIOS)):
             if getattr(self, field) not in allowed:
                 _fail(field, getattr(self, field), " | ".join(allowed))
         for field in ("group_size", "num_iterations", "num_minibatches"):
@@ -150,7 +184,26 @@ class GRPOConfig:
                       "shuffle_minibatches"):
             if not isinstance(getattr(self, field), bool):
                 _fail(field, getattr(self, field), "True | False")
+        self._check_variants()
         self._check_objective_tables()
+
+    def _check_variants(self):
+        for field in ("entropy_coef", "overlong_penalty"):
+            value = getattr(self, field)
+            if not _is_number(value) or not 0 <= value < float("inf"):
+                _fail(field, value, "a finite number >= 0")
+        if not _is_int(self.overlong_buffer) or self.overlong_buffer < 0:
+            _fail("overlong_buffer", self.overlong_buffer, "an int >= 0 (0: off)")
+        if (self.overlong_buffer and self.max_completion_length is not None
+                and self.overlong_buffer >= self.max_completion_length):
+            _fail("overlong_buffer", self.overlong_buffer,
+                  f"an int below max_completion_length={self.max_completion_length}")
+        if self.tis_cap is not None:
+            if not _is_number(self.tis_cap) or not 0 < self.tis_cap < float("inf"):
+                _fail("tis_cap", self.tis_cap, "None or a finite number > 0")
+            if not self.recompute_old_logprobs:
+                _fail("tis_cap", self.tis_cap, "None unless recompute_old_logprobs=True (without "
+                      "recomputation pi_old is the sampler's and the TIS weight is 1)")
 
     def _check_objective_tables(self):
         try:
@@ -304,6 +357,53 @@ def zero_variance_groups(rewards: jax.Array, group_size: int) -> jax.Array:
     return grouped.max(axis=1) - grouped.min(axis=1) <= _ZERO_VARIANCE_TOLERANCE
 
 
+def overlong_reward_penalty(lengths: jax.Array, max_length: int, buffer: int,
+                            penalty: float = 1.0) -> jax.Array:
+    """DAPO's soft overlong punishment, penalty * R_length(|y|), per completion [B] (<= 0).
+
+    With L_max = max_length and L_cache = buffer: R_length = 0 for |y| <= L_max - L_cache,
+    ((L_max - L_cache) - |y|) / L_cache for L_max - L_cache < |y| <= L_max, and -1 beyond
+    (Yu et al. 2025, eq. 13). buffer 0 gives zeros.
+    """
+    lengths = jnp.asarray(lengths, jnp.float32)
+    if not buffer:
+        return jnp.zeros_like(lengths)
+    if not 0 < buffer <= max_length:
+        raise ValueError(f"overlong_buffer={buffer} must be in (0, L_max={max_length}]")
+    start = float(max_length - buffer)
+    r_length = jnp.clip((start - lengths) / float(buffer), -1.0, 0.0)
+    return penalty * r_length
+
+
+def sequence_log_ratio(logprobs: jax.Array, old_logprobs: jax.Array,
+                       mask: jax.Array) -> jax.Array:
+    """GSPO's log s_i = (1/|y_i|) sum_t (log pi_t - log pi_old,t) over the mask's tokens [B]
+    (0 for a row without tokens); gradients flow into logprobs."""
+    mask = jnp.asarray(mask, jnp.float32)
+    diff = jnp.where(mask > 0, logprobs - jax.lax.stop_gradient(old_logprobs), 0.0)
+    return _safe_divide(diff.sum(axis=-1), mask.sum(axis=-1))
+
+
+def gspo_token_old_logprobs(logprobs: jax.Array, old_logprobs: jax.Array,
+                            mask: jax.Array) -> jax.Array:
+    """Old log-probs [B, T] that make `clipped_surrogate`'s per-token ratio GSPO's
+    s_i,t = sg[s_i] pi_t / sg[pi_t] (value s_i, gradient s_i grad log pi_t): the returned
+    constants are sg[log pi_t] - sg[log s_i]."""
+    log_s = jax.lax.stop_gradient(sequence_log_ratio(logprobs, old_logprobs, mask))
+    return jax.lax.stop_gradient(logprobs) - log_s[:, None]
+
+
+def tis_weights(old_logprobs: jax.Array, sampler_logprobs: jax.Array, cap: float,
+                mask: jax.Array) -> jax.Array:
+    """Truncated importance sampling weights w_t = min(pi_old,trainer / pi_sampler, C) [B, T]
+    on the mask's tokens (1 elsewhere), constants (no gradient)."""
+    log_w = jnp.clip(jnp.asarray(old_logprobs, jnp.float32)
+                     - jnp.asarray(sampler_logprobs, jnp.float32),
+                     -_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+    w = jnp.minimum(jnp.exp(log_w), cap)
+    return jax.lax.stop_gradient(jnp.where(jnp.asarray(mask) > 0, w, 1.0))
+
+
 # --------------------------------------------------------------------------- token losses
 
 
@@ -416,6 +516,23 @@ def weighted_rewards(config: GRPOConfig, rewards: jax.Array, source_id: jax.Arra
     return jnp.einsum("bf,bfk,k->b", r, member, weights)
 
 
+def overlong_penalty(config: GRPOConfig, batch: dict) -> jax.Array:
+    """[B] DAPO overlong penalty of each row from its completion length (the completion
+    mask's token count) and L_max = max_completion_length or T; zeros when off."""
+    if not config.overlong_buffer:
+        return jnp.zeros(np.shape(batch["source_id"]), jnp.float32)
+    if "completion_mask" not in batch:
+        raise ValueError("rollout_advantages: batch['completion_mask'] is missing; required by "
+                         f"GRPOConfig.overlong_buffer={config.overlong_buffer}")
+    mask = jnp.asarray(batch["completion_mask"]).astype(jnp.float32)
+    max_length = config.max_completion_length or mask.shape[1]
+    if config.overlong_buffer > max_length:
+        raise ValueError(f"GRPOConfig.overlong_buffer={config.overlong_buffer} exceeds L_max="
+                         f"{max_length} (the batch's completion length T)")
+    return overlong_reward_penalty(mask.sum(axis=1), max_length, config.overlong_buffer,
+                                   config.overlong_penalty)
+
+
 def rollout_advantages(config: GRPOConfig, batch: dict, weights: jax.Array
                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Advantages [B, 1] (`reward` mode) or [B, F] (`loss` mode), and reward statistics.
@@ -424,6 +541,13 @@ def rollout_advantages(config: GRPOConfig, batch: dict, weights: jax.Array
     present [K], the fraction of each objective's groups with zero reward variance, and the
     fraction of RL groups with zero variance in the rewards that drive the advantages (R in
     `reward` mode; every component in `loss` mode).
+
+    DAPO's overlong penalty p_b (config.overlong_buffer > 0; needs ``completion_mask``) shapes
+    only the rewards that drive the advantages: `reward` mode uses R_b + p_b (p is not scaled
+    by lambda: a shaping term, not an objective), `loss` mode r_bf + p_b for each of the
+    row's reward components (so each objective's advantage sees it). RECAP's signals (the
+    per-objective raw reward means) and the per-objective statistics stay the raw rewards;
+    `overlong_penalty_mean` (over RL rows) is added to the statistics when the penalty is on.
     """
     g = config.group_size
     m = membership(config, batch["source_id"])
@@ -441,15 +565,20 @@ def rollout_advantages(config: GRPOConfig, batch: dict, weights: jax.Array
                  jnp.einsum("gf,gfk->k", zero_var.astype(jnp.float32), group_member),
                  group_member.sum(axis=(0, 1)))}
     rl_groups = m.rl_row[::g]
+    penalty = overlong_penalty(config, batch) * m.rl_row  # [B], 0 when off
+    if config.overlong_buffer:
+        stats["overlong_penalty_mean"] = _safe_divide(penalty.sum(), m.rl_row.sum())
     if config.weighting == "reward":
-        r = weighted_rewards(config, batch["rewards"], batch["source_id"], weights)
+        r = weighted_rewards(config, batch["rewards"], batch["source_id"], weights) + penalty
         adv = group_advantages(r[:, None], g, config.advantage_normalization,
                                config.advantage_epsilon, m.rl_row[:, None, None])
         group_zero = zero_variance_groups(r, g)
     else:
-        adv = group_advantages(raw, g, config.advantage_normalization,
+        shaped = jnp.where(present, raw + penalty[:, None], 0.0)
+        adv = group_advantages(shaped, g, config.advantage_normalization,
                                config.advantage_epsilon, m.reward)
-        group_zero = jnp.all(zero_var | (group_member.sum(-1) == 0), axis=1)
+        shaped_zero = zero_variance_groups(shaped, g) if config.overlong_buffer else zero_var
+        group_zero = jnp.all(shaped_zero | (group_member.sum(-1) == 0), axis=1)
     stats["zero_variance_group_fraction"] = _safe_divide(
         (group_zero * rl_groups).sum(), rl_groups.sum())
     return adv, stats
@@ -466,15 +595,24 @@ def completion_loss_mask(config: GRPOConfig, batch: dict) -> jax.Array:
 def policy_loss(config: GRPOConfig, weights: jax.Array, logprobs: jax.Array,
                 old_logprobs: jax.Array, advantages: jax.Array, loss_mask: jax.Array,
                 source_id: jax.Array, ref_logprobs: jax.Array | None = None,
-                entropy: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                entropy: jax.Array | None = None, sampler_logprobs: jax.Array | None = None
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The weighted GRPO / SFT loss of one mini-batch, and auxiliary sums for metrics.
 
     logprobs [B, T] come from the policy being trained (gradients flow through them);
     old_logprobs [B, T] and advantages ([B, 1] or [B, F], from `rollout_advantages`) are
     constants; loss_mask [B, T] is the completion mask (truncated rows already removed);
-    ref_logprobs [B, T] are read only when beta > 0. Returns (loss, aux): aux holds the
+    ref_logprobs [B, T] are read only when beta > 0. entropy [B, T]: the policy's token
+    entropy (a metric; with entropy_coef > 0 also the bonus, whose gradient flows through
+    it). sampler_logprobs [B, T]: the sampler's log-probs, read only with tis_cap (then
+    old_logprobs are the recomputed pi_old,trainer). Returns (loss, aux): aux holds the
     policy and KL terms, per-objective losses [K], and sums / counts (clip indicators,
-    entropy, SFT NLL) that add up across mini-batches.
+    entropy, SFT NLL, TIS weights) that add up across mini-batches.
+
+    Variants: importance_ratio="sequence" replaces the token ratio by GSPO's s_i,t
+    (`gspo_token_old_logprobs`); tis_cap multiplies each RL token's clipped loss by
+    `tis_weights`; entropy_coef subtracts alpha_H H (`aggregate_loss` of the RL tokens'
+    entropy, the config's aggregation mode).
     """
     k = config.num_objectives
     m = membership(config, source_id)
@@ -485,9 +623,19 @@ def policy_loss(config: GRPOConfig, weights: jax.Array, logprobs: jax.Array,
     frozen = jax.lax.stop_gradient(logprobs)
     # Non-RL and masked tokens get ratio 1 whatever the batch holds there.
     old = jnp.where(rl_mask > 0, jnp.asarray(old_logprobs, jnp.float32), frozen)
-    token_loss, clip = clipped_surrogate(logprobs[..., None], old[..., None],
+    ratio_old = old
+    if config.importance_ratio == "sequence":
+        ratio_old = gspo_token_old_logprobs(logprobs, old, rl_mask)
+    token_loss, clip = clipped_surrogate(logprobs[..., None], ratio_old[..., None],
                                          advantages[:, None, :], config.epsilon_low,
                                          config.epsilon_high, config.dual_clip_c)
+    tis = None
+    if config.tis_cap is not None:
+        if sampler_logprobs is None:
+            raise ValueError(f"policy_loss: GRPOConfig.tis_cap={config.tis_cap} needs the "
+                             "sampler's log-probs (sampler_logprobs=, the batch's old_logprobs)")
+        tis = tis_weights(old, sampler_logprobs, config.tis_cap, rl_mask)
+        token_loss = token_loss * tis[..., None]
     agg = dict(mode=config.loss_aggregation,
                max_completion_length=config.max_completion_length)
     nll_total = jnp.einsum("bt,bk->k", -logprobs * mask, m.sft)
@@ -519,7 +667,19 @@ def policy_loss(config: GRPOConfig, weights: jax.Array, logprobs: jax.Array,
                                      mask, m.rl_row[:, None, None], **agg)[0][0]
         loss = loss + config.beta * kl
         aux["kl"] = kl
+    if config.entropy_coef > 0:
+        if entropy is None:
+            raise ValueError(f"policy_loss: GRPOConfig.entropy_coef={config.entropy_coef} needs "
+                             "the policy's token entropy (entropy=)")
+        bonus = aggregate_per_objective(
+            jnp.where(rl_mask > 0, entropy.astype(jnp.float32), 0.0)[..., None], rl_mask,
+            m.rl_row[:, None, None], **agg)[0][0]
+        loss = loss - config.entropy_coef * bonus
+        aux["entropy_bonus"] = bonus
     if entropy is not None:
         aux["entropy_sum"] = jnp.sum(jnp.where(rl_mask > 0, entropy, 0.0).astype(jnp.float32))
+    if tis is not None:
+        aux["tis_weight_sum"] = jnp.sum(tis * rl_mask)
+        aux["tis_capped_sum"] = jnp.sum((tis >= config.tis_cap) * rl_mask)
     aux = {name: jax.lax.stop_gradient(value) for name, value in aux.items()}
     return loss, aux

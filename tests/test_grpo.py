@@ -11,11 +11,14 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given
 
 from recap_jax import grpo
 from recap_jax.grpo import GRPOConfig
+from recap_jax.train_step import make_train_step
+from tests.test_train_step import fixed_batch, init_params, logprob_fn, new_state
 
 # --------------------------------------------------------------------------- numpy reference
 
@@ -296,6 +299,9 @@ def test_truncated_rows_contribute_nothing():
     ("group_size", 0, "int >= 1"), ("dual_clip_c", 0.9, "> 1"), ("beta", -1.0, ">= 0"),
     ("epsilon_low", 1.0, "[0, 1)"), ("num_minibatches", 1.5, "int >= 1"),
     ("sft_objective_index", (-1, -1), "one int per source"),
+    ("importance_ratio", "seq", "token | sequence"), ("entropy_coef", -0.1, ">= 0"),
+    ("overlong_buffer", -1, "int >= 0"), ("overlong_penalty", float("nan"), ">= 0"),
+    ("tis_cap", 0.0, "> 0"),
 ])
 def test_config_errors_name_field_and_allowed_values(field, value, allowed):
     with pytest.raises(ValueError, match=rf"GRPOConfig\.{field}.*allowed:.*{re.escape(allowed)}"):
@@ -425,3 +431,175 @@ def test_reward_and_loss_modes_agree_for_one_objective(data, weight, normalizati
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
     np.testing.assert_allclose(losses[0], weight * -(logp * mask).sum() / max(mask.sum(), 1),
                                rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- GRPO variants
+
+
+def test_variant_config_errors():
+    with pytest.raises(ValueError, match=r"GRPOConfig\.tis_cap.*recompute_old_logprobs=True"):
+        GRPOConfig(tis_cap=2.0)
+    GRPOConfig(tis_cap=2.0, recompute_old_logprobs=True)
+    with pytest.raises(ValueError, match=r"GRPOConfig\.overlong_buffer.*max_completion_length=8"):
+        GRPOConfig(overlong_buffer=8, max_completion_length=8)
+    defaults = GRPOConfig()  # every variant is off by default
+    assert (defaults.importance_ratio, defaults.entropy_coef, defaults.overlong_buffer,
+            defaults.tis_cap) == ("token", 0.0, 0, None)
+
+
+def test_overlong_penalty_by_hand():
+    """L_max = 10, L_cache = 4: free up to 6 tokens, then -1/4 per token, -1 from 10 on."""
+    lengths = jnp.array([3, 6, 7, 8, 10, 12])
+    np.testing.assert_allclose(grpo.overlong_reward_penalty(lengths, 10, 4, 0.5),
+                               [0, 0, -0.125, -0.25, -0.5, -0.5], rtol=1e-6)
+    np.testing.assert_array_equal(grpo.overlong_reward_penalty(lengths, 10, 0), np.zeros(6))
+
+
+def test_overlong_penalty_shapes_advantages_not_recap_signals():
+    """G = 2, T = L_max = 4, L_cache = 2: lengths 2 and 4 get penalties 0 and -1."""
+    mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1]], bool)
+    batch = {"rewards": jnp.array([[1.0], [1.0]]), "source_id": jnp.zeros(2, jnp.int32),
+             "completion_mask": mask}
+    cfg = GRPOConfig(group_size=2, advantage_normalization="none", overlong_buffer=2)
+    adv, stats = grpo.rollout_advantages(cfg, batch, jnp.ones(1))
+    np.testing.assert_allclose(adv[:, 0], [0.5, -0.5])  # R + p = (1, 0)
+    np.testing.assert_allclose(stats["objective_reward_mean"], [1.0])  # RECAP's signal: raw
+    assert float(stats["overlong_penalty_mean"]) == pytest.approx(-0.5)
+    assert float(stats["zero_variance_group_fraction"]) == 0.0
+    off = GRPOConfig(group_size=2, advantage_normalization="none")
+    adv_off, stats_off = grpo.rollout_advantages(off, batch, jnp.ones(1))
+    np.testing.assert_array_equal(adv_off, np.zeros((2, 1)))
+    assert "overlong_penalty_mean" not in stats_off
+    # reward mode: the penalty is not scaled by lambda (lambda = 3 scales the raw reward only)
+    batch3 = dict(batch, rewards=jnp.array([[1.0], [0.5]]))
+    adv, _ = grpo.rollout_advantages(cfg, batch3, jnp.array([3.0]))
+    np.testing.assert_allclose(adv[:, 0], [1.25, -1.25])  # R + p = (3, 0.5)
+    # loss mode: each reward component of the row carries the penalty; statistics stay raw
+    cfg = GRPOConfig(group_size=2, advantage_normalization="none", overlong_buffer=2,
+                     weighting="loss", reward_objective_index=((0, 1),), sft_objective_index=(-1,))
+    batch2 = dict(batch, rewards=jnp.array([[1.0, 0.0], [1.0, 1.0]]))
+    adv, stats = grpo.rollout_advantages(cfg, batch2, jnp.ones(2))
+    np.testing.assert_allclose(adv, [[0.5, 0.0], [-0.5, 0.0]])  # shaped (1, 0), (0, 0)
+    np.testing.assert_allclose(stats["objective_reward_mean"], [1.0, 0.5])
+    with pytest.raises(ValueError, match="completion_mask.*overlong_buffer=2"):
+        grpo.rollout_advantages(cfg, {"rewards": batch2["rewards"],
+                                      "source_id": batch2["source_id"]}, jnp.ones(2))
+
+
+def test_gspo_sequence_ratio_by_hand():
+    """Row 0: log ratios (ln 4, 0) -> s = 2, A = +1; row 1: (ln .5, ln .5) -> s = 0.5, A = -1.
+    The third token is masked (its huge log ratio must not enter s). With the clip range
+    [0.4, 3] nothing clips: per-token losses are -A s, and with seq-mean-token-mean the loss
+    is (1/2)(-2 + 0.5) and d/d log pi_{i,t} = -A_i s_i / (2 |y_i|) (GSPO's grad of s_i)."""
+    cfg = GRPOConfig(group_size=1, importance_ratio="sequence", epsilon_low=0.6,
+                     epsilon_high=2.0, loss_aggregation="seq-mean-token-mean")
+    old = jnp.log(jnp.array([[0.1, 0.3, 0.01], [0.4, 0.2, 0.5]]))
+    lp = old + jnp.log(jnp.array([[4.0, 1.0, 50.0], [0.5, 0.5, 1.0]]))
+    mask = jnp.array([[1, 1, 0], [1, 1, 0]])
+    adv = jnp.array([[1.0], [-1.0]])
+    np.testing.assert_allclose(jnp.exp(grpo.sequence_log_ratio(lp, old, mask)), [2.0, 0.5],
+                               rtol=1e-6)
+
+    def loss(x, config=cfg):
+        return grpo.policy_loss(config, jnp.ones(1), x, old, adv, mask,
+                                jnp.zeros(2, jnp.int32))[0]
+
+    assert float(loss(lp)) == pytest.approx(-0.75, rel=1e-6)
+    np.testing.assert_allclose(jax.grad(loss)(lp), [[-0.5, -0.5, 0], [0.125, 0.125, 0]],
+                               rtol=1e-6)
+    # the token ratio differs: row 0 tokens give -4 and -1
+    token = GRPOConfig(**{**cfg.__dict__, "importance_ratio": "token", "epsilon_high": 5.0})
+    assert float(loss(lp, token)) == pytest.approx((-2.5 + 0.5) / 2, rel=1e-6)
+    # GSPO clips the whole sequence: with epsilon_high = 0.2 row 0 (s = 2) has no gradient
+    clipped = GRPOConfig(**{**cfg.__dict__, "epsilon_high": 0.2})
+    np.testing.assert_allclose(jax.grad(lambda x: loss(x, clipped))(lp)[0], [0, 0, 0])
+
+
+def test_truncated_importance_sampling_by_hand():
+    """pi_old,trainer / pi_sampler = (3, 0.5, 1), C = 2 -> w = (2, 0.5, 1); A = 1 at ratio 1:
+    token losses -w, token-mean -3.5 / 3, gradients -w / 3."""
+    cfg = GRPOConfig(group_size=1, tis_cap=2.0, recompute_old_logprobs=True)
+    old = jnp.log(jnp.array([[0.3, 0.1, 0.2]]))
+    sampler = old - jnp.log(jnp.array([[3.0, 0.5, 1.0]]))
+    mask, src, adv = jnp.ones((1, 3)), jnp.zeros(1, jnp.int32), jnp.ones((1, 1))
+    np.testing.assert_allclose(grpo.tis_weights(old, sampler, 2.0, mask), [[2, 0.5, 1]],
+                               rtol=1e-6)
+
+    def loss(x):
+        return grpo.policy_loss(cfg, jnp.ones(1), x, old, adv, mask, src,
+                                sampler_logprobs=sampler)
+
+    value, aux = loss(old)
+    assert float(value) == pytest.approx(-3.5 / 3, rel=1e-6)
+    assert float(aux["tis_weight_sum"]) == pytest.approx(3.5, rel=1e-6)
+    assert float(aux["tis_capped_sum"]) == 1.0
+    np.testing.assert_allclose(jax.grad(lambda x: loss(x)[0])(old), [[-2 / 3, -0.5 / 3, -1 / 3]],
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="tis_cap=2.0 needs the sampler"):
+        grpo.policy_loss(cfg, jnp.ones(1), old, old, adv, mask, src)
+
+
+def test_entropy_bonus_by_hand():
+    """Source 0 RL, source 1 SFT, G = 1; A = 0 so the RL loss is 0. The bonus covers the RL
+    row's unmasked tokens only: H = (1 + 2) / 2, loss -= 0.1 H, dL/dH = -0.1 / 2 there."""
+    cfg = GRPOConfig(group_size=1, entropy_coef=0.1, reward_objective_index=((0,), (-1,)),
+                     sft_objective_index=(-1, 1))
+    lp = jnp.log(jnp.array([[0.5, 0.5, 0.5], [0.25, 0.25, 0.25]]))
+    mask = jnp.array([[1, 1, 0], [1, 1, 1]])
+    src, adv, w = jnp.array([0, 1], jnp.int32), jnp.zeros((2, 1)), jnp.array([1.0, 2.0])
+    entropy = jnp.array([[1.0, 2.0, 50.0], [7.0, 7.0, 7.0]])
+
+    def loss(h, config=cfg):
+        return grpo.policy_loss(config, w, lp, lp, adv, mask, src, entropy=h)[0]
+
+    ntp = 2.0 * math.log(4)  # lambda_1 x the SFT row's NLL
+    assert float(loss(entropy)) == pytest.approx(ntp - 0.1 * 1.5, rel=1e-6)
+    np.testing.assert_allclose(jax.grad(loss)(entropy), [[-0.05, -0.05, 0], [0, 0, 0]],
+                               rtol=1e-6)
+    off = GRPOConfig(**{**cfg.__dict__, "entropy_coef": 0.0})
+    assert float(loss(entropy, off)) == pytest.approx(ntp, rel=1e-6)
+    with pytest.raises(ValueError, match="entropy_coef=0.1 needs the policy's token entropy"):
+        grpo.policy_loss(cfg, w, lp, lp, adv, mask, src)
+
+
+# --------------------------------------------------------------------------- in the train step
+
+
+def _toy_step_metrics(cfg, batch):
+    step = make_train_step(cfg, logprob_fn, optax.sgd(0.1), donate_state=False)
+    return step(new_state(optax.sgd(0.1), init_params(jax.random.key(1), 0.5)), batch)[1]
+
+
+def test_gspo_and_overlong_run_in_the_train_step():
+    batch = fixed_batch(3)
+    batch["completion_mask"] = batch["completion_mask"].copy()
+    batch["completion_mask"][::2, -1] = False  # lengths 2 and 3 alternate
+    m = _toy_step_metrics(GRPOConfig(group_size=4, importance_ratio="sequence",
+                                     overlong_buffer=1), batch)
+    assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
+    assert float(m["overlong_penalty_mean"]) == pytest.approx(-0.5)  # half the rows hit L_max
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
+    "train_step.head does not pass the sampler's log-probs to grpo.policy_loss yet "
+    "(sampler_logprobs=batch.get('old_logprobs') when config.tis_cap); remove this marker then"))
+def test_tis_in_the_train_step_scales_the_first_loss():
+    """Stale sampler log-probs (+0.1): w = exp(-0.1) on every token; at the first update the
+    ratio is 1, so the loss is w times the loss without TIS."""
+    batch = fixed_batch(8)
+    stale = dict(batch, old_logprobs=batch["old_logprobs"] + 0.1)
+    plain = _toy_step_metrics(GRPOConfig(group_size=4, recompute_old_logprobs=True), stale)
+    tis = _toy_step_metrics(GRPOConfig(group_size=4, recompute_old_logprobs=True, tis_cap=2.0),
+                            stale)
+    assert float(tis["loss"]) == pytest.approx(math.exp(-0.1) * float(plain["loss"]), rel=1e-4)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "train_step.update differentiates the head w.r.t. the log-probs only and pulls back a zero "
+    "entropy cotangent, so the entropy bonus has no gradient yet; remove this marker then"))
+def test_entropy_bonus_has_a_gradient_in_the_train_step():
+    """Equal rewards: A = 0, so the only gradient is the entropy bonus's."""
+    batch = fixed_batch(4)
+    batch["rewards"] = np.ones_like(batch["rewards"])
+    m = _toy_step_metrics(GRPOConfig(group_size=4, entropy_coef=0.5), batch)
+    assert float(m["grad_norm"]) > 1e-3
