@@ -12,12 +12,16 @@ decoder weights are sliced out of their layer stack once before the loop
 (`TextModel.split_layers`: a transient copy of the decoder weights, which halves the bytes a
 CPU decode step reads; accelerators, where the copy would cost scarce memory, slice per step).
 
-Log-probs. The returned per-token log-probs are ``log_softmax(logits)`` of the model's raw
-logits: the distribution at temperature 1 without top-k/top-p truncation, whatever
-temperature/top-p/top-k were used to *draw* the token. This is what the trainer recomputes
-(`completion_logprobs`), so importance ratios pi_theta / pi_old start at exactly 1 up to
-floating-point noise; a sampler that reported its tempered, truncated distribution would bias
-every ratio.
+Log-probs. By default the returned per-token log-probs are ``log_softmax(logits)`` of the
+model's raw logits: the distribution at temperature 1 without top-k/top-p truncation, whatever
+temperature/top-p/top-k were used to *draw* the token. With
+``SamplingParams.scale_logprobs=True`` they are ``log_softmax(logits / temperature)``, still
+untruncated: TRL's (and the released RECAP code's) convention, whose trainer divides the
+logits by the sampling temperature. The trainer (`completion_logprobs`, `make_logprob_fn`)
+takes the same ``temperature`` (1.0 = unscaled), so with matching settings importance ratios
+pi_theta / pi_old start at exactly 1 up to floating-point noise; a sampler that reported its
+truncated distribution would bias every ratio. Greedy decoding (temperature 0) reports
+temperature-1 log-probs in both conventions.
 
 Static shapes: the prompt length is padded (on the left) up to a bucket from
 ``prompt_buckets`` and the vision patches up to a multiple of ``patch_bucket``, so a stream
@@ -50,6 +54,10 @@ class SamplingParams(NamedTuple):
     eos_token_id: int | tuple[int, ...] = ()
     pad_token_id: int = 0
     num_samples: int = 1
+    # True: the returned log-probs are log_softmax(logits / temperature) (TRL's convention,
+    # what a trainer with make_logprob_fn(..., temperature=temperature) recomputes); False:
+    # log_softmax(logits) at temperature 1. Greedy (temperature 0) is unscaled either way.
+    scale_logprobs: bool = False
 
     def validate(self) -> "SamplingParams":
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -70,7 +78,8 @@ class GenerationOutput(NamedTuple):
     """Completions of B * G sequences (sample g of prompt b at row b * G + g).
 
     tokens: [B*G, max_new_tokens] int32, ``pad_token_id`` after the end;
-    logprobs: [B*G, max_new_tokens] float32, log pi(token) at temperature 1 (0 after the end);
+    logprobs: [B*G, max_new_tokens] float32, log pi(token) at temperature 1, or at the sampling
+      temperature with ``scale_logprobs`` (0 after the end);
     lengths: [B*G] int32, generated tokens including the EOS token;
     truncated: [B*G] bool, True when max_new_tokens was reached without an EOS.
     """
@@ -127,13 +136,21 @@ def sample_categorical(rng: jax.Array, logits: jax.Array, block: int = 128) -> j
     return chosen[:, 0] * block + jnp.minimum(offset, last_positive)
 
 
+def logprob_temperature(params: SamplingParams) -> float:
+    """The temperature the sampler's returned log-probs are at: the sampling temperature when
+    ``scale_logprobs`` (and not greedy), else 1. A trainer passes it to `make_logprob_fn`."""
+    return float(params.temperature) if params.scale_logprobs and params.temperature > 0 else 1.0
+
+
 def draw_tokens(rng: jax.Array, logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
-    """(tokens [N], their log-probs under log_softmax(logits) at temperature 1)."""
+    """(tokens [N], their log-probs under log_softmax(logits / `logprob_temperature`))."""
     if params.temperature == 0:
         tokens = jnp.argmax(logits, axis=-1)
     else:
         tokens = sample_categorical(rng, filter_logits(logits, params.temperature, params.top_k, params.top_p))
-    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    scale = logprob_temperature(params)
+    scaled = logits.astype(jnp.float32) if scale == 1.0 else logits.astype(jnp.float32) / scale
+    logprobs = jax.nn.log_softmax(scaled, axis=-1)
     return tokens.astype(jnp.int32), jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
 
 
@@ -323,9 +340,22 @@ def token_entropy(logits: jax.Array) -> jax.Array:
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
+def _check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
+            or not np.isfinite(temperature):
+        raise ValueError(f"temperature: the log-prob temperature must be a finite number > 0 "
+                         f"(1.0 = unscaled), got {temperature!r}")
+    return float(temperature)
+
+
 def completion_logprobs(model, inputs: ModelInputs, completions: jax.Array, completion_mask: jax.Array, *,
-                        num_samples: int = 1, with_entropy: bool = False, logits_chunk: int = 0):
+                        num_samples: int = 1, with_entropy: bool = False, logits_chunk: int = 0,
+                        temperature: float = 1.0):
     """The trainer's log pi(completion token) [B*G, C] (and optionally the entropy [B*G, C]).
+
+    ``temperature`` T > 0: log-probs (and the entropy) of softmax(logits / T), as TRL's GRPO
+    trainer computes them at the sampling temperature; 1.0 leaves the logits unscaled. It
+    must equal the sampler's `logprob_temperature` for ratios to start at 1.
 
     inputs: B prompts as for `generate`; completions / completion_mask: [B*G, C], row b*G + g
     is sample g of prompt b. The prompt (vision tower included) runs through the model once,
@@ -338,6 +368,7 @@ def completion_logprobs(model, inputs: ModelInputs, completions: jax.Array, comp
     many completion positions at a time (`_chunked_token_stats`), trading one more output
     projection in the backward pass for [rows, chunk, V] logits instead of [rows, C, V].
     """
+    temperature = _check_temperature(temperature)
     steps = completions.shape[1]
     completions = completions.astype(jnp.int32)
     offsets = jnp.repeat(first_completion_position(inputs), num_samples, axis=0) + jnp.arange(steps)[None, :]
@@ -346,7 +377,7 @@ def completion_logprobs(model, inputs: ModelInputs, completions: jax.Array, comp
     prompt_hidden, hidden = text.with_shared_prefix(model.embed(inputs), inputs.position_ids, inputs.attention_mask,
                                                     text.embed(completions), positions, completion_mask)
     predicting = jnp.concatenate([jnp.repeat(prompt_hidden[:, -1:], num_samples, axis=0), hidden[:, :-1]], axis=1)
-    token_logp, entropy = _chunked_token_stats(model, predicting, completions, logits_chunk)
+    token_logp, entropy = _chunked_token_stats(model, predicting, completions, logits_chunk, temperature)
     real = completion_mask.astype(bool)
     token_logp = jnp.where(real, token_logp, 0.0)
     if not with_entropy:
@@ -354,14 +385,20 @@ def completion_logprobs(model, inputs: ModelInputs, completions: jax.Array, comp
     return token_logp, jnp.where(real, entropy, 0.0)
 
 
-def _token_stats(model, hidden: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _token_stats(model, hidden: jax.Array, tokens: jax.Array,
+                 temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """(log pi(token), entropy) of softmax(logits / temperature) at ``hidden``'s positions."""
     logits = model.logits(hidden)
+    if temperature != 1.0:
+        logits = logits / temperature
     return token_logprobs(logits, tokens), token_entropy(logits)
 
 
-def _chunked_token_stats(model, hidden: jax.Array, tokens: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+def _chunked_token_stats(model, hidden: jax.Array, tokens: jax.Array, chunk: int,
+                         temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
     """(log pi(token), entropy), each [R, C], from hidden [R, C, E]: the output projection on
-    ``chunk`` positions of every row at a time (0: all C at once).
+    ``chunk`` positions of every row at a time (0: all C at once), logits divided by
+    ``temperature``.
 
     Chunks split the position axis, not the rows, so a row-sharded batch stays sharded inside
     each chunk. Each chunk is rematerialised: the backward pass recomputes its logits instead
@@ -370,29 +407,34 @@ def _chunked_token_stats(model, hidden: jax.Array, tokens: jax.Array, chunk: int
     """
     rows, steps, width = hidden.shape
     if not chunk or chunk >= steps:
-        return _token_stats(model, hidden, tokens)
+        return _token_stats(model, hidden, tokens, temperature)
     count = -(-steps // chunk)
     pad = count * chunk - steps
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(rows, count, chunk, width)
     tokens = jnp.pad(tokens, ((0, 0), (0, pad))).reshape(rows, count, chunk)
-    one_chunk = jax.checkpoint(lambda pieces: _token_stats(model, *pieces))
+    one_chunk = jax.checkpoint(lambda pieces: _token_stats(model, *pieces, temperature))
     logp, entropy = jax.lax.map(one_chunk, (hidden.swapaxes(0, 1), tokens.swapaxes(0, 1)))
     unchunk = lambda x: x.swapaxes(0, 1).reshape(rows, count * chunk)[:, :steps]  # noqa: E731
     return unchunk(logp), unchunk(entropy)
 
 
-def make_logprob_fn(graphdef, num_samples: int, logits_chunk: int = 0):
+def make_logprob_fn(graphdef, num_samples: int, logits_chunk: int = 0, temperature: float = 1.0):
     """The policy for `recap_jax.train_step.make_train_step`: ``logprob_fn(params, batch)``.
 
     ``batch["prompt"]`` holds the B prompts' `ModelInputs`, ``batch["completions"]`` and
     ``batch["completion_mask"]`` the B*G completions (row b*G + g = sample g of prompt b);
-    ``params`` is ``nnx.state(model)`` of a model split into ``graphdef``. Log-probs are at
-    temperature 1, like the sampler's. ``logits_chunk``: see `completion_logprobs`.
+    ``params`` is ``nnx.state(model)`` of a model split into ``graphdef``. Log-probs are of
+    softmax(logits / ``temperature``): 1.0 (default) matches the sampler's default log-probs;
+    the sampling temperature (TRL's and the released code's convention) matches a sampler run
+    with ``scale_logprobs=True`` (pass `logprob_temperature(params)`). ``logits_chunk``: see
+    `completion_logprobs`.
     """
+    temperature = _check_temperature(temperature)
 
     def logprob_fn(params, batch):
         model = nnx.merge(graphdef, params)
         return completion_logprobs(model, batch["prompt"], batch["completions"], batch["completion_mask"],
-                                   num_samples=num_samples, with_entropy=True, logits_chunk=logits_chunk)
+                                   num_samples=num_samples, with_entropy=True, logits_chunk=logits_chunk,
+                                   temperature=temperature)
 
     return logprob_fn
