@@ -48,7 +48,7 @@ from recap_jax.data.records import BadRecord, Record, SkipCounter
 from recap_jax.data.tasks import get_task
 
 __all__ = ["MODOMODO_SHARES", "STRATEGIES", "ReplayConfig", "ReplayIterator", "SourceStream",
-           "make_replay", "mixing_probabilities", "stream_sizes"]
+           "epoch_steps", "make_replay", "mixing_probabilities", "stream_sizes"]
 
 STRATEGIES = ("round_robin", "uniform", "propmix", "coreset", "modomodo")
 MODOMODO_SHARES = {"lisa": 0.3045, "geoqav": 0.2024, "sat": 0.2117, "scienceqa": 0.2814}
@@ -167,6 +167,50 @@ def stream_sizes(config: ReplayConfig, names: Sequence[str], sizes: Sequence[int
                                  f"{budget} of {replay_total}); raise coreset_ratio")
             capped.append(min(n, share))
     return capped
+
+
+def epoch_steps(sizes: Sequence[int], rows_per_batch: int | Sequence[int], *,
+                strategy: str = "round_robin", sources_per_update: int = 1,
+                names: Sequence[str] | None = None) -> int:
+    """Optimizer steps of one pass that ends when the smallest source is exhausted (the
+    released RLVR-only run length, 328 steps, instead of a fixed step count).
+
+    The released uniform sampler cuts each source's shuffled indices into full batches
+    (``rows_per_batch`` rows: unique prompts of an RL source, rows of an SFT source; one
+    number for all sources or one per source), drops the remainders, and runs
+    ``rounds = min_s floor(size_s / rows_s)`` rounds of one batch per source; with
+    ``sources_per_update`` batches accumulated per optimizer step (gradient accumulation):
+    steps = rounds * S // sources_per_update. E.g. RLVR-only: 4 sources, 16 prompts per batch,
+    a smallest source (LISA-train) of 1,312-1,327 rows -> 82 rounds -> 328 steps.
+
+    Only ``round_robin`` has an epoch (the probabilistic strategies draw with replacement).
+    ValueError naming the source if one cannot fill a single batch.
+    """
+    if strategy != "round_robin":
+        raise ValueError(f"epoch_steps: strategy {strategy!r} has no epoch end; only "
+                         "'round_robin' (homogeneous batches, sources in turn) does")
+    sizes = [int(n) for n in sizes]
+    if not sizes:
+        raise ValueError("epoch_steps: sizes must name at least one source")
+    names = list(names) if names is not None else [f"#{k}" for k in range(len(sizes))]
+    if len(names) != len(sizes):
+        raise ValueError(f"epoch_steps: {len(names)} names for {len(sizes)} sizes")
+    rows = ([int(rows_per_batch)] * len(sizes) if isinstance(rows_per_batch, (int, np.integer))
+            else [int(r) for r in rows_per_batch])
+    if len(rows) != len(sizes):
+        raise ValueError(f"epoch_steps: rows_per_batch has {len(rows)} entries for "
+                         f"{len(sizes)} sources")
+    if min(rows) < 1:
+        raise ValueError(f"epoch_steps: rows_per_batch must be >= 1, got {rows}")
+    if isinstance(sources_per_update, bool) or int(sources_per_update) < 1:
+        raise ValueError(f"epoch_steps: sources_per_update must be an int >= 1, "
+                         f"got {sources_per_update!r}")
+    rounds = [n // r for n, r in zip(sizes, rows)]
+    for name, n, r, k in zip(names, sizes, rows, rounds):
+        if k == 0:
+            raise ValueError(f"epoch_steps: source {name!r} has {n} records, fewer than one "
+                             f"batch of {r}")
+    return min(rounds) * len(sizes) // int(sources_per_update)
 
 
 def mixing_probabilities(config: ReplayConfig, names: Sequence[str],
