@@ -5,6 +5,7 @@ followed by a restart that ends exactly where an uninterrupted run ends."""
 import os
 import pathlib
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -23,21 +24,33 @@ pytestmark = pytest.mark.xdist_group("short_run")
 
 
 def checkpoint_leaves(workdir, step) -> dict:
-    """The raw saved leaves of checkpoint ``step`` (read without any target structure)."""
+    """The raw saved leaves of checkpoint ``step`` (read without any target structure), as
+    {dotted name: array}: the named tree orbax holds, e.g. "params.language_model.norm.scale.value"."""
     path = pathlib.Path(workdir) / "checkpoints" / str(step) / "state"
-    return ocp.StandardCheckpointer().restore(path)
+
+    def flatten(node, prefix=""):
+        if isinstance(node, dict):
+            return {k: v for key, child in node.items() for k, v in flatten(child, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: node}
+
+    return flatten(ocp.StandardCheckpointer().restore(path))
+
+
+def _dotted(path: str) -> str:
+    """A pytree path as describe_leaves writes it (".params['a'][0].value") -> the name of its
+    leaf in the checkpoint ("params.a.0.value")."""
+    return ".".join(a or b or c for a, b, c in re.findall(r"\.(\w+)|\['([^']*)'\]|\[(\d+)\]", path))
 
 
 def named_leaves(workdir, step, prefixes=(".params", ".opt_state")) -> dict:
     """{pytree path: array} of the checkpoint's leaves whose path starts with ``prefixes``
-    (names from the leaf listing saved beside them)."""
+    (paths from the leaf listing saved beside them, found in the named tree by their names)."""
     import json
 
     meta_dir = pathlib.Path(workdir) / "checkpoints" / str(step) / "meta"
     meta = json.loads((meta_dir / "metadata").read_text())
     leaves = checkpoint_leaves(workdir, step)
-    return {path: leaves[f"leaf_{i:05d}"] for i, (path, _, _) in enumerate(meta["leaves"])
-            if path.startswith(prefixes)}
+    return {path: leaves[_dotted(path)] for path, _, _ in meta["leaves"] if path.startswith(prefixes)}
 
 
 def assert_same_leaves(a: dict, b: dict):
@@ -182,7 +195,8 @@ def _run_until(workdir, should_kill, timeout=600) -> str:
 
 
 def _saving(workdir) -> bool:
-    """True while orbax writes a checkpoint (its temporary directory exists)."""
+    """True while orbax writes a checkpoint: its temporary directory exists from the start of
+    `save` until the background (async) write is finalised and renamed to <step>/."""
     directory = pathlib.Path(workdir) / "checkpoints"
     return directory.exists() and any("tmp" in p.name for p in directory.iterdir())
 
