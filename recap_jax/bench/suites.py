@@ -1,0 +1,640 @@
+"""Benchmark adapters: each suite read from a local copy in the format it is published in.
+
+A suite is opened from a path (`open_suite`), which may be:
+- a local snapshot of the Hugging Face dataset repository (``huggingface-cli download
+  --repo-type dataset``): the split's parquet files are found by name (``<split>.parquet``
+  or ``<split>-*.parquet``, under the config's subdirectory when the repo has one);
+- one parquet or arrow file;
+- a ``datasets.save_to_disk`` directory (a Dataset, or a DatasetDict and the split);
+- a directory of the ``datasets`` cache (``HF_DATASETS_CACHE/<org>___<name>/...``) holding
+  ``<builder>-<split>[-NNNNN-of-NNNNN].arrow`` files (the newest build is used);
+- for the VLM-R1 grounding suites, the ``rec_jsons_processed`` json (a list) or jsonl file,
+  with ``image_root`` the image directory.
+Parquet/arrow files are read with ``datasets`` (its Image features decode the images).
+
+Each suite's row → `BenchItem` (question with its choices formatted, one image, reference
+answer, scoring rule). Repository layouts followed (columns checked against the dataset
+cards) are listed in `SUITES` and in docs/benchmarks_eval.md. Items with no image, several
+images (MMMU), an undecodable image, or missing fields are skipped and counted
+(`Suite.skips`), each named by file and row.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recap_jax.data import files as files_lib
+from recap_jax.data.records import BadRecord, SkipCounter, decode_image
+from recap_jax.data.tasks import GROUNDING_QUESTION
+from recap_jax.models.qwen2_5_vl import processor as processor_lib
+
+__all__ = ["BenchItem", "SUITES", "Suite", "SuiteKind", "format_options", "open_suite",
+           "parse_suite_spec", "read_hf_split", "suite_kind"]
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# lmms-eval's VizWiz instruction (the answer "unanswerable" is among the references)
+VIZWIZ_SUFFIX = ("\nWhen the provided information is insufficient, respond with 'Unanswerable'. "
+                 "Answer the question using a single word or phrase.")
+MMMU_PRO_VISION_QUESTION = "Answer the multiple-choice question shown in the image."
+_IMAGE_TAG = re.compile(r"<image\s*\d*>")
+
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BenchItem:
+    """One benchmark question.
+
+    Attributes:
+      suite: the suite label (e.g. "mathvista", "refcoco/testA").
+      id: the row's id (or "<file>:<row>").
+      question: the question text with its choices formatted in, without the prompt's
+        instruction (`recap_jax.bench.prompts` adds it).
+      image: uint8 RGB array [H, W, 3].
+      answer: the reference: an option letter, a string, a list of strings (InfoVQA, VizWiz,
+        OCRBench, MMMU open) or a box (x1, y1, x2, y2) in the original image's pixels.
+      choices: option texts (multiple choice), in letter order.
+      meta: what the suite's rule needs (question_type, answer_type, precision, dataset, ...).
+    """
+
+    suite: str
+    id: str
+    question: str
+    image: np.ndarray
+    answer: Any
+    choices: tuple[str, ...] = ()
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the image."""
+        return int(self.image.shape[0]), int(self.image.shape[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteKind:
+    """How one benchmark is read and scored.
+
+    parse_row: row dict → dict(id, question, image, answer[, choices, meta]); raises BadRecord.
+    rule: the `recap_jax.bench.scoring.RULES` entry. split / config: defaults (config = the
+    repo subdirectory, when the repo has several). layout: the published repository followed.
+    reader: "hf" (parquet / arrow / save_to_disk / cache) or "json" (VLM-R1 rec json).
+    multi_dir: the split's files may span several subdirectories (MMMU's 30 subjects).
+    """
+
+    name: str
+    parse_row: Callable[[dict], dict]
+    rule: str
+    split: str
+    layout: str
+    config: str | None = None
+    reader: str = "hf"
+    multi_dir: bool = False
+
+
+# --------------------------------------------------------------------------- row helpers
+
+
+def _text(row: dict, *keys: str, what: str = "question") -> str:
+    for key in keys:
+        value = row.get(key)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            text = str(value).strip()
+            if text and text.lower() != "nan":
+                return text
+    raise BadRecord(f"text: no {what} (looked for {', '.join(keys)})", "text")
+
+
+def _optional_text(row: dict, key: str) -> str:
+    value = row.get(key)
+    if isinstance(value, float) and math.isnan(value):
+        return ""
+    return str(value).strip() if value is not None and str(value).strip().lower() != "nan" else ""
+
+
+def _string_list(value: Any, what: str) -> list[str]:
+    """A list of strings from a list, or from the string repr of a Python list (MMMU)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                raise BadRecord(f"schema: {what} is not a list: {text[:80]!r}") from None
+        else:
+            value = [text] if text else []
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise BadRecord(f"schema: {what} is a {type(value).__name__}, not a list")
+    return [str(v).strip() for v in value if v is not None]
+
+
+def format_options(choices: Sequence[str], style: str = "A. ") -> str:
+    """Option lines: style "A. " gives "A. text", style "(A) " gives "(A) text"."""
+    if len(choices) > len(LETTERS):
+        raise BadRecord(f"schema: {len(choices)} options (at most {len(LETTERS)})")
+    prefix = (lambda k: f"({LETTERS[k]}) ") if style == "(A) " else (lambda k: f"{LETTERS[k]}. ")
+    return "\n".join(prefix(k) + str(choice) for k, choice in enumerate(choices))
+
+
+def _letter_of(answer: Any, count: int) -> str:
+    """An option letter from a letter ("B", "(B)") or a 0-based index (int or "1")."""
+    text = str(answer).strip().strip("()").strip()
+    if text.isdigit():
+        index = int(text)
+        if not 0 <= index < count:
+            raise BadRecord(f"text: answer index {index} outside {count} options", "text")
+        return LETTERS[index]
+    if len(text) == 1 and text.upper() in LETTERS[:max(count, 1)]:
+        return text.upper()
+    raise BadRecord(f"text: answer {answer!r} is not an option letter or index", "text")
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+def mathvista_row(row: dict) -> dict:
+    """AI4Math/MathVista: pid, question, image (path), decoded_image, choices, unit, precision,
+    answer, question_type (multi_choice | free_form), answer_type, query (the official prompt
+    with its hint and choices, used as the question)."""
+    choices = _string_list(row.get("choices"), "choices")
+    question = _optional_text(row, "query")
+    if not question:
+        question = _text(row, "question")
+        if choices:
+            question += "\nChoices:\n" + format_options(choices, "(A) ")
+    precision = row.get("precision")
+    return dict(id=str(row.get("pid", "")), question=question,
+                image=row.get("decoded_image") or row.get("image"),
+                answer=_text(row, "answer", what="answer"), choices=tuple(choices),
+                meta=dict(question_type=_text(row, "question_type", what="question_type"),
+                          answer_type=_text(row, "answer_type", what="answer_type"),
+                          precision=None if precision is None or precision != precision
+                          else float(precision)))
+
+
+def mathverse_row(row: dict) -> dict:
+    """AI4Math/MathVerse (testmini): sample_index, problem_version, question (choices written
+    in it for multi-choice), image, answer (a letter for multi-choice), question_type."""
+    multiple = _text(row, "question_type", what="question_type") == "multi-choice"
+    answer = _text(row, "answer", what="answer")
+    if multiple:
+        answer = _letter_of(answer, len(LETTERS))
+    return dict(id=str(row.get("sample_index", "")), question=_text(row, "question"),
+                image=row.get("image"), answer=answer,
+                meta=dict(multiple_choice=multiple,
+                          problem_version=_optional_text(row, "problem_version")))
+
+
+def mathvision_row(row: dict) -> dict:
+    """MathLLMs/MathVision: id, question (``<image1>`` tags removed), options, image (path),
+    decoded_image, answer (a letter when there are options), solution, level, subject."""
+    options = _string_list(row.get("options"), "options")
+    question = _IMAGE_TAG.sub("", _text(row, "question")).strip()
+    answer = _text(row, "answer", what="answer")
+    if options:
+        question += "\nChoices:\n" + format_options(options, "(A) ")
+        answer = _letter_of(answer, len(options))
+    return dict(id=str(row.get("id", "")), question=question,
+                image=row.get("decoded_image") or row.get("image"), answer=answer,
+                choices=tuple(options),
+                meta=dict(multiple_choice=bool(options), num_choices=len(options) or None))
+
+
+def _single_image(row: dict, keys: Sequence[str]) -> Any:
+    images = [row[key] for key in keys if row.get(key) is not None]
+    if len(images) != 1:
+        raise BadRecord(f"image: {len(images)} images (one per question is supported)", "image")
+    return images[0]
+
+
+def mmmu_row(row: dict) -> dict:
+    """MMMU/MMMU and MMMU/MMMU_Pro (standard configs): id, question, options (the string repr
+    of a list), image_1..image_7, answer (a letter; text for MMMU open questions),
+    question_type (MMMU only). MMMU_Pro's vision config (id, image, options, answer): the
+    question is in the image."""
+    options = _string_list(row.get("options"), "options")
+    if "question" not in row:  # MMMU_Pro vision
+        image, question = _single_image(row, ["image"]), MMMU_PRO_VISION_QUESTION
+    else:
+        image = _single_image(row, [f"image_{k}" for k in range(1, 8)])
+        question = _text(row, "question")
+    multiple = row.get("question_type", "multiple-choice") == "multiple-choice" and bool(options)
+    if multiple:
+        if "question" in row:
+            question += "\n" + format_options(options, "(A) ")
+        answer = _letter_of(_text(row, "answer", what="answer"), len(options))
+    else:
+        answer = _string_list(row.get("answer"), "answer")
+        if not answer:
+            raise BadRecord("text: no answer", "text")
+    return dict(id=str(row.get("id", "")), question=question, image=image, answer=answer,
+                choices=tuple(options),
+                meta=dict(multiple_choice=multiple, num_choices=len(options) or None))
+
+
+def ai2d_row(row: dict) -> dict:
+    """lmms-lab/ai2d: question, options (list), answer (the 0-based option index as text),
+    image."""
+    options = _string_list(row.get("options"), "options")
+    if not options:
+        raise BadRecord("schema: no options")
+    return dict(id="", question=_text(row, "question") + "\n" + format_options(options),
+                image=row.get("image"), answer=_letter_of(row.get("answer"), len(options)),
+                choices=tuple(options))
+
+
+def mmbench_row(row: dict) -> dict:
+    """lmms-lab/MMBench (config en) / MMBench_EN: index, question, hint, A, B, C, D, answer
+    (a letter), category, image. Options that are empty or NaN are left out."""
+    options = []
+    for letter in "ABCD":
+        text = _optional_text(row, letter)
+        if not text:
+            break
+        options.append(text)
+    if len(options) < 2:
+        raise BadRecord(f"schema: {len(options)} options", "schema")
+    hint = _optional_text(row, "hint")
+    question = (hint + "\n" if hint else "") + _text(row, "question")
+    return dict(id=str(row.get("index", "")), question=question + "\n" + format_options(options),
+                image=row.get("image"),
+                answer=_letter_of(_text(row, "answer", what="answer"), len(options)),
+                choices=tuple(options), meta=dict(category=_optional_text(row, "category")))
+
+
+def scienceqa_row(row: dict) -> dict:
+    """derek-thomas/ScienceQA / lmms-lab/ScienceQA (ScienceQA-IMG): image (None for text-only
+    questions, skipped), question, choices, answer (0-based index), hint."""
+    if row.get("image") is None:
+        raise BadRecord("image: text-only question (no image)", "image")
+    choices = _string_list(row.get("choices"), "choices")
+    if not choices:
+        raise BadRecord("schema: no choices")
+    hint = _optional_text(row, "hint")
+    question = (f"Context: {hint}\n" if hint else "") + _text(row, "question")
+    return dict(id="", question=question + "\n" + format_options(choices), image=row["image"],
+                answer=_letter_of(row.get("answer"), len(choices)), choices=tuple(choices))
+
+
+def chartqa_row(row: dict) -> dict:
+    """lmms-lab/ChartQA: type (human_test | augmented_test), question, answer, image
+    (HuggingFaceM4/ChartQA's query / label list also read)."""
+    answer = row.get("answer", row.get("label"))
+    answers = _string_list(answer, "answer")
+    if not answers:
+        raise BadRecord("text: no answer", "text")
+    return dict(id="", question=_text(row, "question", "query"), image=row.get("image"),
+                answer=answers, meta=dict(type=_optional_text(row, "type")))
+
+
+def infovqa_row(row: dict) -> dict:
+    """lmms-lab/DocVQA, config InfographicVQA: questionId, question, answers (list), image."""
+    answers = _string_list(row.get("answers"), "answers")
+    if not answers:
+        raise BadRecord("text: no answers (the test split has none)", "text")
+    return dict(id=str(row.get("questionId", "")), question=_text(row, "question"),
+                image=row.get("image"), answer=answers)
+
+
+def vizwiz_row(row: dict) -> dict:
+    """lmms-lab/VizWiz-VQA: question_id, image, question, answers (10), category."""
+    answers = _string_list(row.get("answers"), "answers")
+    if not answers:
+        raise BadRecord("text: no answers (the test split has none)", "text")
+    return dict(id=str(row.get("question_id", "")), question=_text(row, "question") + VIZWIZ_SUFFIX,
+                image=row.get("image"), answer=answers)
+
+
+def ocrbench_row(row: dict) -> dict:
+    """echo840/OCRBench: dataset, question, question_type, answer (list), image."""
+    answers = _string_list(row.get("answer"), "answer")
+    if not answers:
+        raise BadRecord("text: no answer", "text")
+    return dict(id="", question=_text(row, "question"), image=row.get("image"), answer=answers,
+                meta=dict(dataset=_optional_text(row, "dataset"),
+                          question_type=_optional_text(row, "question_type")))
+
+
+def _conversation(row: dict) -> tuple[str | None, str | None]:
+    human = gpt = None
+    for turn in row.get("conversations") or []:
+        if not isinstance(turn, dict):
+            continue
+        role = str(turn.get("from", turn.get("role", ""))).lower()
+        if human is None and role in ("human", "user"):
+            human = turn.get("value")
+        elif human is not None and role in ("gpt", "assistant"):
+            gpt = turn.get("value")
+            break
+    return human, gpt
+
+
+def rec_row(row: dict) -> dict:
+    """VLM-R1 rec_jsons_processed (RefCOCO/+/g val/testA/testB, lisa_test): image (path under
+    the image root), problem (the question), solution ([x1, y1, x2, y2] in the original
+    image's pixels), normal_caption; conversations (human / gpt turns) are read as fallbacks."""
+    from recap_jax.rewards import parse_box
+
+    human, gpt = _conversation(row)
+    question = row.get("problem") or human
+    if not question and isinstance(row.get("normal_caption"), str):
+        question = GROUNDING_QUESTION.format(phrase=row["normal_caption"].strip().rstrip("."))
+    question = _text({"q": str(question or "").replace("<image>", "")}, "q")
+    value = row.get("solution", gpt)
+    box = parse_box(value) if isinstance(value, str) else (
+        parse_box(value) if isinstance(value, (list, tuple)) and len(value) == 4 else None)
+    if box is None:
+        raise BadRecord(f"box: malformed box {str(value)[:80]!r}", "box")
+    image = row.get("image")
+    if isinstance(image, list) and len(image) == 1:
+        image = image[0]
+    return dict(id=str(row.get("id", row.get("question_id", ""))), question=question,
+                image=image, answer=tuple(box), meta=dict(caption=row.get("normal_caption")))
+
+
+SUITES: dict[str, SuiteKind] = {kind.name: kind for kind in [
+    SuiteKind("mathvista", mathvista_row, "mathvista", "testmini",
+              "AI4Math/MathVista: data/testmini-*.parquet"),
+    SuiteKind("mathverse", mathverse_row, "math", "testmini",
+              "AI4Math/MathVerse: testmini.parquet (config testmini)"),
+    SuiteKind("mathvision", mathvision_row, "math", "test",
+              "MathLLMs/MathVision: data/test-*.parquet (or testmini)"),
+    SuiteKind("mmmu", mmmu_row, "mmmu", "validation",
+              "MMMU/MMMU: <Subject>/validation-*.parquet (all 30 subjects)", multi_dir=True),
+    SuiteKind("mmmu_pro", mmmu_row, "choice", "test",
+              "MMMU/MMMU_Pro: 'standard (10 options)'/test-*.parquet (or 'standard (4 options)', "
+              "'vision')", config="standard (10 options)"),
+    SuiteKind("ai2d", ai2d_row, "choice", "test", "lmms-lab/ai2d: data/test-*.parquet"),
+    SuiteKind("mmbench", mmbench_row, "choice", "dev",
+              "lmms-lab/MMBench: en/dev-*.parquet (or lmms-lab/MMBench_EN: data/dev-*.parquet)",
+              config="en"),
+    SuiteKind("scienceqa", scienceqa_row, "choice", "test",
+              "derek-thomas/ScienceQA: data/test-*.parquet (or lmms-lab/ScienceQA: "
+              "ScienceQA-IMG/test-*.parquet); text-only questions skipped", config="ScienceQA-IMG"),
+    SuiteKind("chartqa", chartqa_row, "relaxed", "test", "lmms-lab/ChartQA: data/test-*.parquet"),
+    SuiteKind("infovqa", infovqa_row, "anls", "validation",
+              "lmms-lab/DocVQA: InfographicVQA/validation-*.parquet", config="InfographicVQA"),
+    SuiteKind("vizwiz", vizwiz_row, "vqa", "val", "lmms-lab/VizWiz-VQA: data/val-*.parquet"),
+    SuiteKind("ocrbench", ocrbench_row, "ocrbench", "test", "echo840/OCRBench: data/test-*.parquet"),
+    SuiteKind("refcoco", rec_row, "grounding", "",
+              "VLM-R1 rec_jsons_processed/refcoco{,p,g}_{val,testA,testB,test}.json + COCO "
+              "train2014", reader="json"),
+    SuiteKind("lisa", rec_row, "grounding", "",
+              "VLM-R1 rec_jsons_processed/lisa_test.json + LISA ReasonSeg images", reader="json"),
+]}
+
+
+def suite_kind(label: str) -> SuiteKind:
+    """The SuiteKind of a label: its part before the first "/" (e.g. "refcoco/testA")."""
+    name = label.split("/", 1)[0]
+    if name not in SUITES:
+        raise ValueError(f"unknown benchmark suite {name!r} (from {label!r}); known: "
+                         f"{sorted(SUITES)}")
+    return SUITES[name]
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def _split_pattern(split: str, extension: str) -> re.Pattern:
+    return re.compile(rf"^{re.escape(split)}(?:-[^/]*)?\.{extension}$")
+
+
+def _visible(path: Path, root: Path) -> bool:
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def split_files(root: Path, split: str, config: str | None, extension: str = "parquet",
+                multi_dir: bool = False) -> list[Path]:
+    """The split's files in a dataset-repository snapshot: ``<split>.<ext>`` or
+    ``<split>-*.<ext>`` under ``root/config`` (when that subdirectory exists) or ``root``.
+    ValueError if they span several directories and the suite does not allow it."""
+    base = root / config if config and (root / config).is_dir() else root
+    pattern = _split_pattern(split, extension)
+    files = sorted(f for f in base.rglob(f"*.{extension}")
+                   if pattern.match(f.name) and _visible(f, base))
+    directories = sorted({str(f.parent.relative_to(base)) for f in files})
+    if len(directories) > 1 and not multi_dir:
+        raise ValueError(f"{root}: the {split!r} split has files in several directories "
+                         f"{directories}; name one with config=<subdirectory>")
+    return files
+
+
+def cache_arrow_files(root: Path, split: str) -> list[Path]:
+    """The split's arrow files in a ``datasets`` cache directory
+    (``<builder>-<split>[-NNNNN-of-NNNNN].arrow``); of several builds, the newest."""
+    pattern = re.compile(rf"^.+-{re.escape(split)}(?:-\d{{5}}-of-\d{{5}})?\.arrow$")
+    builds: dict[Path, list[Path]] = {}
+    for file in root.rglob("*.arrow"):
+        if pattern.match(file.name) and (file.parent / "dataset_info.json").exists():
+            builds.setdefault(file.parent, []).append(file)
+    if not builds:
+        return []
+    newest = max(builds, key=lambda d: (d / "dataset_info.json").stat().st_mtime)
+    if len(builds) > 1:
+        _log.info("%s: %d cached builds of split %r; reading the newest, %s", root, len(builds),
+                  split, newest)
+    return sorted(builds[newest])
+
+
+def read_hf_split(path: str | os.PathLike, split: str, config: str | None = None, *,
+                  cache_dir: str | None = None, multi_dir: bool = False):
+    """A ``datasets.Dataset`` of one split from a local copy (see the module docstring)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"benchmark data not found: {root}")
+    if root.is_file():
+        if root.suffix not in (".parquet", ".arrow"):
+            raise ValueError(f"{root}: expected a .parquet or .arrow file, or a directory")
+        return datasets.load_dataset(root.suffix[1:], data_files=[str(root)], split="train",
+                                     cache_dir=cache_dir)
+    if (root / "dataset_dict.json").exists() or (root / "state.json").exists():
+        loaded = datasets.load_from_disk(str(root))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"{root}: no split {split!r} in the saved DatasetDict "
+                                 f"(splits: {sorted(loaded)})")
+            loaded = loaded[split]
+        return loaded
+    for extension in ("parquet", "arrow"):
+        files = split_files(root, split, config, extension, multi_dir)
+        if files:
+            return datasets.load_dataset(extension, data_files=[str(f) for f in files],
+                                         split="train", cache_dir=cache_dir)
+    arrows = cache_arrow_files(root, split)
+    if arrows:
+        return datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in arrows])
+    raise FileNotFoundError(
+        f"{root}: no {split!r} split found (looked for {split}.parquet / {split}-*.parquet"
+        f"{' under ' + repr(config) if config else ''}, a save_to_disk directory, and cached "
+        f"*-{split}.arrow files)")
+
+
+def read_json_rows(path: str | os.PathLike) -> list[Any]:
+    """Rows of a json file (a list of objects) or a jsonl file; a line that is not valid JSON
+    becomes a BadRecord in its place."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"benchmark data not found: {path}")
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+        return rows
+    rows: list[Any] = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                rows.append(BadRecord(f"schema: line {number + 1} is not valid JSON ({error.msg})"))
+    return rows
+
+
+# --------------------------------------------------------------------------- opened suites
+
+
+def _image_array(value: Any, image_root: str | None, where: str) -> np.ndarray:
+    """A row's image value (PIL image, {bytes, path} struct, bytes, or a path under
+    ``image_root``) → uint8 RGB [H, W, 3]; BadRecord if unusable."""
+    if value is None:
+        raise BadRecord(f"image: {where} has no image", "image")
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return decode_image(bytes(value), what=where)
+    if isinstance(value, str):
+        if image_root is None:
+            raise BadRecord(f"path: {where} names its image by path ({value!r}); pass "
+                            "image_root", "path")
+        path = files_lib.resolve_under(image_root, value)
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise BadRecord(f"image: cannot read {path} ({error.strerror or error})",
+                            "image") from None
+        return decode_image(data, what=where)
+    try:
+        return processor_lib.to_rgb_array(value)
+    except (TypeError, ValueError, OSError) as error:
+        raise BadRecord(f"image: {where}: {error}", "image") from None
+
+
+class Suite:
+    """One opened benchmark: its rows, and `load` (row → BenchItem).
+
+    Attributes: label, kind (SuiteKind), path, image_root, skips (a SkipCounter: bad rows are
+    counted under ``label``).
+    """
+
+    def __init__(self, label: str, kind: SuiteKind, path: str, rows: Any, *,
+                 image_root: str | None, skips: SkipCounter):
+        self.label, self.kind, self.path, self._rows = label, kind, path, rows
+        self.image_root, self.skips = image_root, skips
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def load(self, index: int) -> BenchItem:
+        """Row ``index`` as a BenchItem; BadRecord naming the file and row if unusable."""
+        where = f"{self.path} row {index}"
+        try:
+            row = self._rows[index]
+        except Exception as error:  # noqa: BLE001 -- datasets decodes images on access
+            raise BadRecord(f"image: {where}: cannot read the row ({type(error).__name__}: "
+                            f"{error})", "image") from None
+        if isinstance(row, BadRecord):
+            raise BadRecord(f"{where}: {row}", row.kind)
+        if not isinstance(row, dict):
+            raise BadRecord(f"schema: {where} is a {type(row).__name__}, not an object")
+        try:
+            fields = self.kind.parse_row(row)
+        except BadRecord as error:
+            raise BadRecord(f"{where}: {error}", error.kind) from None
+        except (TypeError, ValueError, KeyError, AttributeError) as error:
+            raise BadRecord(f"schema: {where}: {type(error).__name__}: {error}") from None
+        image = _image_array(fields["image"], self.image_root, where)
+        if self.kind.rule == "grounding":
+            _check_box(fields["answer"], image.shape, where)
+        return BenchItem(suite=self.label, id=fields.get("id") or f"{Path(self.path).name}:{index}",
+                         question=fields["question"], image=image, answer=fields["answer"],
+                         choices=tuple(fields.get("choices", ())), meta=fields.get("meta", {}))
+
+    def load_or_skip(self, index: int) -> BenchItem | None:
+        """`load`, or None with the row counted in ``skips`` (logged once)."""
+        try:
+            return self.load(index)
+        except BadRecord as error:
+            self.skips.skip(self.label, self.path, index, error)
+            return None
+
+
+def _check_box(box, shape, where: str, tolerance: float = 2.0) -> None:
+    x1, y1, x2, y2 = box
+    if min(box) < -tolerance or x2 > shape[1] + tolerance or y2 > shape[0] + tolerance:
+        raise BadRecord(f"box: {where}: {list(box)} outside the {shape[1]}x{shape[0]} image", "box")
+
+
+def open_suite(label: str, path: str | os.PathLike, *, split: str | None = None,
+               config: str | None = None, image_root: str | os.PathLike | None = None,
+               cache_dir: str | None = None, limit: int | None = None,
+               skips: SkipCounter | None = None) -> Suite:
+    """Opens suite ``label`` (a SUITES name, optionally "/variant", e.g. "refcoco/testA")
+    from ``path``; ``split`` / ``config`` default to the suite's; ``limit`` keeps the first
+    rows. Path-named images are read under ``image_root`` (default: the file's directory for
+    json suites)."""
+    kind = suite_kind(label)
+    path = os.fspath(path)
+    if kind.reader == "json":
+        rows = read_json_rows(path)
+        image_root = os.path.dirname(os.path.abspath(path)) if image_root is None else image_root
+    else:
+        rows = read_hf_split(path, split or kind.split, config if config is not None else kind.config,
+                             cache_dir=cache_dir, multi_dir=kind.multi_dir)
+    if limit is not None:
+        rows = rows.select(range(min(limit, len(rows)))) if hasattr(rows, "select") else rows[:limit]
+    if len(rows) == 0:
+        raise ValueError(f"suite {label!r}: no rows in {path}")
+    root = None if image_root is None else os.fspath(image_root)
+    return Suite(label, kind, path, rows, image_root=root,
+                 skips=SkipCounter() if skips is None else skips)
+
+
+def parse_suite_spec(text: str) -> dict:
+    """``LABEL=PATH[;key=value...]`` → dict(label, path, **options); keys: split, config,
+    image_root. E.g. ``refcoco/testA=/d/rec/refcoco_testA.json;image_root=/d/coco``."""
+    label, sep, rest = text.partition("=")
+    if not sep or not label.strip() or not rest.strip():
+        raise ValueError(f"benchmark spec {text!r}: expected NAME=PATH[;split=..][;config=..]"
+                         "[;image_root=..]")
+    path, *options = rest.split(";")
+    spec = {"label": label.strip(), "path": path.strip()}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key.strip() not in ("split", "config", "image_root"):
+            raise ValueError(f"benchmark spec {text!r}: cannot read option {option!r} (keys: "
+                             "split, config, image_root)")
+        spec[key.strip()] = value.strip()
+    suite_kind(spec["label"])
+    return spec

@@ -1,0 +1,177 @@
+"""The benchmark adapters on tiny copies of each suite in its published schema and layout
+(tests/bench/make_fixtures.py): the question/choices text, the reference, the layout
+detection, and bad rows skipped and counted by file and row."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from recap_jax.bench import suites
+from recap_jax.benchmarks_eval import open_suites
+from tests.bench.make_fixtures import write_fixtures
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench_fixtures")
+    return str(root), write_fixtures(str(root))
+
+
+@pytest.fixture(scope="module")
+def opened(fixtures):
+    root, specs = fixtures
+    return {s.label: s for s in open_suites(list(specs.values()), cache_dir=f"{root}/cache")}
+
+
+def items(suite):
+    return [item for item in (suite.load_or_skip(i) for i in range(len(suite))) if item]
+
+
+def test_every_required_suite_has_an_adapter():
+    required = {"mathvista", "mathverse", "mathvision", "mmmu", "mmmu_pro", "ai2d", "mmbench",
+                "chartqa", "infovqa", "vizwiz", "ocrbench", "scienceqa", "lisa", "refcoco"}
+    assert required <= set(suites.SUITES)
+
+
+def test_mathvista_uses_the_official_query_and_keeps_types(opened):
+    first, second, third = items(opened["mathvista"])
+    assert first.question.endswith("Question: Find the angle.\nChoices:\n(A) 145°\n(B) 35°"
+                                   "\n(C) 55°\n(D) 125°")
+    assert (first.answer, first.choices) == ("145°", ("145°", "35°", "55°", "125°"))
+    assert first.meta == {"question_type": "multi_choice", "answer_type": "text", "precision": None}
+    assert (second.answer, second.meta["answer_type"]) == ("3", "integer")
+    assert (third.answer, third.meta["precision"]) == ("1.45", 2.0)
+    assert first.image.shape == (48, 64, 3) and first.image.dtype == np.uint8
+    assert tuple(first.image[0, 0]) == (255, 0, 0)  # red, decoded from decoded_image
+
+
+def test_mathverse_reads_only_the_testmini_file(opened):
+    choice, free = items(opened["mathverse"])
+    assert len(opened["mathverse"]) == 2  # testmini_text_only.parquet is not the split
+    assert (choice.answer, choice.meta["multiple_choice"]) == ("B", True)
+    assert (free.answer, free.meta["multiple_choice"]) == ("\\frac{1}{2}", False)
+
+
+def test_mathvision_from_the_datasets_cache(opened):
+    choice, free = items(opened["mathvision"])
+    assert choice.question == "Which shape comes next?\nChoices:\n(A) 4\n(B) 6\n(C) 8\n(D) 10\n(E) 12"
+    assert (choice.answer, choice.meta["num_choices"]) == ("C", 5)
+    assert free.question == "How long is the side?" and free.answer == "2\\sqrt{2}"
+
+
+def test_mmmu_subjects_options_and_multi_image_skip(opened):
+    suite = opened["mmmu"]
+    first, open_question = items(suite)
+    assert first.question == "<image 1> What is the total?\n(A) $10\n(B) $20\n(C) $30"
+    assert first.answer == "B" and first.choices == ("$10", "$20", "$30")
+    assert open_question.answer == ["1889", "1890"] and not open_question.meta["multiple_choice"]
+    assert suite.skips.reasons("mmmu") == {"image": 1}  # the two-image question
+
+
+def test_mmmu_pro_config_selects_the_subdirectory(fixtures):
+    root, _ = fixtures
+    standard = suites.open_suite("mmmu_pro", f"{root}/MMMU_Pro")
+    item = standard.load(0)
+    assert item.answer == "J" and item.meta["num_choices"] == 10
+    vision = suites.open_suite("mmmu_pro", f"{root}/MMMU_Pro", config="vision").load(0)
+    assert vision.question == suites.MMMU_PRO_VISION_QUESTION and vision.answer == "C"
+
+
+def test_ai2d_from_save_to_disk_index_answers_become_letters(opened):
+    first, second = items(opened["ai2d"])
+    assert first.question == "Which stage is the larva?\nA. egg\nB. larva\nC. pupa\nD. adult"
+    assert (first.answer, second.answer) == ("B", "A")
+
+
+def test_mmbench_hint_and_missing_options(opened):
+    first, second = items(opened["mmbench"])
+    assert first.question == ("A photo of a wall.\nWhat is the main colour?\nA. red\nB. blue"
+                              "\nC. green\nD. black")
+    assert second.question == "Which is larger?\nA. left\nB. right"  # hint "nan", C/D empty
+    assert (first.id, second.answer) == ("241", "B")
+
+
+def test_scienceqa_skips_text_only_questions(opened):
+    suite = opened["scienceqa"]
+    (only,) = items(suite)
+    assert only.question == ("Context: Look at the picture.\nWhich animal is a mammal?\nA. frog"
+                             "\nB. whale\nC. shark")
+    assert only.answer == "B"
+    assert suite.skips.reasons("scienceqa") == {"image": 1}
+
+
+def test_vqa_style_suites_keep_their_answer_lists(opened):
+    assert [i.answer for i in items(opened["chartqa"])] == [["45"], ["Brazil"]]
+    infovqa = items(opened["infovqa"])
+    assert [i.answer for i in infovqa] == [["42%", "42"], ["new york"]]
+    assert len(opened["infovqa"]) == 2  # the DocVQA config's file is not read
+    vizwiz = items(opened["vizwiz"])
+    assert vizwiz[0].question.startswith("What is this?\nWhen the provided information")
+    assert vizwiz[0].answer.count("unanswerable") == 6 and len(vizwiz[0].answer) == 10
+
+
+def test_ocrbench_skips_a_corrupt_image_and_names_the_row(opened, caplog):
+    suite = opened["ocrbench"]
+    with pytest.raises(suites.BadRecord, match="OCRBench row 2"):
+        suite.load(2)
+    assert [i.meta["dataset"] for i in items(suite)] == ["IIIT5K", "HME100k"]
+    assert suite.skips.reasons("ocrbench") == {"image": 1}
+
+
+def test_rec_suites_boxes_images_and_bad_rows(opened):
+    suite = opened["refcoco/testA"]
+    good = items(suite)
+    assert [i.answer for i in good] == [(10.0, 5.0, 40.0, 30.0), (0.0, 0.0, 20.0, 60.0)]
+    assert good[0].image.shape == (60, 80, 3)
+    assert good[0].question.endswith("describes: the red cup.")
+    assert suite.skips.reasons("refcoco/testA") == {"image": 1, "box": 1}
+    (lisa,) = items(opened["lisa"])
+    assert lisa.question == "Where would you sit to rest?" and lisa.answer == (4.0, 8.0, 60.0, 50.0)
+
+
+def test_limit_keeps_the_first_rows(fixtures):
+    root, specs = fixtures
+    (suite,) = open_suites([specs["mathvista"]], limit=2)
+    assert len(suite) == 2 and suite.load(1).id == "2"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_clear_errors_for_missing_data_and_bad_specs(fixtures, tmp_path):
+    root, _ = fixtures
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        suites.open_suite("chartqa", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="no 'val' split"):
+        suites.open_suite("chartqa", f"{root}/ChartQA", split="val")
+    with pytest.raises(ValueError, match="no split 'validation'"):
+        suites.open_suite("ai2d", f"{root}/ai2d_saved", split="validation")
+    with pytest.raises(ValueError, match="several directories"):
+        suites.open_suite("mmbench", f"{root}/MMBench", config="")
+    with pytest.raises(ValueError, match="unknown benchmark suite 'mmlu'"):
+        suites.parse_suite_spec("mmlu=/x")
+    with pytest.raises(ValueError, match="cannot read option"):
+        suites.parse_suite_spec("ai2d=/x;colour=red")
+    assert suites.parse_suite_spec("mmmu_pro=/d;config=standard (4 options);split=test") == {
+        "label": "mmmu_pro", "path": "/d", "config": "standard (4 options)", "split": "test"}
+
+
+def test_rec_json_errors(tmp_path):
+    bad = tmp_path / "refcoco_val.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="refcoco_val.json: not valid JSON"):
+        suites.open_suite("refcoco/val", bad)
+    lines = tmp_path / "refcoco_val.jsonl"
+    lines.write_text('{"image": "a.jpg", "problem": "q", "solution": [0, 0, 1, 1]}\n{oops\n')
+    suite = suites.open_suite("refcoco/val", lines, image_root=tmp_path)
+    with pytest.raises(suites.BadRecord, match="row 1: schema: line 2 is not valid JSON"):
+        suite.load(1)
+    with pytest.raises(suites.BadRecord, match="cannot read"):
+        suite.load(0)  # a.jpg does not exist
+    escape = tmp_path / "esc.json"
+    escape.write_text(json.dumps([{"image": "../../etc/passwd", "problem": "q",
+                                   "solution": [0, 0, 1, 1]}]))
+    with pytest.raises(suites.BadRecord, match="escapes image root"):
+        suites.open_suite("lisa", escape, image_root=os.fspath(tmp_path)).load(0)
