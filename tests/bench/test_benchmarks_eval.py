@@ -1,0 +1,104 @@
+"""python -m recap_jax.benchmarks_eval end to end on a tiny random Qwen2.5-VL checkpoint (with
+its tokenizer) and the fixture suites, and its small helpers on hand-worked cases."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from recap_jax import benchmarks_eval
+from recap_jax.bench import scoring
+from recap_jax.tools.tiny_example import build_checkpoint
+from tests.bench.make_fixtures import write_fixtures
+
+SUITES = ("mathvista", "ai2d", "refcoco/testA", "ocrbench")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("bench_e2e"))
+    return build_checkpoint(root), write_fixtures(os.path.join(root, "data")), root
+
+
+def run_cli(setup, out, *extra):
+    model, specs, root = setup
+    argv = ["--model", model, "--out", out, "--max-new-tokens", "4", "--cache-dir",
+            os.path.join(root, "cache"), *extra]
+    for label in SUITES:
+        argv += ["--suite", specs[label]]
+    assert benchmarks_eval.main(argv) == 0
+    with open(os.path.join(out, "summary.json")) as handle:
+        return json.load(handle)
+
+
+def test_cli_writes_per_suite_results_and_a_summary(setup, tmp_path, capsys):
+    summary = run_cli(setup, str(tmp_path / "out"), "--batch-size", "2", "--prompt", "thinking")
+    suites = summary["suites"]
+    assert list(suites) == list(SUITES)
+    # rows: mathvista 3, ai2d 2, refcoco 4 (1 missing image, 1 bad box), ocrbench 3 (1 corrupt)
+    assert [suites[s]["n"] for s in SUITES] == [3, 2, 2, 2]
+    assert [suites[s]["skipped"] for s in SUITES] == [0, 0, 2, 1]
+    assert summary["prompt"] == "thinking" and summary["temperature"] == 0.0
+    for label in SUITES:
+        with open(tmp_path / "out" / (label.replace("/", "_") + ".json")) as handle:
+            result = json.load(handle)
+        assert len(result["items"]) == result["n"] == suites[label]["n"]
+        for record in result["items"]:
+            assert 1 <= record["length"] <= 4
+            assert record["answer"] == scoring.answer_text(record["completion"])
+            assert 0.0 <= record["score"] <= 1.0
+        assert result["score"] == pytest.approx(np.mean([r["score"] for r in result["items"]]))
+    table = (tmp_path / "out" / "summary.md").read_text()
+    assert "| refcoco/testA | grounding | 2 |" in table
+    captured = capsys.readouterr()
+    assert "ETA" in captured.err and table.strip() in captured.out
+
+
+def test_padding_rows_do_not_change_the_completions(setup, tmp_path):
+    """Greedy completions are the same in batches of 1 and of 4 (padded by repetition)."""
+    run_cli(setup, str(tmp_path / "one"), "--batch-size", "1", "--limit", "3")
+    run_cli(setup, str(tmp_path / "four"), "--batch-size", "4", "--limit", "3")
+    for label in SUITES:
+        name = label.replace("/", "_") + ".json"
+        one = json.loads((tmp_path / "one" / name).read_text())["items"]
+        four = json.loads((tmp_path / "four" / name).read_text())["items"]
+        assert [r["completion"] for r in one] == [r["completion"] for r in four]
+
+
+def test_a_bad_suite_spec_fails_before_the_model_loads(tmp_path):
+    with pytest.raises(ValueError, match="unknown benchmark suite"):
+        benchmarks_eval.main(["--model", str(tmp_path / "absent"), "--out", str(tmp_path),
+                              "--suite", "mmlu=/x"])
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_format_progress():
+    line = benchmarks_eval.format_progress("ai2d", 25, 100, 50.0)
+    # 0.5 items/s, 75 items left -> 150 s
+    assert line == ("ai2d [#####...............] 25/100 items, 0.50 items/s, elapsed 0m50s, "
+                    "ETA 2m30s")
+    assert benchmarks_eval.format_progress("x", 0, 10, 0.0).endswith("ETA ?")
+
+
+def test_patch_bucket_steps():
+    assert [benchmarks_eval.patch_bucket(n) for n in (1, 256, 257, 384, 385, 600, 1000)] == [
+        256, 256, 384, 384, 576, 896, 1344]
+
+
+def test_collate_prompts_pads_rows_by_repeating_the_last():
+    def example(n, patches):
+        return {"input_ids": np.arange(1, n + 1, dtype=np.int32),
+                "pixel_values": np.full((patches, 2), n, np.float32),
+                "image_grid_thw": np.asarray([1, 2, patches // 2]), "image_size": np.asarray([4, 4]),
+                "input_size": np.asarray([28, 28])}
+
+    batch = benchmarks_eval.collate_prompts([example(2, 4), example(3, 8)], 3, pad_id=0)
+    assert batch["input_ids"].tolist() == [[0, 1, 2], [1, 2, 3], [1, 2, 3]]
+    assert batch["attention_mask"].tolist() == [[0, 1, 1], [1, 1, 1], [1, 1, 1]]
+    assert batch["pixel_values"].shape == (4 + 8 + 8, 2)
+    assert batch["image_grid_thw"][:, 2].tolist() == [2, 4, 4]
+    with pytest.raises(ValueError, match="need 1..3 examples"):
+        benchmarks_eval.collate_prompts([], 3, pad_id=0)
