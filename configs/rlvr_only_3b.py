@@ -11,7 +11,8 @@ format_think}: K = 8 objectives, RECAP weights. Point it at local copies:
       --config.data.sources.scienceqa.train=/data/scienceqa/train.parquet
 
 Baselines: --config.rl.method=uniform | propmix | modomodo (the paper's fixed shares
-0.3045/0.2024/0.2117/0.2814, vision tower frozen).
+0.3045/0.2024/0.2117/0.2814, vision tower frozen). Our own prompts and rewards instead of the
+released code's: --config.data.prompt_style=bare (docs/fidelity.md).
 """
 
 import ml_collections
@@ -23,17 +24,21 @@ def get_config():
     c = base_config()
     c.model.update(path="", require_path=True, param_dtype="bfloat16", compute_dtype="bfloat16",
                    remat="full")
-    c.tokenizer.update(min_pixels=3136, max_pixels=1280 * 28 * 28)
+    c.tokenizer.update(min_pixels=3136, max_pixels=401408)  # the released image budget
     c.mesh.spec = "fsdp=-1"
     c.data.sources = ml_collections.ConfigDict({
         name: source_config(name) for name in ("lisa", "geoqav", "sat", "scienceqa")})
     c.data.primary = "scienceqa"
+    c.data.prompt_style = "released"  # the released prompts and format reward (docs/fidelity.md)
     c.data.prompt_buckets = (512, 1024, 2048, 4096)
     c.data.answer_buckets = (64, 256, 1024)
     c.data.patch_buckets = (1024, 4096, 16384)
     c.sft.steps = 0
-    c.rl.update(steps=500, method="recap", prompts_per_step=16, group_size=4,
-                max_new_tokens=1024, temperature=0.9, learning_rate=1e-6, warmup_fraction=0.1)
+    # one pass until the smallest source (LISA) is exhausted, as the released run (328 steps
+    # with its LISA split); rl.steps is only the fallback when epoch_bounded=False
+    c.rl.update(steps=328, epoch_bounded=True, method="recap", prompts_per_step=16,
+                group_size=4, max_new_tokens=1024, temperature=0.9, scale_logprobs=True,
+                learning_rate=1e-6, warmup_fraction=0.1)
     c.recap.update(variant="released", window=10, temperature=5.0, alpha=0.5)
     c.checkpoint.update(every_steps=50, keep=3)
     c.eval.update(every_steps=100, num_examples=500, batch_size=16, max_new_tokens=1024)

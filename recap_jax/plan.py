@@ -29,8 +29,8 @@ import jax
 import optax
 
 from recap_jax import grpo, recap, run_config
-from recap_jax.data.replay import MODOMODO_SHARES, ReplayConfig
-from recap_jax.data.tasks import get_task
+from recap_jax.data.replay import MODOMODO_SHARES, ReplayConfig, epoch_steps
+from recap_jax.data.tasks import get_task, styled_task_name, unstyled_task_name
 from recap_jax.parallel import MeshConfig, parse_mesh_spec
 from recap_jax.precision import PrecisionConfig
 from recap_jax.run_config import ConfigError
@@ -163,8 +163,13 @@ class SourcePlan:
 
 @dataclasses.dataclass(frozen=True)
 class DataPlan:
-    """``config.data`` without the sources: buckets and pipeline sizes."""
+    """``config.data`` without the sources: prompt style, buckets and pipeline sizes.
 
+    prompt_style: "bare" (the task registry's own prompts) or "released" (the authors' code's
+      exact prompts, rewards and SFT targets: each source runs as its ``<name>_released`` task).
+    """
+
+    prompt_style: str
     prompt_buckets: tuple[int, ...]
     answer_buckets: tuple[int, ...]
     patch_buckets: tuple[int, ...]
@@ -189,6 +194,10 @@ class StagePlan:
     eval_every: steps between evaluations (0: at the start and the end of RL only; SFT: never).
     freeze_vision: the vision tower gets no updates (modomodo).
     log_lambda_effect: the step also logs the gradient cosine with lambda = 1.
+    scale_logprobs: sampler and trainer log-probs at the sampling temperature.
+    epoch_bounded: ``steps`` is to be replaced by one pass over the smallest source
+      (`with_steps` once the sources are open); optimizer_for(steps) builds the optimizer of
+      a run of that many steps.
     """
 
     name: str
@@ -208,6 +217,9 @@ class StagePlan:
     eval_every: int = 0
     freeze_vision: bool = False
     log_lambda_effect: bool = False
+    scale_logprobs: bool = False
+    epoch_bounded: bool = False
+    optimizer_for: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def is_rl(self) -> bool:
@@ -220,7 +232,12 @@ class StagePlan:
 
     def sampling_params(self, eos_token_id, pad_token_id: int) -> SamplingParams:
         return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k,
-                              eos_token_id, pad_token_id, self.grpo.group_size).validate()
+                              eos_token_id, pad_token_id, self.grpo.group_size,
+                              scale_logprobs=self.scale_logprobs).validate()
+
+    def with_steps(self, steps: int) -> StagePlan:
+        """This stage run for ``steps`` steps (the optimizer's schedule follows)."""
+        return dataclasses.replace(self, steps=steps, optimizer=self.optimizer_for(steps))
 
     def source_grpo(self, source: str) -> grpo.GRPOConfig:
         """The loss config of a batch of ``source``: an SFT source's rows are one per prompt."""
@@ -255,6 +272,18 @@ class RunPlan:
     def stage(self, name: str) -> StagePlan | None:
         return next((s for s in self.stages if s.name == name), None)
 
+    def bounded_by_data(self, train_sources) -> RunPlan:
+        """With ``rl.epoch_bounded``: the RL stage run for one pass until its smallest source
+        is exhausted (replay.epoch_steps, batches of one source each), given the opened train
+        sources in source-id order; otherwise this plan unchanged."""
+        rl = self.stage("rl")
+        if rl is None or not rl.epoch_bounded:
+            return self
+        sizes = [len(train_sources[self.source_names.index(n)]) for n in rl.sources]
+        steps = epoch_steps(sizes, rl.replay.batch_size)
+        stages = tuple(s.with_steps(steps) if s is rl else s for s in self.stages)
+        return dataclasses.replace(self, stages=stages)
+
 
 # --------------------------------------------------------------------------- building
 
@@ -279,11 +308,15 @@ def _build(reader: _Reader) -> RunPlan:
     _make(PrecisionConfig, "model", param_dtype=model.param_dtype,
           compute_dtype=model.compute_dtype, remat=model.remat)
     tokenizer = TokenizerPlan(**reader.section("tokenizer"))
-    names = run_config.source_names(config)
+    keys = run_config.source_names(config)
     reader.get("data.primary")
-    sources = tuple(_source_plan(reader, name) for name in names)
     data = DataPlan(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
                        for k, v in reader.fields_of(DataPlan, "data").items()})
+    try:  # the task each source runs as: its key, or the key's released-style variant
+        names = [styled_task_name(key, data.prompt_style) for key in keys]
+    except ValueError as error:
+        raise ConfigError(f"config.data.prompt_style={data.prompt_style!r}: {error}") from None
+    sources = tuple(_source_plan(reader, key, name) for key, name in zip(keys, names))
     stages = tuple(s for s in (_sft_stage(reader, model, data, names, seed),
                                _rl_stage(reader, model, data, names, seed)) if s is not None)
     return RunPlan(
@@ -298,11 +331,11 @@ def _build(reader: _Reader) -> RunPlan:
         log_every=reader.get("log.every_steps"), tensorboard=reader.get("log.tensorboard"))
 
 
-def _source_plan(reader: _Reader, name: str) -> SourcePlan:
-    values = reader.section(f"data.sources.{name}")
+def _source_plan(reader: _Reader, key: str, name: str) -> SourcePlan:
+    values = reader.section(f"data.sources.{key}")
     for split in ("train", "eval"):
         values[split] = tuple(p.strip() for p in str(values[split]).split(",") if p.strip())
-    return _make(SourcePlan, f"data.sources.{name}", name=name, **values)
+    return _make(SourcePlan, f"data.sources.{key}", name=name, **values)
 
 
 def _mesh(reader: _Reader) -> MeshConfig | None:
@@ -380,7 +413,7 @@ def objective_set_sft(names: Sequence[str]) -> recap.ObjectiveSet:
 _RL_STAGE_FIELDS = ("steps", "method", "prompts_per_step", "max_new_tokens", "temperature",
                     "top_p", "top_k", "learning_rate", "warmup_fraction", "max_grad_norm",
                     "weight_decay", "beta", "dual_clip_c", "max_bad_steps", "log_lambda_effect",
-                    "sources_per_update")
+                    "sources_per_update", "scale_logprobs", "epoch_bounded")
 
 
 def _rl_stage(reader: _Reader, model: ModelPlan, data: DataPlan, names, seed) -> StagePlan | None:
@@ -406,16 +439,20 @@ def _rl_stage(reader: _Reader, model: ModelPlan, data: DataPlan, names, seed) ->
     weights = None
     if rl["method"] == "modomodo":
         weights = (run_config.parse_shares(shares, len(used)) if shares
-                   else tuple(MODOMODO_SHARES[n] for n in used))
+                   else tuple(MODOMODO_SHARES[unstyled_task_name(n)] for n in used))
     replay = _replay(data, seed, batch_size=rl["prompts_per_step"], strategy=method.strategy,
                      homogeneous=True, primary=(primary,), weights=weights)
-    updates = rl["steps"] * grpo_config.num_iterations * grpo_config.num_minibatches
-    optimizer = _optimizer(rl["learning_rate"], updates, rl["warmup_fraction"],
-                           rl["max_grad_norm"], rl["weight_decay"], model.precision,
-                           method.freeze_vision, rl["sources_per_update"])
+    def optimizer_for(steps: int) -> optax.GradientTransformation:
+        updates = steps * grpo_config.num_iterations * grpo_config.num_minibatches
+        return _optimizer(rl["learning_rate"], updates, rl["warmup_fraction"],
+                          rl["max_grad_norm"], rl["weight_decay"], model.precision,
+                          method.freeze_vision, rl["sources_per_update"])
+
     return StagePlan("rl", rl["steps"], used, objectives, grpo_config, replay, recap_config,
-                     optimizer, max_new_tokens=rl["max_new_tokens"],
+                     optimizer_for(rl["steps"]), max_new_tokens=rl["max_new_tokens"],
                      temperature=rl["temperature"], top_p=rl["top_p"], top_k=rl["top_k"],
                      max_bad_steps=rl["max_bad_steps"], rng_offset=RL_RNG_OFFSET,
                      eval_every=eval_every, freeze_vision=method.freeze_vision,
-                     log_lambda_effect=rl["log_lambda_effect"])
+                     log_lambda_effect=rl["log_lambda_effect"],
+                     scale_logprobs=rl["scale_logprobs"], epoch_bounded=rl["epoch_bounded"],
+                     optimizer_for=optimizer_for)

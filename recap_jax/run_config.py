@@ -15,6 +15,7 @@ how often each is drawn, the objective weights lambda and the KL term:
   uniform         every source in turn (equal shares, round robin), lambda = 1
   propmix         a source per batch with probability proportional to its size, lambda = 1
   coreset         like propmix, replay sources cut to half the primary's volume, lambda = 1
+  coreset_released  the released code's coreset: uniform over a smaller OCR shard, lambda = 1
   lwf             uniform + KL to the frozen warm-start policy (beta 0.01, k3)
   modomodo        fixed shares (``data.modomodo_shares``), vision tower frozen, lambda = 1
   recap           every source in turn, lambda from RECAP (``recap.variant``: released | paper,
@@ -55,6 +56,9 @@ METHODS = {
     "uniform": Method("round_robin"),
     "propmix": Method("propmix"),
     "coreset": Method("coreset"),
+    # the released coreset: every source in turn over a smaller OCR shard (build it with
+    # scripts/build_ocr_replay.py --max-rows-per-config 5000)
+    "coreset_released": Method("round_robin"),
     "lwf": Method("round_robin", beta=0.01),
     "modomodo": Method("modomodo", freeze_vision=True),
     "recap": Method("round_robin", recap=True),
@@ -133,6 +137,10 @@ def base_config() -> ml_collections.ConfigDict:
         sources=ml_collections.ConfigDict(),  # task name -> source_config(...)
         primary="",  # the reasoning source, source id 0 (default: the first name in sorted order)
         modomodo_shares="",  # comma-separated shares per source for modomodo ("" = the paper's)
+        # bare: the task registry's prompts; released: the authors' code's exact prompts,
+        # rewards and SFT targets (each source runs as its `<name>_released` task; see
+        # docs/fidelity.md)
+        prompt_style="bare",
         prompt_buckets=(128, 256, 512, 1024, 2048, 4096),
         answer_buckets=(16, 32, 64, 128, 256, 512, 1024),
         patch_buckets=(64, 256, 1024, 4096, 16384),
@@ -164,6 +172,9 @@ def base_config() -> ml_collections.ConfigDict:
         num_minibatches=1,
         # recompute the old log-probs with the pre-update params instead of the sampler's
         recompute_old_logprobs=False,
+        # trainer log-probs at the sampling temperature, log_softmax(logits / T), as TRL and
+        # the released code (the sampler reports the same); False: at temperature 1
+        scale_logprobs=False,
         # also log lambda_gradient_cosine: the cosine between the update's gradient and the
         # one lambda = 1 would give (one more backward pass per update); advantage_change is
         # always logged
@@ -172,10 +183,15 @@ def base_config() -> ml_collections.ConfigDict:
         # 2 is the released hybrid run's gradient accumulation (two consecutive single-source
         # micro-batches per update); every batch still gets its own RECAP signal and lambda
         sources_per_update=1,
+        # True: rl.steps is replaced by one pass until the smallest source is exhausted
+        # (replay.epoch_steps; the released RLVR-only run: 328 steps)
+        epoch_bounded=False,
         max_bad_steps=5,  # stop (after saving) when this many steps in a row are not finite
     )
     # variant: released | paper (recap-method.md) | dwa (Liu et al. 2019) | static (lambda = 1)
-    c.recap = dict(variant="released", window=10, temperature=5.0, alpha=0.5)
+    # paper_sigma (paper variant): "window" (Eq. 1, sigma about the current window's mean) |
+    # "2w" (Algorithm 2's pseudocode, about the 2W mean)
+    c.recap = dict(variant="released", window=10, temperature=5.0, alpha=0.5, paper_sigma="window")
     c.checkpoint = dict(every_steps=50, keep=2)  # RL steps between checkpoints; kept N at a time
     c.eval = dict(
         every_steps=0,  # RL steps between evaluations (0 = before and after RL only)

@@ -34,9 +34,10 @@ tokens), skipped, source, tokens_per_s, step_time_s, process_rows (the rows this
 fed), advantage_change (||A(lambda) - A(1)|| / ||A(1)||: what lambda changed in the
 advantages), lambda_gradient_cosine (rl.log_lambda_effect: cosine of the update's gradient
 with the one lambda = 1 would give), completion_length_mean, truncated_fraction, entropy,
-clip_fraction_{low,high}, kl (lwf), logprob_abs_diff; per objective o: reward/<o> (batch mean raw reward, RL objectives in the batch), ntp_loss/<o>
-(SFT objectives in the batch), weight/<o> (the lambda that weighted this step), recap/c/<o>,
-recap/i/<o> (RECAP's c and i after this step's signal; recap only).
+clip_fraction_{low,high}, kl (lwf), logprob_abs_diff; per objective o: reward/<o> (batch
+mean raw reward, RL objectives in the batch), ntp_loss/<o> (SFT objectives in the batch),
+weight/<o> (the lambda that weighted this step), recap/c/<o>, recap/i/<o> (RECAP's c and i
+after this step's signal; recap only).
 Eval lines: eval/<task>/<metric>, eval/<task>/completion_length.
 """
 
@@ -57,6 +58,7 @@ import numpy as np
 from recap_jax import parallel, policy, recap, rollout, run_config, sampling
 from recap_jax import plan as plan_lib
 from recap_jax.checkpointing import CheckpointMismatch, RunCheckpoints
+from recap_jax.data import sft_targets
 from recap_jax.data.records import SkipCounter
 from recap_jax.data.replay import make_replay
 from recap_jax.data.run_sources import WarmStartTargets, open_sources
@@ -146,6 +148,7 @@ def build_run(plan: plan_lib.RunPlan, workdir: str) -> Run:
     graphdef, params = policy.build_params(plan, model_config, mesh)
     skips = SkipCounter(_log)
     train_sources = open_sources(plan.sources, "train", skips)
+    plan = plan.bounded_by_data(train_sources)
     evaluator = Evaluator(open_sources(plan.sources, "eval", skips), processor, model_config,
                           num_examples=plan.eval_num_examples, batch_size=plan.eval_batch_size,
                           max_new_tokens=plan.eval_max_new_tokens,
@@ -267,8 +270,10 @@ class _StageSteps:
 
     def step_fn(self, grpo_config):
         if grpo_config.group_size not in self._steps:
+            temperature = sampling.logprob_temperature(self.sampling) if self.sampling else 1.0
             logprob_fn = sampling.make_logprob_fn(self.run.graphdef, grpo_config.group_size,
-                                                  self.run.plan.model.logits_chunk)
+                                                  self.run.plan.model.logits_chunk,
+                                                  temperature=temperature)
             self._steps[grpo_config.group_size] = make_train_step(
                 grpo_config, logprob_fn, self.stage.optimizer, recap=self.stage.recap,
                 measure_lambda_effect=self.stage.log_lambda_effect)
@@ -293,6 +298,12 @@ class _StageSteps:
                 placement=place)
             tokens = stats["sampled_tokens"]
         else:
+            if task.sft_loss == "conversation":  # the released OCR replay: the whole turn
+                replay_batch = sft_targets.conversation_batch(
+                    replay_batch, image_token_id=run.model_config.image_token_id,
+                    pad_id=run.model_config.pad_token_id,
+                    completion_buckets=run.plan.data.answer_buckets,
+                    tail_ids=sft_targets.released_tail_ids(run.processor.tokenizer))
             batch, stats = rollout.sft_batch(
                 batch=replay_batch, source_id=source_id, model_config=run.model_config,
                 num_reward_columns=grpo_config.num_reward_columns, prompt_buckets=buckets)
@@ -310,11 +321,13 @@ def _save(run: Run, global_step: int, state, stage: str, stage_step: int, replay
 
 
 def _replay_sources(run: Run, stage: plan_lib.StagePlan) -> list:
+    """The stage's sources for the replay: an SFT target (warm-start, or an SFT source in RL)
+    is the task's formatted completion (e.g. the released OCR replay's <answer>...</answer>);
+    RL sources keep their raw references, which the rewards read."""
     names = list(run.plan.source_names)
     sources = [run.train_sources[names.index(n)] for n in stage.sources]
-    if stage.is_rl:
-        return sources
-    return [WarmStartTargets(s, run.processor) for s in sources]
+    return [WarmStartTargets(s, run.processor) if not stage.is_rl or get_task(n).kind == "sft"
+            else s for n, s in zip(stage.sources, sources)]
 
 
 def run_stage(run: Run, stage: plan_lib.StagePlan, params, resumed) -> Any:

@@ -33,6 +33,7 @@ __all__ = [
     "RELEASED_REFCOCO_SUFFIX",
     "RELEASED_RLVR_SUFFIX",
     "RELEASED_VARIANTS",
+    "unstyled_task_name",
     "SFT_LOSS_SPANS",
     "GROUNDING_QUESTION",
     "NTP",
@@ -248,6 +249,12 @@ def styled_task_name(name: str, style: str) -> str:
         raise ValueError(f"task {name!r} has no released prompt style; sources with one: "
                          f"{sorted(RELEASED_VARIANTS)}")
     return RELEASED_VARIANTS[name]
+
+
+def unstyled_task_name(name: str) -> str:
+    """The source a task stands for: ``<name>_released`` -> ``name``; other names unchanged."""
+    released = {styled: plain for plain, styled in RELEASED_VARIANTS.items()}
+    return released.get(name, name)
 
 
 def register_task(task: Task, *, overwrite: bool = False) -> Task:
