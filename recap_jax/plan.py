@@ -178,6 +178,17 @@ class DataPlan:
 
 
 @dataclasses.dataclass(frozen=True)
+class BenchmarkPlan:
+    """``config.eval.benchmarks*``: public benchmarks run at every evaluation (recap_jax.bench)."""
+
+    specs: str
+    prompt: str
+    batch_size: int
+    max_new_tokens: int
+    limit: int
+
+
+@dataclasses.dataclass(frozen=True)
 class StagePlan:
     """One training stage: what it draws, how it is weighted, optimised and sampled.
 
@@ -262,6 +273,7 @@ class RunPlan:
     eval_batch_size: int
     eval_max_new_tokens: int
     eval_image_reliance: bool
+    benchmarks: BenchmarkPlan
     log_every: int
     tensorboard: bool
 
@@ -328,6 +340,9 @@ def _build(reader: _Reader) -> RunPlan:
         eval_batch_size=reader.get("eval.batch_size"),
         eval_max_new_tokens=reader.get("eval.max_new_tokens"),
         eval_image_reliance=reader.get("eval.image_reliance"),
+        benchmarks=BenchmarkPlan(**{field: reader.get(f"eval.benchmarks{suffix}") for field, suffix in (
+            ("specs", ""), ("prompt", "_prompt"), ("batch_size", "_batch_size"),
+            ("max_new_tokens", "_max_new_tokens"), ("limit", "_limit"))}),
         log_every=reader.get("log.every_steps"), tensorboard=reader.get("log.tensorboard"))
 
 

@@ -199,6 +199,12 @@ def base_config() -> ml_collections.ConfigDict:
         # also the reference answers' NLL with the record's own image and with another's
         # (answer_nll, answer_nll_other_image, image_reliance: evaluator.Evaluator)
         image_reliance=True,
+        # public benchmarks at every evaluation (the forgetting curve as it happens):
+        # comma-separated LABEL=PATH[;split=..][;config=..][;image_root=..] specs read by
+        # recap_jax.bench (docs/benchmarks_eval.md); "" = none
+        benchmarks="", benchmarks_prompt="thinking",  # thinking | plain (the paper's prompts)
+        benchmarks_batch_size=8, benchmarks_max_new_tokens=1024,
+        benchmarks_limit=0,  # rows per suite (0 = all)
     )
     c.log = dict(every_steps=10, tensorboard=True)
     return c
@@ -288,6 +294,10 @@ def validate(config, *, check_paths: bool = True) -> None:
     _int(config, "eval.num_examples", 0)
     _int(config, "eval.batch_size", 1)
     _int(config, "eval.max_new_tokens", 1)
+    _choice(config, "eval.benchmarks_prompt", ("thinking", "plain"))
+    _int(config, "eval.benchmarks_batch_size", 1)
+    _int(config, "eval.benchmarks_max_new_tokens", 1)
+    _int(config, "eval.benchmarks_limit", 0)
     _int(config, "log.every_steps", 1)
     _validate_mesh(config)
 

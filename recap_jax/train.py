@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recap_jax import parallel, policy, recap, rollout, run_config, sampling
+from recap_jax import benchmarks_eval, parallel, policy, recap, rollout, run_config, sampling
 from recap_jax import plan as plan_lib
 from recap_jax.checkpointing import CheckpointMismatch, RunCheckpoints
 from recap_jax.data import sft_targets
@@ -124,6 +124,7 @@ class Run:
     placement: rollout.Placement
     train_sources: list
     evaluator: Evaluator
+    bench_suites: list
     checkpoints: RunCheckpoints
     log: MetricsLog
     skips: SkipCounter
@@ -155,11 +156,14 @@ def build_run(plan: plan_lib.RunPlan, workdir: str) -> Run:
                           prompt_buckets=plan.data.prompt_buckets,
                           answer_buckets=plan.data.answer_buckets,
                           image_reliance=plan.eval_image_reliance)
+    bench = plan.benchmarks
+    bench_suites = benchmarks_eval.open_suites(bench.specs, limit=bench.limit or None) \
+        if bench.specs else []
     checkpoints = RunCheckpoints(os.path.join(workdir, "checkpoints"), keep=plan.checkpoint_keep)
     log = MetricsLog(workdir, tensorboard=plan.tensorboard) if jax.process_index() == 0 \
         else _SilentLog(workdir)
     return Run(plan, workdir, processor, model_config, graphdef, params, rollout.Placement(mesh),
-               train_sources, evaluator, checkpoints, log, skips)
+               train_sources, evaluator, bench_suites, checkpoints, log, skips)
 
 
 # --------------------------------------------------------------------------- logging
@@ -219,6 +223,16 @@ def _evaluate(run: Run, params, rl_step: int, stage: str = "rl") -> dict:
     results = run.evaluator(run.graphdef, params)
     values = {f"eval/{task}/{metric}": value for task, table in results.items()
               for metric, value in table.items() if metric != "num_examples"}
+    if run.bench_suites:  # the public benchmarks (the paper's measure of forgetting)
+        bench = run.plan.benchmarks
+        scores = benchmarks_eval.evaluate_suites(
+            run.graphdef, params, run.processor, run.model_config, run.bench_suites,
+            prompt=bench.prompt, batch_size=bench.batch_size,
+            max_new_tokens=bench.max_new_tokens, mesh=run.mesh)
+        print(benchmarks_eval.write_results(
+            scores, os.path.join(run.workdir, "eval", f"bench_{stage}_step_{rl_step}"),
+            {"stage": stage, "step": rl_step}), flush=True)
+        values.update({f"bench/{label}": result["score"] for label, result in scores.items()})
     run.log.write("eval", rl_step, dict(values, eval_time_s=time.perf_counter() - start))
     if jax.process_index() != 0:
         return results

@@ -168,3 +168,24 @@ def test_two_processes_give_the_metrics_of_one_and_feed_only_their_rows(tmp_path
     final = [load_file(str(tmp_path / w / "final" / "model.safetensors")) for w in ("two", "one")]
     for key in final[1]:
         np.testing.assert_allclose(final[0][key], final[1][key], rtol=1e-4, atol=1e-5)
+
+
+def test_eval_benchmarks_run_at_every_evaluation_of_a_training_run(tmp_path):
+    """eval.benchmarks: the public suites (fixtures in their published formats) are scored at
+    the evaluation before RL and at the end; the eval lines carry bench/<label> and the
+    per-suite JSON lands in eval/bench_rl_step_<n>/."""
+    from tests.bench.make_fixtures import write_fixtures
+
+    specs = write_fixtures(str(tmp_path / "bench"))
+    config = short_config(eval__benchmarks=",".join(specs[s] for s in ("ai2d", "ocrbench")),
+                          eval__benchmarks_max_new_tokens=4, eval__benchmarks_batch_size=2,
+                          eval__num_examples=0, checkpoint__every_steps=0)
+    workdir = tmp_path / "bench_run"
+    train.train(config, str(workdir))
+    evals = [r for r in read_jsonl(str(workdir / "metrics.jsonl"))[0] if r["stage"] == "eval"]
+    assert [r["step"] for r in evals] == [0, config.rl.steps]
+    for line in evals:
+        assert 0.0 <= line["bench/ai2d"] <= 1.0 and 0.0 <= line["bench/ocrbench"] <= 1.0
+    summary = json.loads((workdir / "eval" / f"bench_rl_step_{config.rl.steps}" / "summary.json").read_text())
+    assert set(summary["suites"]) == {"ai2d", "ocrbench"}
+    assert summary["suites"]["ai2d"]["n"] == 2
