@@ -21,8 +21,14 @@ import numpy as np
 import torch
 import transformers
 
-from benchmarks.common import bench_config, image_prompts, machine_line, print_table, \
-    save_random_transformers_checkpoint, timed_rounds
+from benchmarks.common import (
+    bench_config,
+    image_prompts,
+    machine_line,
+    print_table,
+    save_random_transformers_checkpoint,
+    timed_rounds,
+)
 from recap_jax import sampling
 from recap_jax.models import qwen2_5_vl as qwen
 

@@ -24,8 +24,14 @@ import torch
 import transformers
 from flax import nnx
 
-from benchmarks.common import bench_config, image_prompts, machine_line, print_table, \
-    save_random_transformers_checkpoint, timed_rounds
+from benchmarks.common import (
+    bench_config,
+    image_prompts,
+    machine_line,
+    print_table,
+    save_random_transformers_checkpoint,
+    timed_rounds,
+)
 from recap_jax import grpo, sampling
 from recap_jax.models import qwen2_5_vl as qwen
 from recap_jax.train_state import TrainState, make_optimizer

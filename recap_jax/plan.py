@@ -31,6 +31,7 @@ import optax
 from recap_jax import grpo, recap, run_config
 from recap_jax.data.replay import MODOMODO_SHARES, ReplayConfig, epoch_steps
 from recap_jax.data.tasks import get_task, styled_task_name, unstyled_task_name
+from recap_jax.metrics_log import WandbConfig
 from recap_jax.parallel import MeshConfig, parse_mesh_spec
 from recap_jax.precision import PrecisionConfig
 from recap_jax.run_config import ConfigError
@@ -128,6 +129,7 @@ class ModelPlan:
     compute_dtype: str
     remat: str
     logits_chunk: int
+    freeze_vision: bool
 
     @property
     def precision(self) -> PrecisionConfig:
@@ -203,7 +205,9 @@ class StagePlan:
     max_bad_steps: non-finite steps in a row before the run saves and stops.
     rng_offset: step keys fold in (rng_offset + step).
     eval_every: steps between evaluations (0: at the start and the end of RL only; SFT: never).
-    freeze_vision: the vision tower gets no updates (modomodo).
+    freeze_vision: the vision tower gets no updates and runs no backward pass (modomodo, or
+      model.freeze_vision).
+    reward_workers, reward_timeout_s: rewards scored by a reward_pool.RewardPool.
     log_lambda_effect: the step also logs the gradient cosine with lambda = 1.
     scale_logprobs: sampler and trainer log-probs at the sampling temperature.
     epoch_bounded: ``steps`` is to be replaced by one pass over the smallest source
@@ -231,6 +235,8 @@ class StagePlan:
     scale_logprobs: bool = False
     epoch_bounded: bool = False
     optimizer_for: Any = dataclasses.field(default=None, compare=False, repr=False)
+    reward_workers: int = 0
+    reward_timeout_s: float = 10.0
 
     @property
     def is_rl(self) -> bool:
@@ -276,6 +282,7 @@ class RunPlan:
     benchmarks: BenchmarkPlan
     log_every: int
     tensorboard: bool
+    wandb: WandbConfig
 
     @property
     def source_names(self) -> tuple[str, ...]:
@@ -343,7 +350,10 @@ def _build(reader: _Reader) -> RunPlan:
         benchmarks=BenchmarkPlan(**{field: reader.get(f"eval.benchmarks{suffix}") for field, suffix in (
             ("specs", ""), ("prompt", "_prompt"), ("batch_size", "_batch_size"),
             ("max_new_tokens", "_max_new_tokens"), ("limit", "_limit"))}),
-        log_every=reader.get("log.every_steps"), tensorboard=reader.get("log.tensorboard"))
+        log_every=reader.get("log.every_steps"), tensorboard=reader.get("log.tensorboard"),
+        wandb=_make(WandbConfig, "log", enabled=reader.get("log.wandb"),
+                    **{field: reader.get(f"log.wandb_{field}")
+                       for field in ("project", "run_name", "mode", "entity")}))
 
 
 def _source_plan(reader: _Reader, key: str, name: str) -> SourcePlan:
@@ -428,7 +438,8 @@ def objective_set_sft(names: Sequence[str]) -> recap.ObjectiveSet:
 _RL_STAGE_FIELDS = ("steps", "method", "prompts_per_step", "max_new_tokens", "temperature",
                     "top_p", "top_k", "learning_rate", "warmup_fraction", "max_grad_norm",
                     "weight_decay", "beta", "dual_clip_c", "max_bad_steps", "log_lambda_effect",
-                    "sources_per_update", "scale_logprobs", "epoch_bounded")
+                    "sources_per_update", "scale_logprobs", "epoch_bounded", "tis_cap",
+                    "reward_workers", "reward_timeout_s")
 
 
 def _rl_stage(reader: _Reader, model: ModelPlan, data: DataPlan, names, seed) -> StagePlan | None:
@@ -437,7 +448,7 @@ def _rl_stage(reader: _Reader, model: ModelPlan, data: DataPlan, names, seed) ->
     primary = names[0]
     used = tuple(names) if method.replay else (primary,)
     objectives = objective_set(used)
-    loss_fields = reader.fields_of(grpo.GRPOConfig, "rl", exclude=("beta", "dual_clip_c"))
+    loss_fields = reader.fields_of(grpo.GRPOConfig, "rl", exclude=("beta", "dual_clip_c", "tis_cap"))
     recap_fields = reader.section("recap")
     shares = reader.get("data.modomodo_shares")
     eval_every = reader.get("eval.every_steps")
@@ -446,7 +457,8 @@ def _rl_stage(reader: _Reader, model: ModelPlan, data: DataPlan, names, seed) ->
     grpo_config = _make(
         grpo.GRPOConfig.for_objectives, "rl", objectives=objectives, **loss_fields,
         beta=method.beta if rl["beta"] == -1 else rl["beta"],
-        dual_clip_c=rl["dual_clip_c"] or None, max_completion_length=rl["max_new_tokens"])
+        dual_clip_c=rl["dual_clip_c"] or None, max_completion_length=rl["max_new_tokens"],
+        tis_cap=rl["tis_cap"] or None)
     recap_config = None
     if method.recap:
         recap_config = _make(objectives.recap_config, "recap", **recap_fields,
@@ -467,7 +479,9 @@ def _rl_stage(reader: _Reader, model: ModelPlan, data: DataPlan, names, seed) ->
                      optimizer_for(rl["steps"]), max_new_tokens=rl["max_new_tokens"],
                      temperature=rl["temperature"], top_p=rl["top_p"], top_k=rl["top_k"],
                      max_bad_steps=rl["max_bad_steps"], rng_offset=RL_RNG_OFFSET,
-                     eval_every=eval_every, freeze_vision=method.freeze_vision,
+                     eval_every=eval_every,
+                     freeze_vision=method.freeze_vision or model.freeze_vision,
                      log_lambda_effect=rl["log_lambda_effect"],
                      scale_logprobs=rl["scale_logprobs"], epoch_bounded=rl["epoch_bounded"],
-                     optimizer_for=optimizer_for)
+                     optimizer_for=optimizer_for, reward_workers=rl["reward_workers"],
+                     reward_timeout_s=rl["reward_timeout_s"])

@@ -122,12 +122,14 @@ def score(task: Task, texts: Sequence[str], references: Sequence[str],
 def rl_batch(*, graphdef, params, batch: dict, task: Task, source_id: int, model_config,
              processor, sampling_params: sampling.SamplingParams, rng: jax.Array,
              num_reward_columns: int, prompt_buckets: Sequence[int],
-             placement: Placement | None = None) -> tuple[TrainBatch, dict]:
+             placement: Placement | None = None, scorer=None) -> tuple[TrainBatch, dict]:
     """Samples G completions per prompt and scores them; returns (host train-step batch of
     this process's rows, host stats). ``batch`` is the global replay batch: every process
     samples the global batch together (its prompts sharded by rows) and decodes and scores
-    only its own rows."""
+    only its own rows. ``scorer``: a function with `score`'s signature (default `score`, e.g.
+    a reward_pool.RewardPool's)."""
     placement = Placement(None) if placement is None else placement
+    scorer = score if scorer is None else scorer
     inputs = prompt_inputs(model_config, batch, prompt_buckets)
     mine = placement.local_prompts(inputs)
     device_inputs = placement.to_device(mine, BATCH_AXES.prompt)
@@ -139,7 +141,7 @@ def rl_batch(*, graphdef, params, batch: dict, task: Task, source_id: int, model
                                (model_config.eos_token_id, model_config.pad_token_id))
     repeat = lambda x: placement.local(np.repeat(np.asarray(x), group, axis=0))  # noqa: E731
     rewards = np.zeros((len(texts), num_reward_columns), np.float32)
-    rewards[:, :len(task.rewards)] = score(task, texts, repeat(batch["answer"]),
+    rewards[:, :len(task.rewards)] = scorer(task, texts, repeat(batch["answer"]),
                                            repeat(batch["image_size"]),
                                            repeat(batch["input_size"]), task.rewards)
     steps = out.tokens.shape[1]

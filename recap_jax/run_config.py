@@ -120,6 +120,9 @@ def base_config() -> ml_collections.ConfigDict:
         # once); chunks are recomputed in the backward pass instead of keeping [rows, C, V]
         # logits, the largest buffers of long completions with Qwen's 152k vocabulary
         logits_chunk=0,
+        # the vision tower frozen, its backward pass not run (the gradient stops at the
+        # merger's input; the merger still trains); modomodo freezes it regardless
+        freeze_vision=False,
     )
     c.tokenizer = dict(
         path="",  # "" = model.path, or (from scratch) a demo BPE built into WORKDIR/tokenizer
@@ -165,6 +168,14 @@ def base_config() -> ml_collections.ConfigDict:
         advantage_normalization="group", loss_aggregation="token-mean",
         epsilon_low=0.2, epsilon_high=0.2, dual_clip_c=0.0,  # 0 = no dual clip
         beta=-1.0,  # KL coefficient; -1 = the method's (0, lwf 0.01)
+        # GRPO variants (recap_jax.grpo.GRPOConfig; all off by default): token | sequence (GSPO's
+        # sequence-level ratio), DAPO's soft overlong penalty over the last overlong_buffer
+        # tokens before max_new_tokens (0 = off), truncated importance sampling of the
+        # sampler / trainer mismatch capped at tis_cap (0 = off; needs recompute_old_logprobs)
+        importance_ratio="token", overlong_buffer=0, overlong_penalty=1.0, tis_cap=0.0,
+        # rewards scored in this many worker processes with a per-call timeout (a reward that
+        # hangs or crashes scores 0 and is counted); 0 = in this process, no timeout
+        reward_workers=0, reward_timeout_s=10.0,
         kl_estimator="k3", mask_truncated_completions=False,
         num_iterations=1,
         # optimizer updates per rollout batch and epoch, each on B / num_minibatches rows
@@ -206,7 +217,9 @@ def base_config() -> ml_collections.ConfigDict:
         benchmarks_batch_size=8, benchmarks_max_new_tokens=1024,
         benchmarks_limit=0,  # rows per suite (0 = all)
     )
-    c.log = dict(every_steps=10, tensorboard=True)
+    # wandb: Weights & Biases beside JSONL and TensorBoard (offline mode needs no network)
+    c.log = dict(every_steps=10, tensorboard=True, wandb=False, wandb_project="recap_jax",
+                 wandb_run_name="", wandb_mode="offline", wandb_entity="")
     return c
 
 
@@ -286,6 +299,8 @@ def validate(config, *, check_paths: bool = True) -> None:
         _number(config, "rl.beta", 0.0)
     _int(config, "rl.max_bad_steps", 1)
     _int(config, "rl.sources_per_update", 1)
+    _int(config, "rl.reward_workers", 0)
+    _number(config, "rl.reward_timeout_s", 0.0, math.inf, low_open=True)
     # rl.epsilon_*, dual_clip_c, num_iterations, num_minibatches, the loss options and
     # recap.* are checked by the types they build (GRPOConfig, RecapConfig) in plan.build_plan
     _int(config, "checkpoint.every_steps", 0)

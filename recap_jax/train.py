@@ -43,6 +43,7 @@ Eval lines: eval/<task>/<metric>, eval/<task>/completion_length.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -55,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recap_jax import benchmarks_eval, parallel, policy, recap, rollout, run_config, sampling
+from recap_jax import benchmarks_eval, freeze, parallel, policy, recap, rollout, run_config, sampling
 from recap_jax import plan as plan_lib
 from recap_jax.checkpointing import CheckpointMismatch, RunCheckpoints
 from recap_jax.data import sft_targets
@@ -65,10 +66,13 @@ from recap_jax.data.run_sources import WarmStartTargets, open_sources
 from recap_jax.data.tasks import get_task
 from recap_jax.evaluator import Evaluator
 from recap_jax.metrics_log import MetricsLog
+from recap_jax.preemption import Preempted, PreemptionHandler
+from recap_jax.reward_pool import RewardPool
 from recap_jax.train_state import TrainState
 from recap_jax.train_step import make_train_step
+from recap_jax.workdir_lock import WorkdirBusy, WorkdirLock
 
-__all__ = ["CheckpointsUnreadable", "TrainingStopped", "load_checkpoint_params", "main",
+__all__ = ["CheckpointsUnreadable", "Preempted", "TrainingStopped", "load_checkpoint_params", "main",
            "run_stage", "train"]
 
 _log = logging.getLogger("recap_jax.train")
@@ -129,6 +133,7 @@ class Run:
     log: MetricsLog
     skips: SkipCounter
     on_step: Any = None  # callable(stage, step, line) after each logged step, or None
+    preemption: Any = None  # a preemption.PreemptionHandler polled once per step, or None
 
     @property
     def mesh(self):
@@ -160,8 +165,8 @@ def build_run(plan: plan_lib.RunPlan, workdir: str) -> Run:
     bench_suites = benchmarks_eval.open_suites(bench.specs, limit=bench.limit or None) \
         if bench.specs else []
     checkpoints = RunCheckpoints(os.path.join(workdir, "checkpoints"), keep=plan.checkpoint_keep)
-    log = MetricsLog(workdir, tensorboard=plan.tensorboard) if jax.process_index() == 0 \
-        else _SilentLog(workdir)
+    log = MetricsLog(workdir, tensorboard=plan.tensorboard, wandb=plan.wandb) \
+        if jax.process_index() == 0 else _SilentLog(workdir)
     return Run(plan, workdir, processor, model_config, graphdef, params, rollout.Placement(mesh),
                train_sources, evaluator, bench_suites, checkpoints, log, skips)
 
@@ -186,11 +191,11 @@ def _objective_values(objectives: recap.ObjectiveSet, metrics: dict) -> dict[str
     return out
 
 
-SCALARS = ("loss", "grad_norm", "update_norm", "param_norm", "skipped", "entropy", "kl",
+SCALARS = ("overlong_penalty_mean", "loss", "grad_norm", "update_norm", "param_norm", "skipped", "entropy", "kl",
            "logprob_abs_diff", "ratio_max", "ratio_p99", "clip_fraction_low",
            "clip_fraction_high", "completion_length_mean", "truncated_fraction",
            "advantage_change", "lambda_gradient_cosine")
-SFT_SCALARS = ("loss", "grad_norm", "update_norm", "param_norm", "skipped")
+SFT_SCALARS = ("overlong_penalty_mean", "loss", "grad_norm", "update_norm", "param_norm", "skipped")
 
 
 def _progress(stage: str, step: int, total: int, line: dict, eta_s: float) -> str:
@@ -281,6 +286,8 @@ class _StageSteps:
                                                run.model_config.pad_token_id)
                          if stage.is_rl else None)
         self._steps: dict[int, Any] = {}
+        self.rewards = RewardPool(stage.reward_workers, stage.reward_timeout_s,
+                                  names=sorted({r for n in stage.sources for r in get_task(n).rewards}))
 
     def step_fn(self, grpo_config):
         if grpo_config.group_size not in self._steps:
@@ -288,6 +295,8 @@ class _StageSteps:
             logprob_fn = sampling.make_logprob_fn(self.run.graphdef, grpo_config.group_size,
                                                   self.run.plan.model.logits_chunk,
                                                   temperature=temperature)
+            if self.stage.freeze_vision:  # no backward pass through the vision tower
+                logprob_fn = freeze.freeze_vision(logprob_fn)
             self._steps[grpo_config.group_size] = make_train_step(
                 grpo_config, logprob_fn, self.stage.optimizer, recap=self.stage.recap,
                 measure_lambda_effect=self.stage.log_lambda_effect)
@@ -309,7 +318,7 @@ class _StageSteps:
                 source_id=source_id, model_config=run.model_config, processor=run.processor,
                 sampling_params=self.sampling, rng=rng,
                 num_reward_columns=grpo_config.num_reward_columns, prompt_buckets=buckets,
-                placement=place)
+                placement=place, scorer=self.rewards.score)
             tokens = stats["sampled_tokens"]
         else:
             if task.sft_loss == "conversation":  # the released OCR replay: the whole turn
@@ -382,6 +391,7 @@ def run_stage(run: Run, stage: plan_lib.StagePlan, params, resumed) -> Any:
             line.update(tokens_per_s=tokens / clock.times[-1], step_time_s=clock.times[-1],
                         process_rows=rows)
             line.update(_objective_values(stage.objectives, metrics))
+            line.update(steps.rewards.take_counts())  # rewards that timed out or failed
             run.record(stage.name, step, line)
             if step % plan.log_every == 0 or step == stage.steps:
                 print(_progress(stage.name, step, stage.steps, line,
@@ -399,11 +409,16 @@ def run_stage(run: Run, stage: plan_lib.StagePlan, params, resumed) -> Any:
             if stage.is_rl and (step == stage.steps
                                 or (stage.eval_every and step % stage.eval_every == 0)):
                 _evaluate(run, state.params, step)
-            if step == stage.steps or (plan.checkpoint_every
-                                       and step % plan.checkpoint_every == 0):
+            # polled at every step on every process (collective on several)
+            preempted = run.preemption is not None and run.preemption.should_stop(offset + step)
+            if preempted or step == stage.steps or (plan.checkpoint_every
+                                                    and step % plan.checkpoint_every == 0):
                 save()
+            if preempted:  # this step finished and is saved: the restart resumes from here
+                raise Preempted(offset + step, run.preemption.signal_name)
     finally:
         replay.close()
+        steps.rewards.close()
     return state.params
 
 
@@ -455,10 +470,16 @@ def train(config, workdir: str, *, on_step=None) -> Any:
     if plan.mesh is not None:
         parallel.initialize_distributed(plan.mesh)  # before anything touches the devices
     os.makedirs(workdir, exist_ok=True)
+    with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext(), \
+            PreemptionHandler() as preemption:
+        return _train(plan, config, workdir, on_step, preemption)
+
+
+def _train(plan, config, workdir: str, on_step, preemption) -> Any:
     if jax.process_index() == 0:
         _write_config(config, workdir)
     run = build_run(plan, workdir)
-    run.on_step = on_step
+    run.on_step, run.preemption = on_step, preemption
     try:
         resumed = _resume(run)
         params = run.initial_params
@@ -498,8 +519,11 @@ def main(argv=None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         try:
             train(flags.FLAGS.config, flags.FLAGS.workdir)
+        except Preempted as stop:
+            print(f"preempted: {stop}", flush=True)
+            return 0
         except (run_config.ConfigError, TrainingStopped, CheckpointsUnreadable,
-                CheckpointMismatch) as error:
+                CheckpointMismatch, WorkdirBusy) as error:
             print(f"error: {error}", file=sys.stderr, flush=True)
             return 1
         return 0

@@ -107,7 +107,8 @@ def check_inputs(config: GRPOConfig, batch: Mapping[str, Any], weights: Any,
         raise ValueError(f"train step: batch must be a TrainBatch or a dict of arrays, got "
                          f"{type(batch)}")
     required = ["completion_mask", "source_id", "rewards"]
-    required += [] if config.recompute_old_logprobs else ["old_logprobs"]
+    required += [] if config.recompute_old_logprobs and config.tis_cap is None \
+        else ["old_logprobs"]
     required += ["ref_logprobs"] if config.beta > 0 and not reference else []
     required += ["truncated"] if config.mask_truncated_completions else []
     for field in required:
@@ -317,7 +318,9 @@ def _make_update(config: GRPOConfig, logprob_fn: LogprobFn,
         reference = minibatch.get("ref_logprobs", batch.get("ref_logprobs"))
         loss, aux = grpo.policy_loss(config, weights, logprobs, old, advantages,
                                      minibatch["loss_mask"], batch["source_id"],
-                                     reference if config.beta > 0 else None, entropy)
+                                     reference if config.beta > 0 else None, entropy,
+                                     sampler_logprobs=batch["old_logprobs"]
+                                     if config.tis_cap is not None else None)
         rl_rows = grpo.membership(config, batch["source_id"]).rl_row
         aux["ratio_max"], aux["ratio_p99"] = _ratio_stats(
             logprobs, old, minibatch["loss_mask"] * rl_rows[:, None])

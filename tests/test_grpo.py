@@ -580,18 +580,17 @@ def test_gspo_and_overlong_run_in_the_train_step():
     assert float(m["overlong_penalty_mean"]) == pytest.approx(-0.5)  # half the rows hit L_max
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "train_step.head does not pass the sampler's log-probs to grpo.policy_loss yet "
-    "(sampler_logprobs=batch.get('old_logprobs') when config.tis_cap); remove this marker then"))
 def test_tis_in_the_train_step_scales_the_first_loss():
     """Stale sampler log-probs (+0.1): w = exp(-0.1) on every token; at the first update the
-    ratio is 1, so the loss is w times the loss without TIS."""
+    ratio is 1, so the gradient is w times the gradient without TIS (the loss itself is ~0
+    there: the group-centred advantages sum to zero)."""
     batch = fixed_batch(8)
     stale = dict(batch, old_logprobs=batch["old_logprobs"] + 0.1)
     plain = _toy_step_metrics(GRPOConfig(group_size=4, recompute_old_logprobs=True), stale)
     tis = _toy_step_metrics(GRPOConfig(group_size=4, recompute_old_logprobs=True, tis_cap=2.0),
                             stale)
-    assert float(tis["loss"]) == pytest.approx(math.exp(-0.1) * float(plain["loss"]), rel=1e-4)
+    assert float(plain["grad_norm"]) > 1e-3
+    assert float(tis["grad_norm"]) == pytest.approx(math.exp(-0.1) * float(plain["grad_norm"]), rel=1e-4)
 
 
 @pytest.mark.xfail(strict=True, reason=(

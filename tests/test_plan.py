@@ -180,3 +180,19 @@ def test_sources_per_update_averages_two_batches_into_one_step_on_their_union():
     one, _ = run(single, [union])
     assert norms[0] == 0.0 and norms[1] > 0
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), accumulated, one)
+
+
+def test_user_feature_fields_reach_their_types():
+    """rl.importance_ratio / overlong_* / tis_cap -> GRPOConfig, model.freeze_vision -> the
+    stage (logprob wrapper and zero vision updates), log.wandb* -> WandbConfig."""
+    built = plan.build_plan(short_config(
+        rl__importance_ratio="sequence", rl__overlong_buffer=4, rl__overlong_penalty=0.5,
+        rl__tis_cap=2.0, rl__recompute_old_logprobs=True, model__freeze_vision=True,
+        rl__reward_workers=2, log__wandb=True, log__wandb_project="p", log__wandb_mode="disabled"))
+    rl = built.stage("rl")
+    assert (rl.grpo.importance_ratio, rl.grpo.overlong_buffer, rl.grpo.overlong_penalty,
+            rl.grpo.tis_cap) == ("sequence", 4, 0.5, 2.0)
+    assert rl.freeze_vision and rl.reward_workers == 2
+    assert (built.wandb.enabled, built.wandb.project, built.wandb.mode) == (True, "p", "disabled")
+    with pytest.raises(ConfigError, match="config.rl.tis_cap"):  # TIS needs recomputed log-probs
+        plan.build_plan(short_config(rl__tis_cap=2.0))

@@ -159,7 +159,7 @@ def _run_until_sigterm(workdir, should_term, timeout=900) -> tuple[int, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="enable once train.run_stage polls PreemptionHandler.should_stop (issue 18)")
+@pytest.mark.xdist_group("short_run")
 def test_sigterm_at_random_moments_then_restart_equals_the_uninterrupted_run(short_run, tmp_path):
     """SIGTERM during a checkpoint save, then at a random moment of the restarted run: each
     time the run finishes its step, saves, and exits 0 with a checkpoint of the step it

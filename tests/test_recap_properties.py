@@ -126,7 +126,7 @@ def test_vmap_over_independent_states_equals_a_loop():
     for b in range(4):
         state, weights = run(config, signals[:, b], present[:, b])
         np.testing.assert_allclose(batched_weights[b], weights, rtol=1e-6)
-        chex.assert_trees_all_close(jax.tree.map(lambda x: x[b], batched), state, rtol=1e-6)
+        chex.assert_trees_all_close(jax.tree.map(lambda x, b=b: x[b], batched), state, rtol=1e-6)
 
 
 def test_inputs_are_not_mutated():

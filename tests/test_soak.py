@@ -12,7 +12,7 @@ import jax
 import pytest
 
 from recap_jax import train
-from tests.short_run import override, load_config
+from tests.short_run import load_config, override
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("soak")]
 RL_STEPS = 500

@@ -189,3 +189,15 @@ def test_eval_benchmarks_run_at_every_evaluation_of_a_training_run(tmp_path):
     summary = json.loads((workdir / "eval" / f"bench_rl_step_{config.rl.steps}" / "summary.json").read_text())
     assert set(summary["suites"]) == {"ai2d", "ocrbench"}
     assert summary["suites"]["ai2d"]["n"] == 2
+
+
+def test_a_second_run_on_a_live_workdir_refuses_to_start(tmp_path):
+    """The workdir lock is taken by train(): while another run holds it, train() refuses
+    before building anything and names the holder."""
+    from recap_jax.workdir_lock import WorkdirBusy, WorkdirLock
+
+    workdir = tmp_path / "busy"
+    with WorkdirLock(str(workdir)):
+        with pytest.raises(WorkdirBusy, match=str(os.getpid())):
+            train.train(short_config(), str(workdir))
+    assert not (workdir / "checkpoints").exists()

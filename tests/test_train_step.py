@@ -14,7 +14,6 @@ from recap_jax.grpo import GRPOConfig
 from recap_jax.train_state import TrainState, make_lr_schedule, make_optimizer
 from recap_jax.train_step import check_batch_values, make_train_step
 
-
 V, D, T, BOS = 16, 8, 3, 0  # vocabulary, hidden size, completion length, prompt token
 
 

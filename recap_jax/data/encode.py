@@ -177,9 +177,8 @@ class RecordEncoder:
         ``note(kind, message)``, if given, is called when the record was used but altered
         (kind "truncated": its question was cut to fit max_prompt_tokens).
         """
-        from recap_jax.models.qwen2_5_vl import rope
-
         from recap_jax.models.qwen2_5_vl import processor as processor_lib
+        from recap_jax.models.qwen2_5_vl import rope
 
         self._check_text(record)
         try:  # outside the lock: PIL resizing releases the GIL, so threads overlap here

@@ -327,7 +327,8 @@ class _ExampleLoader:
                 failures = self._failures
             if failures > len(self.stream) + 1:
                 raise RuntimeError(f"source {self.stream.name!r}: {failures} unusable records in "
-                                   f"a row (reasons: {self.skips.reasons(self.stream.name)})")
+                                   f"a row (reasons: {self.skips.reasons(self.stream.name)})"
+                                   ) from error
             return self._placeholder, "", "", False
         with self._lock:
             self._failures = 0

@@ -19,12 +19,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import Qwen2_5_VLVisionConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-from transformers.vision_utils import (get_vision_attention_seqlens, get_vision_position_ids,
-                                       get_vision_window_index)
+from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 
 from recap_jax.models.qwen2_5_vl.config import VisionConfig
-from recap_jax.models.qwen2_5_vl.vision import (PAD_SEGMENT, VisionTransformer, load_vision_weights,
-                                                vision_inputs, vision_tensor_specs, vision_weights_to_hf)
+from recap_jax.models.qwen2_5_vl.vision import (
+    PAD_SEGMENT,
+    VisionTransformer,
+    load_vision_weights,
+    vision_inputs,
+    vision_tensor_specs,
+    vision_weights_to_hf,
+)
 
 F32_TOL = 2e-5
 BF16_REL_TOL = 2e-2

@@ -67,9 +67,9 @@ def get_rope_index(input_ids: np.ndarray, image_grid_thw: np.ndarray | None = No
     image_grid_thw / video_grid_thw: [n, 3] grids (before merging) of all images / videos of
     the batch, in order of appearance. second_per_grid_ts: [num_videos] seconds per temporal
     patch (temporal_patch_size / fps), default 1; the temporal products are computed in its
-    dtype (python lists become float32, the dtype of the processor's tensors). Padding (attention_mask == 0) gets position 0
-    and is skipped when counting. A row with no real token gets positions 0 and delta 0
-    (transformers raises there).
+    dtype (python lists become float32, the dtype of the processor's tensors). Padding
+    (attention_mask == 0) gets position 0 and is skipped when counting. A row with no real
+    token gets positions 0 and delta 0 (transformers raises there).
     """
     if config is None:
         raise ValueError("get_rope_index: config is required (token ids, spatial_merge_size, tokens_per_second)")
@@ -81,8 +81,9 @@ def get_rope_index(input_ids: np.ndarray, image_grid_thw: np.ndarray | None = No
     if mask.shape != input_ids.shape:
         raise ValueError(f"get_rope_index: attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
     merge = config.vision.spatial_merge_size
-    grids = {_IMAGE: np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw).reshape(-1, 3),
-             _VIDEO: np.zeros((0, 3), np.int64) if video_grid_thw is None else np.asarray(video_grid_thw).reshape(-1, 3)}
+    none = np.zeros((0, 3), np.int64)
+    grids = {_IMAGE: none if image_grid_thw is None else np.asarray(image_grid_thw).reshape(-1, 3),
+             _VIDEO: none if video_grid_thw is None else np.asarray(video_grid_thw).reshape(-1, 3)}
     names = {_IMAGE: "image", _VIDEO: "video"}
     time_scales = _as_time_scales(second_per_grid_ts)
     time_scales = None if time_scales is None else np.atleast_1d(time_scales)

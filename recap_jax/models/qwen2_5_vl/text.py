@@ -33,9 +33,20 @@ from flax import nnx
 from recap_jax import parallel
 from recap_jax.models.qwen2_5_vl import attention
 from recap_jax.models.qwen2_5_vl.config import TextConfig
-from recap_jax.models.qwen2_5_vl.layers import (LAYERS_AXIS, REMAT_POLICIES, RMSNorm, SwiGLU, TensorSpec, matmul,
-                                                 apply_rotary, cached_attention, export_to_specs, load_from_specs,
-                                                 make_param, scan_layers)
+from recap_jax.models.qwen2_5_vl.layers import (
+    LAYERS_AXIS,
+    REMAT_POLICIES,
+    RMSNorm,
+    SwiGLU,
+    TensorSpec,
+    apply_rotary,
+    cached_attention,
+    export_to_specs,
+    load_from_specs,
+    make_param,
+    matmul,
+    scan_layers,
+)
 
 # Logical axis names of the cached values stacked over layers, shape `kv_cache_shape` (the keys
 # swap the last two), for sharding rules in parallel.py; one layer's buffer drops the first.
@@ -78,7 +89,8 @@ def mrope_cos_sin(position_ids: jax.Array, config: TextConfig) -> tuple[jax.Arra
     if position_ids.ndim != 3 or position_ids.shape[0] != 3:
         raise ValueError(f"position_ids: expected shape [3, batch, seq] (t, h, w rows), got {position_ids.shape}")
     inv_freq = jnp.asarray(rope_inverse_frequencies(config))
-    positions = jnp.moveaxis(position_ids[mrope_section_rows(config)], 0, -1).astype(jnp.float32)  # [B, S, head_dim / 2]
+    # [B, S, head_dim / 2]
+    positions = jnp.moveaxis(position_ids[mrope_section_rows(config)], 0, -1).astype(jnp.float32)
     angles = positions * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)

@@ -33,8 +33,18 @@ from flax import nnx
 from recap_jax import parallel
 from recap_jax.models.qwen2_5_vl import attention
 from recap_jax.models.qwen2_5_vl.config import VisionConfig
-from recap_jax.models.qwen2_5_vl.layers import (Linear, RMSNorm, SwiGLU, TensorSpec, apply_rotary, export_to_specs,
-                                                load_from_specs, make_param, matmul, scan_layers)
+from recap_jax.models.qwen2_5_vl.layers import (
+    Linear,
+    RMSNorm,
+    SwiGLU,
+    TensorSpec,
+    apply_rotary,
+    export_to_specs,
+    load_from_specs,
+    make_param,
+    matmul,
+    scan_layers,
+)
 
 PAD_SEGMENT = -1
 # Logical axes of the patch stream [num_patches, hidden]: patches split over the batch mesh axes.
