@@ -31,7 +31,13 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import ml_collections
+
+from recap_jax.data.replay import MODOMODO_SHARES
+from recap_jax.data.synthetic import LAYOUTS, SYNTHETIC_TASKS
+from recap_jax.data.tasks import TASKS
+from recap_jax.parallel import MeshConfigError, parse_mesh_spec
 
 __all__ = ["METHODS", "Method", "ConfigError", "base_config", "validate", "source_names"]
 
@@ -350,8 +356,6 @@ def _validate_model(config, check_paths: bool) -> None:
 
 
 def _validate_data(config, check_paths: bool) -> None:
-    from recap_jax.data.tasks import TASKS
-
     names = source_names(config)
     if not names:
         _fail("data.sources", {}, "at least one source (task name -> source_config(...))")
@@ -362,8 +366,6 @@ def _validate_data(config, check_paths: bool) -> None:
         field = f"data.sources.{name}"
         _choice(config, f"{field}.kind", SOURCE_KINDS)
         if source.kind == "synthetic":
-            from recap_jax.data.synthetic import LAYOUTS, SYNTHETIC_TASKS
-
             if name not in SYNTHETIC_TASKS:
                 _fail(field, name, f"a synthetic task ({' | '.join(SYNTHETIC_TASKS)}) for kind "
                                    "'synthetic'")
@@ -395,8 +397,6 @@ def _validate_data(config, check_paths: bool) -> None:
             _fail(field, text, f"{len(names)} comma-separated numbers >= 0 (one per source), "
                                f"not all 0")
     if config.rl.method == "modomodo" and not config.data.modomodo_shares:
-        from recap_jax.data.replay import MODOMODO_SHARES
-
         missing = [n for n in names if n not in MODOMODO_SHARES]
         if missing:
             _fail("data.modomodo_shares", "", f"explicit shares: the paper's cover only "
@@ -412,10 +412,6 @@ def _validate_data(config, check_paths: bool) -> None:
 def _validate_mesh(config) -> None:
     if not config.mesh.spec:
         return
-    import jax
-
-    from recap_jax.parallel import MeshConfigError, parse_mesh_spec
-
     try:
         mesh = parse_mesh_spec(config.mesh.spec)
         if config.mesh.distributed:  # the devices are known after jax.distributed starts
