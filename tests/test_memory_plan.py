@@ -165,3 +165,20 @@ def test_a_python_file_where_json_is_expected_is_one_line_from_the_command_line(
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip() and "Warning" not in line]
     assert len(lines) == 1 and "not valid JSON" in lines[0] and str(checkpoint) in lines[0], result.stderr
+
+
+# --------------------------------------------------------------------------- train's preflight
+
+
+def test_preflight_prints_the_plan_and_refuses_a_run_that_does_not_fit(capsys, caplog):
+    plan, _ = run_plan_of("demo", overrides())
+    mesh = memory._mesh_of(plan)
+    assert memory.preflight(plan, mesh) is None  # on a CPU: no device limit to plan against
+    printed = []
+    report = memory.preflight(plan, mesh, device_gib=80, echo=printed.append)
+    assert report.fits(80) and printed == [report.table(80)]
+    tiny = 0.5 * report.peak_bytes / memory.GIB
+    with pytest.raises(memory.MemoryPlanError, match=r"does not fit in .* GiB.*--config.run.ignore_memory_plan=True"):
+        memory.preflight(plan, mesh, device_gib=tiny, echo=printed.append)
+    assert memory.preflight(plan, mesh, device_gib=tiny, ignore=True, echo=printed.append) is not None
+    assert any("(ignored)" in r.getMessage() for r in caplog.records)

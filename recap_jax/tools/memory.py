@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -56,6 +57,8 @@ from recap_jax.models.qwen2_5_vl import text as text_lib
 from recap_jax.models.qwen2_5_vl import vision as vision_lib
 
 GIB = 2 ** 30
+
+_log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- the batch
@@ -452,6 +455,42 @@ def plan_run_memory(run_plan, mesh, *, model_config: config_lib.Qwen2_5_VLConfig
              f"{m.param_dtype}, compute {m.compute_dtype}, remat {m.remat}, logits chunk {m.logits_chunk or 'none'}. "
              "Bytes per device:")
     return RunMemoryReport(title, tuple(stages), tuple(notes))
+
+
+class MemoryPlanError(RuntimeError):
+    """The run's memory plan does not fit the device (raised by `preflight`)."""
+
+
+def device_memory_gib(device=None) -> float | None:
+    """The memory one accelerator lets JAX use (``memory_stats()["bytes_limit"]``) in GiB; None on
+    a CPU or where the backend does not say."""
+    device = device or jax.local_devices()[0]
+    if device.platform == "cpu":
+        return None
+    stats = device.memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    return limit / GIB if limit else None
+
+
+def preflight(run_plan, mesh, *, ignore: bool = False, model_config=None, device_gib: float | None = None,
+              field: str = "run.ignore_memory_plan", echo=print) -> RunMemoryReport | None:
+    """The memory plan a run prints at its start on accelerators: compiled for ``mesh``, printed
+    with ``echo`` (process 0 only), and MemoryPlanError when it does not fit ``device_gib``
+    (default: the device's own limit) unless ``ignore``. None on a CPU (nothing to plan against)."""
+    device_gib = device_gib if device_gib is not None else device_memory_gib()
+    if device_gib is None:
+        return None
+    report = plan_run_memory(run_plan, mesh, model_config=model_config)
+    if jax.process_index() == 0:
+        echo(report.table(device_gib))
+    if not report.fits(device_gib):
+        message = (f"the run's memory plan does not fit: {report.verdict(device_gib)}. Lower rl.prompts_per_step "
+                   "or rl.max_new_tokens, set model.logits_chunk or model.remat, or use a larger mesh; "
+                   f"--config.{field}=True starts anyway")
+        if not ignore:
+            raise MemoryPlanError(message)
+        _log.warning("%s (ignored)", message)
+    return report
 
 
 # ----------------------------------------------------------------------------- command line
