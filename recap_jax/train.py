@@ -65,9 +65,11 @@ from recap_jax.data.replay import make_replay
 from recap_jax.data.run_sources import WarmStartTargets, open_sources
 from recap_jax.data.tasks import get_task
 from recap_jax.evaluator import Evaluator
-from recap_jax.metrics_log import MetricsLog
+from recap_jax.metrics_log import MetricsLog, read_jsonl
 from recap_jax.preemption import Preempted, PreemptionHandler
 from recap_jax.reward_pool import RewardPool
+from recap_jax.rollout import gather
+from recap_jax.tools import rehearsal
 from recap_jax.train_state import TrainState
 from recap_jax.train_step import make_train_step
 from recap_jax.workdir_lock import WorkdirBusy, WorkdirLock
@@ -504,12 +506,69 @@ def _train(plan, config, workdir: str, on_step, preemption) -> Any:
         run.checkpoints.close()
 
 
+# --------------------------------------------------------------------------- rehearsal
+
+
+def rehearse(config, workdir: str) -> dict[str, Any]:
+    """The config run end to end on a tiny random model of the same architecture and a few
+    rows of every dataset in its published format (tools.rehearsal.write_fixtures, written
+    under WORKDIR/rehearsal_fixtures), cut to a few steps; everything else (precision, remat,
+    logits chunk, mesh, method, RECAP, replay, checkpoints, eval, export) as configured.
+    Returns the checks of `rehearsal_summary`."""
+    fixtures = os.path.join(workdir, "rehearsal_fixtures")
+    overrides = rehearsal.write_fixtures(fixtures, config)
+    with config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext():
+        rehearsal.apply_overrides(config, overrides)
+    train(config, workdir)
+    return rehearsal_summary(config, workdir)
+
+
+def rehearsal_summary(config, workdir: str) -> dict[str, Any]:
+    """What a rehearsal must show before the real launch: {check: (ok, detail)}."""
+    plan = plan_lib.build_plan(config)
+    lines, _ = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    steps = {stage.name: [r for r in lines if r["stage"] == stage.name] for stage in plan.stages}
+    trained = [r for stage_lines in steps.values() for r in stage_lines]
+    objectives = plan.stage("rl").objectives.names if plan.stage("rl") else ()
+    missing = [o for o in objectives if any(f"weight/{o}" not in r for r in steps.get("rl", []))]
+    run = build_run(plan, workdir)
+    try:  # the newest checkpoint re-read (params only) and compared with the exported policy
+        step = run.checkpoints.steps()[-1]
+        restored = load_checkpoint_params(run, step)
+        exported = policy.load_params(plan, os.path.join(workdir, "final"), run.mesh)
+        same = all(np.array_equal(np.asarray(gather(a)), np.asarray(gather(b))) for a, b in
+                   zip(jax.tree.leaves(restored), jax.tree.leaves(exported)))
+    finally:
+        run.log.close()
+        run.checkpoints.close()
+    largest = max((r.get("update_norm", 0.0) for r in trained), default=0.0)
+    return {
+        "steps run": (all(len(steps[s.name]) == s.steps for s in plan.stages),
+                      ", ".join(f"{name} {len(v)}" for name, v in steps.items())),
+        "finite losses": (bool(trained) and all(np.isfinite(r["loss"]) for r in trained),
+                          f"{len(trained)} steps"),
+        "update_norm > 0": (largest > 0, f"largest {largest:.3g}"),
+        "every objective's lambda logged": (not missing, f"{len(objectives)} objectives"
+                                            + (f", missing {missing}" if missing else "")),
+        "checkpoint re-read, equal to the exported final/": (same, f"checkpoint {step}"),
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    return "\n".join(["rehearsal"] + [f"  [{'ok' if ok else 'FAIL'}] {check}: {detail}"
+                                        for check, (ok, detail) in summary.items()])
+
+
 def main(argv=None) -> int:
     from absl import app, flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
     flags.DEFINE_string("workdir", None, "output directory (resumes when it has checkpoints)")
+    flags.DEFINE_bool("rehearse", False, "run the config on a tiny model and fixture data of the "
+                                         "same formats for a few steps, then print the checks")
+    flags.DEFINE_integer("simulate_devices", 0, "CPU only: this many simulated devices (e.g. 8 "
+                                                "for a mesh of 8)")
     flags.mark_flags_as_required(["config", "workdir"])
 
     def _main(_):
@@ -517,7 +576,13 @@ def main(argv=None) -> int:
 
         absl_logging.set_verbosity("warning")  # orbax logs every file operation at INFO
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        if flags.FLAGS.simulate_devices:
+            jax.config.update("jax_num_cpu_devices", flags.FLAGS.simulate_devices)
         try:
+            if flags.FLAGS.rehearse:
+                summary = rehearse(flags.FLAGS.config, flags.FLAGS.workdir)
+                print(format_summary(summary), flush=True)
+                return 0 if all(ok for ok, _ in summary.values()) else 1
             train(flags.FLAGS.config, flags.FLAGS.workdir)
         except Preempted as stop:
             print(f"preempted: {stop}", flush=True)
