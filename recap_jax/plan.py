@@ -283,6 +283,7 @@ class RunPlan:
     log_every: int
     tensorboard: bool
     wandb: WandbConfig
+    ignore_memory_plan: bool = False
 
     @property
     def source_names(self) -> tuple[str, ...]:
@@ -351,6 +352,7 @@ def _build(reader: _Reader) -> RunPlan:
             ("specs", ""), ("prompt", "_prompt"), ("batch_size", "_batch_size"),
             ("max_new_tokens", "_max_new_tokens"), ("limit", "_limit"))}),
         log_every=reader.get("log.every_steps"), tensorboard=reader.get("log.tensorboard"),
+        ignore_memory_plan=reader.get("run.ignore_memory_plan"),
         wandb=_make(WandbConfig, "log", enabled=reader.get("log.wandb"),
                     **{field: reader.get(f"log.wandb_{field}")
                        for field in ("project", "run_name", "mode", "entity")}))

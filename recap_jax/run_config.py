@@ -209,6 +209,9 @@ def base_config() -> ml_collections.ConfigDict:
     # paper_sigma (paper variant): "window" (Eq. 1, sigma about the current window's mean) |
     # "2w" (Algorithm 2's pseudocode, about the 2W mean)
     c.recap = dict(variant="released", window=10, temperature=5.0, alpha=0.5, paper_sigma="window")
+    # ignore_memory_plan: start on accelerators even when the memory plan printed at the start
+    # (recap_jax.tools.memory.preflight) says the run does not fit
+    c.run = dict(ignore_memory_plan=False)
     c.checkpoint = dict(every_steps=50, keep=2)  # RL steps between checkpoints; kept N at a time
     c.eval = dict(
         every_steps=0,  # RL steps between evaluations (0 = before and after RL only)
@@ -278,8 +281,8 @@ def _paths(value: str) -> list[str]:
 
 def validate(config, *, check_paths: bool = True) -> None:
     """Raises ConfigError for the first invalid field (before anything is built)."""
-    for section in ("model", "tokenizer", "mesh", "data", "sft", "rl", "recap", "checkpoint",
-                    "eval", "log"):
+    for section in ("model", "tokenizer", "mesh", "data", "sft", "rl", "recap", "run",
+                    "checkpoint", "eval", "log"):
         if section not in config:
             _fail(section, None, "a section (start configs from run_config.base_config())")
     _int(config, "seed", 0)

@@ -69,7 +69,7 @@ from recap_jax.metrics_log import MetricsLog, read_jsonl
 from recap_jax.preemption import Preempted, PreemptionHandler
 from recap_jax.reward_pool import RewardPool
 from recap_jax.rollout import gather
-from recap_jax.tools import rehearsal
+from recap_jax.tools import memory, rehearsal
 from recap_jax.train_state import TrainState
 from recap_jax.train_step import make_train_step
 from recap_jax.workdir_lock import WorkdirBusy, WorkdirLock
@@ -153,6 +153,8 @@ def build_run(plan: plan_lib.RunPlan, workdir: str) -> Run:
     processor = policy.build_processor(plan, workdir)
     model_config = policy.build_model_config(plan.model)
     policy.check_tokenizer_matches(processor, model_config)
+    # on accelerators: the per-device memory plan printed, and a run that cannot fit refused
+    memory.preflight(plan, mesh, ignore=plan.ignore_memory_plan, model_config=model_config)
     graphdef, params = policy.build_params(plan, model_config, mesh)
     skips = SkipCounter(_log)
     train_sources = open_sources(plan.sources, "train", skips)
@@ -588,7 +590,7 @@ def main(argv=None) -> int:
             print(f"preempted: {stop}", flush=True)
             return 0
         except (run_config.ConfigError, TrainingStopped, CheckpointsUnreadable,
-                CheckpointMismatch, WorkdirBusy) as error:
+                CheckpointMismatch, WorkdirBusy, memory.MemoryPlanError) as error:
             print(f"error: {error}", file=sys.stderr, flush=True)
             return 1
         return 0
