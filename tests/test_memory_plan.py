@@ -15,7 +15,7 @@ from recap_jax import plan as plan_lib
 from recap_jax import policy
 from recap_jax.models.qwen2_5_vl import config as config_lib
 from recap_jax.tools import memory
-from tests.short_run import ROOT
+from tests.short_run import ROOT, load_config
 
 TINY = {"model.hidden_size": 32, "model.intermediate_size": 64, "model.vision_hidden_size": 32,
         "model.text_layers": 1, "model.vision_depth": 1, "sft.steps": 0, "rl.method": "reasoning_only",
@@ -51,11 +51,14 @@ def test_the_hybrid_7b_workload_comes_from_its_config():
     assert any("not read when planning" in n for n in notes)
     (stage,) = plan.stages
     workload = memory.stage_workload(plan, stage, model_config)
-    # 16 prompts x G=4, prompts padded to the largest bucket (4096), completions of max_new_tokens,
-    # one image of the largest 28-px square under max_pixels = 1280 x 28 x 28 (1001 px -> 980)
-    assert workload == memory.Workload(batch=16, group_size=4, prompt_len=4096, completion_len=2048, images=1,
-                                       image_size=980)
-    assert workload.tokens_per_image(model_config) == 35 * 35
+    # B prompts x G, prompts padded to the largest bucket, completions of max_new_tokens, one image of
+    # the largest 28-px square under max_pixels (the released 401,408 px: 633 px -> 616, 22 x 22 tokens)
+    raw = load_config("hybrid_7b")
+    side = int(raw.tokenizer.max_pixels ** 0.5) // 28 * 28
+    assert workload == memory.Workload(batch=raw.rl.prompts_per_step, group_size=raw.rl.group_size,
+                                       prompt_len=max(raw.data.prompt_buckets),
+                                       completion_len=raw.rl.max_new_tokens, images=1, image_size=side)
+    assert workload.tokens_per_image(model_config) == (side // 28) ** 2
     assert (plan.model.param_dtype, plan.model.remat) == ("bfloat16", "full")
 
 
@@ -88,7 +91,8 @@ def test_the_image_budget_respects_the_prompt_and_the_patch_buckets():
     plan, _ = run_plan_of("demo", overrides({"data.patch_buckets": "(100000,)", "tokenizer.max_pixels": 10 ** 7}))
     workload = memory.stage_workload(plan, plan.stages[0], model_config)
     assert workload.tokens_per_image(model_config) + 3 <= workload.prompt_len == 256  # shrunk to fit the prompt
-    assert memory.image_side(1280 * 28 * 28, 28) == 980 and memory.image_side(100, 28) == 28
+    assert memory.image_side(1280 * 28 * 28, 28) == 980 and memory.image_side(401408, 28) == 616
+    assert memory.image_side(100, 28) == 28
 
 
 # --------------------------------------------------------------------------- the compiled plans
@@ -118,7 +122,7 @@ def test_the_config_path_plans_what_the_equivalent_preset_flags_plan(tmp_path, c
 
 def test_plan_run_memory_counts_the_reference_policy_and_answers_fits():
     plan, _ = run_plan_of("demo", overrides({"rl.method": "lwf"}))
-    mesh = memory._mesh_of(plan)
+    mesh = memory.mesh_of(plan)
     report = memory.plan_run_memory(plan, mesh)
     (stage,) = report.stages
     assert stage.plan.reference == stage.plan.params > 0  # lwf's frozen policy stays on the device
@@ -172,7 +176,7 @@ def test_a_python_file_where_json_is_expected_is_one_line_from_the_command_line(
 
 def test_preflight_prints_the_plan_and_refuses_a_run_that_does_not_fit(capsys, caplog):
     plan, _ = run_plan_of("demo", overrides())
-    mesh = memory._mesh_of(plan)
+    mesh = memory.mesh_of(plan)
     assert memory.preflight(plan, mesh) is None  # on a CPU: no device limit to plan against
     printed = []
     report = memory.preflight(plan, mesh, device_gib=80, echo=printed.append)

@@ -664,7 +664,7 @@ def _renamed(message: str, preset_mode: bool) -> str:
     return message
 
 
-def _mesh_of(run_plan):
+def mesh_of(run_plan):
     """The plan's mesh, or one device when the run has none."""
     if run_plan.mesh is None:
         return parallel.make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
@@ -688,7 +688,7 @@ def build_report(args: argparse.Namespace, overrides: Sequence[str]) -> RunMemor
         else:
             config, notes = planning_config(load_run_config(args.config, overrides), args.config, args.mesh)
         run_plan = plan_lib.build_plan(config, check_paths=False)
-        mesh = _mesh_of(run_plan)
+        mesh = mesh_of(run_plan)
         if model_config is None:
             from recap_jax import policy
 
