@@ -130,3 +130,12 @@ def test_a_synthetic_config_gets_only_the_model_and_the_cuts(tmp_path):
     assert overrides["sft.steps"] == 3 and overrides["rl.steps"] == 3
     plan = plan_lib.build_plan(rehearsal.apply_overrides(config, overrides), check_paths=True)
     assert plan.model.path == str(tmp_path / "model")
+
+
+def test_cpu_lengths_cut_completions_and_answer_buckets_only_downwards():
+    config = load_config("hybrid_7b")
+    cuts = rehearsal.cpu_length_cuts(config)
+    assert cuts == {"rl.max_new_tokens": 64, "eval.max_new_tokens": 64, "data.answer_buckets": (64, 256)}
+    config.rl.max_new_tokens, config.data.answer_buckets = 16, (512, 1024)
+    cuts = rehearsal.cpu_length_cuts(config)
+    assert cuts["rl.max_new_tokens"] == 16 and cuts["data.answer_buckets"] == (512,)
