@@ -34,6 +34,13 @@ def run_plan_of(name: str, extra: list[str] = (), mesh: str | None = "fsdp=8"):
     return plan_lib.build_plan(config, check_paths=False), notes
 
 
+def load_run_config_demo(mesh_spec: str):
+    """configs/demo.py with TINY and ``mesh.spec`` as given (not filled in by planning_config)."""
+    config = memory.load_run_config(str(ROOT / "configs" / "demo.py"), overrides())
+    config.mesh.spec = mesh_spec
+    return config
+
+
 def fields(plan: memory.MemoryPlan) -> dict:
     out = dict(vars(plan))
     out.pop("compile_seconds")
@@ -181,6 +188,9 @@ def test_preflight_prints_the_plan_and_refuses_a_run_that_does_not_fit(capsys, c
     printed = []
     report = memory.preflight(plan, mesh, device_gib=80, echo=printed.append)
     assert report.fits(80) and printed == [report.table(80)]
+    single = memory.preflight(plan_lib.build_plan(load_run_config_demo(mesh_spec=""), check_paths=False), None,
+                              device_gib=80, echo=printed.append)  # a run without mesh.spec: one device
+    assert single.stages[0].plan.params > report.stages[0].plan.params  # unsharded
     tiny = 0.5 * report.peak_bytes / memory.GIB
     with pytest.raises(memory.MemoryPlanError, match=r"does not fit in .* GiB.*--config.run.ignore_memory_plan=True"):
         memory.preflight(plan, mesh, device_gib=tiny, echo=printed.append)

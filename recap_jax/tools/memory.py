@@ -474,12 +474,14 @@ def device_memory_gib(device=None) -> float | None:
 
 def preflight(run_plan, mesh, *, ignore: bool = False, model_config=None, device_gib: float | None = None,
               field: str = "run.ignore_memory_plan", echo=print) -> RunMemoryReport | None:
-    """The memory plan a run prints at its start on accelerators: compiled for ``mesh``, printed
+    """The memory plan a run prints at its start on accelerators: compiled for ``mesh`` (None: one
+    device, as a run without mesh.spec), printed
     with ``echo`` (process 0 only), and MemoryPlanError when it does not fit ``device_gib``
     (default: the device's own limit) unless ``ignore``. None on a CPU (nothing to plan against)."""
     device_gib = device_gib if device_gib is not None else device_memory_gib()
     if device_gib is None:
         return None
+    mesh = mesh if mesh is not None else mesh_of(run_plan)  # a run without a mesh: one device
     report = plan_run_memory(run_plan, mesh, model_config=model_config)
     if jax.process_index() == 0:
         echo(report.table(device_gib))
