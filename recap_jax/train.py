@@ -518,7 +518,15 @@ def rehearse(config, workdir: str) -> dict[str, Any]:
     logits chunk, mesh, method, RECAP, replay, checkpoints, eval, export) as configured.
     Returns the checks of `rehearsal_summary`."""
     fixtures = os.path.join(workdir, "rehearsal_fixtures")
-    overrides = rehearsal.write_fixtures(fixtures, config)
+    # 4 steps: two optimizer updates even with rl.sources_per_update=2; on a CPU the lengths
+    # are cut (a 7B config's 2,048-token completions for 64 rows do not fit a CPU host's
+    # memory even on the tiny model); learning rates raised so that a few bf16 updates of a
+    # random model are visible in update_norm (at 1e-6 they round away, as they would in the
+    # first steps of the real run without the float32 master copy)
+    overrides = rehearsal.write_fixtures(fixtures, config, steps=4,
+                                         cpu_lengths=jax.devices()[0].platform == "cpu")
+    overrides.update({f"{stage}.learning_rate": max(config[stage].learning_rate, 1e-3)
+                      for stage in ("sft", "rl")})
     with config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext():
         rehearsal.apply_overrides(config, overrides)
     train(config, workdir)

@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from recap_jax import rewards, rollout, train
+from recap_jax import rollout, train
 from recap_jax.metrics_log import read_jsonl
 from tests.short_run import ROOT, cli_overrides, short_config
 
@@ -68,9 +68,14 @@ def rows(workdir, stage):
 
 
 def test_nan_rewards_are_skipped_then_the_run_saves_and_stops(tmp_path, monkeypatch):
-    """Every reasoning reward NaN: each step is skipped (params untouched), counted, logged;
-    after rl.max_bad_steps in a row the run saves and stops with a clear message."""
-    monkeypatch.setitem(rewards.REWARDS, "accuracy", lambda *a, **k: float("nan"))
+    """Every reward NaN when it reaches the step: each step is skipped (params untouched),
+    counted, logged; after rl.max_bad_steps in a row the run saves and stops with a clear
+    message. (A reward *function* returning NaN is scored 0 and counted by the reward pool;
+    NaNs are injected after scoring here, where only a bug could put them.)"""
+    from recap_jax.reward_pool import RewardPool
+
+    monkeypatch.setattr(RewardPool, "score", lambda self, task, texts, refs, sizes, inputs, names:
+                        np.full((len(texts), len(names)), np.nan, np.float32))
     config = short_config(sft__steps=0, rl__method="reasoning_only", rl__steps=6,
                           rl__max_bad_steps=3, checkpoint__every_steps=1, checkpoint__keep=10)
     workdir = tmp_path / "nan"
