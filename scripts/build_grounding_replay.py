@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from recap_jax.bench.suites import read_json_rows  # noqa: E402
 from recap_jax.data import files as files_lib  # noqa: E402
 from recap_jax.data.records import BadRecord  # noqa: E402
 from recap_jax.data.tasks import GROUNDING_QUESTION  # noqa: E402
@@ -58,27 +59,6 @@ def input_files(paths: list[str]) -> list[Path]:
         else:
             raise FileNotFoundError(f"annotation file not found: {path}")
     return files
-
-
-def read_rows(path: Path) -> list:
-    """Rows of a JSON list or a jsonl file; an unreadable jsonl line becomes a BadRecord."""
-    if path.suffix == ".json":
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from None
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list, got {type(rows).__name__}")
-        return rows
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    rows.append(BadRecord(f"line {number} is not valid JSON ({error.msg})", "json"))
-    return rows
 
 
 def question_of(row: dict) -> str:
@@ -162,7 +142,7 @@ def build(files: list[Path], root: Path, out: Path, *, max_per_file: int | None 
     with tmp.open("w", encoding="utf-8") as handle:
         for file in files:
             kept, skipped = 0, collections.Counter()
-            for index, row in enumerate(read_rows(file)):
+            for index, row in enumerate(read_json_rows(file)):
                 if max_per_file is not None and kept >= max_per_file:
                     break
                 try:

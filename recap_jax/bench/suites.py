@@ -528,13 +528,7 @@ def _image_array(value: Any, image_root: str | None, where: str) -> np.ndarray:
         if image_root is None:
             raise BadRecord(f"path: {where} names its image by path ({value!r}); pass "
                             "image_root", "path")
-        path = files_lib.resolve_under(image_root, value)
-        try:
-            data = path.read_bytes()
-        except OSError as error:
-            raise BadRecord(f"image: cannot read {path} ({error.strerror or error})",
-                            "image") from None
-        return decode_image(data, what=where)
+        return files_lib.read_image_under(image_root, value, where)
     try:
         return processor_lib.to_rgb_array(value)
     except (TypeError, ValueError, OSError) as error:

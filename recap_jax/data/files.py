@@ -11,7 +11,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from recap_jax.data.records import BadRecord
+import numpy as np
+
+from recap_jax.data.records import BadRecord, decode_image
 
 __all__ = ["ParquetColumnReader", "expand_paths", "iter_rows", "resolve_under"]
 
@@ -58,6 +60,18 @@ def resolve_under(root: str | os.PathLike, relative: str) -> Path:
         raise BadRecord(f"path: image path {relative!r} escapes image root {resolved_root}",
                         "path")
     return resolved
+
+
+def read_image_under(root: str | os.PathLike, relative: str, where: str) -> np.ndarray:
+    """The decoded image at ``relative`` inside ``root`` (`resolve_under`); BadRecord naming
+    the path if it cannot be read or decoded."""
+    path = resolve_under(root, relative)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise BadRecord(f"image: cannot read {path} ({error.strerror or error})",
+                        "image") from None
+    return decode_image(data, what=where)
 
 
 def iter_rows(file: Path, *, skip_columns: Sequence[str] = ()) -> Iterator[tuple[int, Any]]:

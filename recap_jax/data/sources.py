@@ -143,13 +143,7 @@ class Source:
         if self.image_root is None:
             raise BadRecord(f"path: {where} is a path ({value!r}) but no image_root was given",
                             "path")
-        path = files_lib.resolve_under(self.image_root, value)
-        try:
-            data = path.read_bytes()
-        except OSError as error:
-            raise BadRecord(f"image: cannot read {path} ({error.strerror or error})",
-                            "image") from None
-        return decode_image(data, what=where)
+        return files_lib.read_image_under(self.image_root, value, where)
 
 
 # --------------------------------------------------------------------------- row parsing

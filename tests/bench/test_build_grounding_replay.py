@@ -68,7 +68,7 @@ def test_build_keeps_good_rows_and_counts_bad_ones(rec, capsys):
     ]
     printed = capsys.readouterr().out
     assert "refcoco_train.json: kept 1, skipped 3 {'image': 1, 'box': 2}" in printed
-    assert "refcocog_train.jsonl: kept 1, skipped 3 {'json': 1, 'path': 1, 'question': 1}" in printed
+    assert "refcocog_train.jsonl: kept 1, skipped 3 {'schema': 1, 'path': 1, 'question': 1}" in printed
     assert "total: kept 2, skipped 6" in printed
     assert "skipped " + str(rec / "rec_jsons_processed" / "refcoco_train.json") + ":1" in printed
     # the training adapter reads the output
