@@ -48,9 +48,9 @@ from recap_jax.bench.suites import BenchItem, Suite, open_suite, parse_suite_spe
 from recap_jax.data.records import BadRecord
 from recap_jax.rollout import BATCH_AXES, Placement, decode_completions, gather
 
-__all__ = ["Progress", "collate_prompts", "encode_item", "evaluate_suite", "evaluate_suites",
-           "format_progress", "main", "open_suites", "patch_bucket", "summary_table",
-           "write_results"]
+__all__ = ["Progress", "collate_prompts", "details_text", "encode_item", "evaluate_suite",
+           "evaluate_suites", "format_progress", "main", "open_suites", "patch_bucket",
+           "skipped_text", "suite_metrics", "summary_table", "write_results"]
 
 MIN_PATCH_BUCKET = 256
 PATCH_BUCKET_MULTIPLE = 64
@@ -172,6 +172,8 @@ def _to_json(value: Any) -> Any:
         return float(value)
     if isinstance(value, (tuple, list, np.ndarray)):
         return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _to_json(v) for k, v in value.items()}
     return value
 
 
@@ -195,12 +197,23 @@ def _item_record(item: BenchItem, encoded: dict, text: str, length: int, truncat
     value = scoring.score(rule, text, item, image_size=tuple(encoded["image_size"]),
                           input_size=tuple(encoded["input_size"]))
     return {"id": item.id, "reference": _to_json(item.answer), "answer": scoring.answer_text(text),
-            "completion": text, "score": value, "length": int(length), "truncated": bool(truncated)}
+            "completion": text, "score": value, "length": int(length), "truncated": bool(truncated),
+            "meta": {key: _to_json(v) for key, v in item.meta.items()}}
+
+
+def suite_metrics(suite: Suite, items: Sequence[dict]) -> dict:
+    """The suite's score and extra metrics from its scored item records: the suite's
+    aggregate (MMBench: circular and vanilla accuracy; OCRBench v2: per type / category /
+    language means), whose "score" is the suite score; else the mean item score."""
+    metrics = suite.kind.aggregate(items) if suite.kind.aggregate and items else {}
+    mean = float(np.mean([r["score"] for r in items])) if items else math.nan
+    return {"score": float(metrics.pop("score", mean)), "item_mean": mean, "metrics": metrics}
 
 
 def evaluate_suite(graphdef, params, processor, model_config, suite: Suite, settings: _Settings,
                    placement: Placement, progress_stream: TextIO | None = None) -> dict:
-    """One suite's result: score (mean item score in [0, 1]), n, skipped and why, items."""
+    """One suite's result: score (in [0, 1]: the mean item score, or the suite's published
+    aggregate, see `suite_metrics`), item_mean, metrics, n, skipped and why, items."""
     items: list[dict] = []
     progress = Progress(suite.label, len(suite), progress_stream)
     pending: list[tuple[BenchItem, dict]] = []
@@ -232,10 +245,9 @@ def evaluate_suite(graphdef, params, processor, model_config, suite: Suite, sett
             flush()
     if pending:
         flush()
-    scores = [record["score"] for record in items]
     return {"suite": suite.label, "path": suite.path, "rule": suite.kind.rule,
             "layout": suite.kind.layout, "prompt": settings.style,
-            "score": float(np.mean(scores)) if scores else math.nan, "n": len(items),
+            **suite_metrics(suite, items), "n": len(items),
             "skipped": suite.skips.count(suite.label), "skip_reasons": suite.skips.reasons(suite.label),
             "mean_length": float(np.mean([r["length"] for r in items])) if items else math.nan,
             "truncated": int(sum(r["truncated"] for r in items)), "items": items}
@@ -287,16 +299,45 @@ def open_suites(specs: Sequence[str] | str, *, limit: int | None = None,
 # --------------------------------------------------------------------------- output
 
 
+def _percent(value: float) -> str:
+    return f"{100 * value:.2f}" if math.isfinite(value) else "-"
+
+
+def skipped_text(result: dict) -> str:
+    """"N" or "N (reason n, ...)" of a result's skipped rows, e.g. "3 (multi_image 2, image 1)"."""
+    reasons = result.get("skip_reasons") or {}
+    if not reasons:
+        return str(result["skipped"])
+    parts = ", ".join(f"{kind} {count}" for kind, count in sorted(reasons.items(),
+                                                                  key=lambda kv: (-kv[1], kv[0])))
+    return f"{result['skipped']} ({parts})"
+
+
+def details_text(result: dict) -> str:
+    """The suite's extra metrics in a few words: MMBench's vanilla and circular accuracy,
+    OCRBench v2's English / Chinese overall and its unscored types; "" for other suites."""
+    metrics = result.get("metrics") or {}
+    parts = []
+    if "circular" in metrics:
+        parts.append(f"circular {_percent(metrics['circular'])}, vanilla "
+                     f"{_percent(metrics['vanilla'])} ({metrics['questions']} questions)")
+    for lang, value in (metrics.get("overall") or {}).items():
+        parts.append(f"{lang} {_percent(value)}")
+    if metrics.get("missing_types"):
+        parts.append(f"partial: {len(metrics['missing_types'])} task types unscored")
+    return "; ".join(parts)
+
+
 def summary_table(results: dict[str, dict]) -> str:
-    """A markdown table: suite, rule, n, score (%), skipped, mean completion length."""
-    lines = ["| suite | rule | n | score (%) | skipped | mean length |",
-             "|---|---|---:|---:|---:|---:|"]
+    """A markdown table: suite, rule, n, score (%), skipped (with reasons), mean completion
+    length, details (`details_text`)."""
+    lines = ["| suite | rule | n | score (%) | skipped | mean length | details |",
+             "|---|---|---:|---:|---:|---:|---|"]
     for label, result in results.items():
-        score = result["score"]
-        lines.append(f"| {label} | {result['rule']} | {result['n']} | "
-                     f"{100 * score:.2f} | {result['skipped']} | {result['mean_length']:.1f} |"
-                     if math.isfinite(score) else
-                     f"| {label} | {result['rule']} | 0 | - | {result['skipped']} | - |")
+        score, length = result["score"], result["mean_length"]
+        lines.append(f"| {label} | {result['rule']} | {result['n']} | {_percent(score)} | "
+                     f"{skipped_text(result)} | {f'{length:.1f}' if math.isfinite(length) else '-'} "
+                     f"| {details_text(result)} |")
     return "\n".join(lines)
 
 
@@ -310,7 +351,8 @@ def write_results(results: dict[str, dict], out_dir: str, run_info: dict | None 
     for label, result in results.items():
         with open(os.path.join(out_dir, label.replace("/", "_") + ".json"), "w") as handle:
             json.dump({**(run_info or {}), **result}, handle, indent=1, allow_nan=True)
-    summary = {label: {k: r[k] for k in ("score", "n", "skipped", "rule", "mean_length")}
+    summary = {label: {k: r.get(k) for k in ("score", "n", "skipped", "skip_reasons", "rule",
+                                             "mean_length", "item_mean", "metrics")}
                for label, r in results.items()}
     with open(os.path.join(out_dir, "summary.json"), "w") as handle:
         json.dump({**(run_info or {}), "suites": summary}, handle, indent=1, allow_nan=True)

@@ -5,8 +5,9 @@ the whole completion when it has none (`answer_text`, as recap_jax.rewards does)
 
 - ``choice``: multiple choice (MMMU, MMMU-Pro, AI2D, MMBench, ScienceQA, MathVerse and
   MathVision multi-choice): the option letter of the answer (`choice_letter`) equals the
-  reference letter. MMBench's circular evaluation and MMMU's random fallback for
-  unparseable answers are not reproduced (an unparseable answer scores 0).
+  reference letter. MMBench's circular evaluation is a suite-level aggregate over the
+  per-item letters (`recap_jax.bench.circular`). MMMU's random fallback for unparseable
+  answers is not reproduced (an unparseable answer scores 0).
 - ``math``: free-form math (MathVerse, MathVision): recap_jax.rewards.accuracy, i.e.
   math-verify symbolic equivalence under its wall-clock limit, else normalised string equality.
 - ``mathvista``: MathVista's own normalisation and exact match (its
@@ -21,6 +22,7 @@ the whole completion when it has none (`answer_text`, as recap_jax.rewards does)
   10 leave-one-out subsets), after a simplified VQA answer normalisation.
 - ``ocrbench``: OCRBench v1: a reference contained in the answer (case-folded; spaces removed
   for HME100k handwritten math).
+- ``ocrbench_v2``: OCRBench v2's rule of the item's task type (`recap_jax.bench.ocrbench_v2`).
 - ``grounding``: IoU >= 0.5 between the predicted box (rescaled from the model-input frame to
   the original image) and the reference box.
 """
@@ -329,6 +331,15 @@ def _rule_ocrbench(completion, item, context):
     return ocrbench_contains(answer_text(completion), item.answer, item.meta.get("dataset", ""))
 
 
+def _rule_ocrbench_v2(completion, item, context):
+    from recap_jax.bench import ocrbench_v2  # imports this module's levenshtein
+
+    meta = item.meta
+    return ocrbench_v2.score_item(meta["type"], answer_text(completion), item.answer,
+                                  method=meta.get("eval") or "", box=meta.get("bbox"),
+                                  question=getattr(item, "question", ""))
+
+
 def _rule_grounding(completion, item, context):
     return grounding_hit(completion, item.answer, context.get("image_size"),
                          context.get("input_size"))
@@ -337,7 +348,7 @@ def _rule_grounding(completion, item, context):
 RULES: dict[str, Callable[[str, Any, dict], float]] = {
     "choice": _rule_choice, "math": _rule_math, "mathvista": _rule_mathvista, "mmmu": _rule_mmmu,
     "relaxed": _rule_relaxed, "anls": _rule_anls, "vqa": _rule_vqa, "ocrbench": _rule_ocrbench,
-    "grounding": _rule_grounding,
+    "ocrbench_v2": _rule_ocrbench_v2, "grounding": _rule_grounding,
 }
 
 

@@ -14,9 +14,15 @@ Parquet/arrow files are read with ``datasets`` (its Image features decode the im
 
 Each suite's row → `BenchItem` (question with its choices formatted, one image, reference
 answer, scoring rule). Repository layouts followed (columns checked against the dataset
-cards) are listed in `SUITES` and in docs/benchmarks_eval.md. Items with no image, several
-images (MMMU), an undecodable image, or missing fields are skipped and counted
-(`Suite.skips`), each named by file and row.
+cards) are listed in `SUITES` and in docs/benchmarks_eval.md. Items with no image, an
+undecodable image, or missing fields are skipped and counted (`Suite.skips`), each named by
+file and row. By default, questions with several images (MMMU, MMMU-Pro) are skipped and
+counted under their own reason, "multi_image": a BenchItem holds one image. OCRBench v2 rows
+of the task types whose metric is not implemented are skipped under "unscored".
+
+MMBench's circular copies (``index % 1e6`` shared) are read as they are in the file
+(``circular="auto"``), or dropped (``"off"``), or made from the original rows by rotating the
+options (``"generate"``, for a file without them); `recap_jax.bench.circular`.
 """
 
 from __future__ import annotations
@@ -34,13 +40,15 @@ from typing import Any
 
 import numpy as np
 
+from recap_jax.bench import circular as circular_lib
+from recap_jax.bench import ocrbench_v2
 from recap_jax.data import files as files_lib
 from recap_jax.data.records import BadRecord, SkipCounter, decode_image
 from recap_jax.data.tasks import GROUNDING_QUESTION
 from recap_jax.models.qwen2_5_vl import processor as processor_lib
 
-__all__ = ["BenchItem", "SUITES", "Suite", "SuiteKind", "format_options", "open_suite",
-           "parse_suite_spec", "read_hf_split", "suite_kind"]
+__all__ = ["BenchItem", "CIRCULAR_MODES", "SUITES", "Suite", "SuiteKind", "circular_views",
+           "format_options", "open_suite", "parse_suite_spec", "read_hf_split", "suite_kind"]
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # lmms-eval's VizWiz instruction (the answer "unanswerable" is among the references)
@@ -91,6 +99,10 @@ class SuiteKind:
     repo subdirectory, when the repo has several). layout: the published repository followed.
     reader: "hf" (parquet / arrow / save_to_disk / cache) or "json" (VLM-R1 rec json).
     multi_dir: the split's files may span several subdirectories (MMMU's 30 subjects).
+    aggregate: scored item records -> suite metrics (their "score" replaces the mean item
+    score), for suites whose published score is not the item mean (MMBench CircularEval,
+    OCRBench v2's category means); None: the mean.
+    circular: the suite has MMBench-style circular copies (the ``circular`` option applies).
     """
 
     name: str
@@ -101,6 +113,8 @@ class SuiteKind:
     config: str | None = None
     reader: str = "hf"
     multi_dir: bool = False
+    aggregate: Callable[[Sequence[dict]], dict] | None = None
+    circular: bool = False
 
 
 # --------------------------------------------------------------------------- row helpers
@@ -214,9 +228,14 @@ def mathvision_row(row: dict) -> dict:
 
 
 def _single_image(row: dict, keys: Sequence[str]) -> Any:
+    """The one image among ``keys``; BadRecord "image" if none, "multi_image" if several (a
+    BenchItem holds one image: multi-image questions are skipped and counted apart)."""
     images = [row[key] for key in keys if row.get(key) is not None]
-    if len(images) != 1:
-        raise BadRecord(f"image: {len(images)} images (one per question is supported)", "image")
+    if not images:
+        raise BadRecord("image: no image", "image")
+    if len(images) > 1:
+        raise BadRecord(f"multi_image: {len(images)} images (one per question is supported; "
+                        "multi-image questions are skipped)", "multi_image")
     return images[0]
 
 
@@ -258,7 +277,12 @@ def ai2d_row(row: dict) -> dict:
 
 def mmbench_row(row: dict) -> dict:
     """lmms-lab/MMBench (config en) / MMBench_EN: index, question, hint, A, B, C, D, answer
-    (a letter), category, image. Options that are empty or NaN are left out."""
+    (a letter), category, image. Options that are empty or NaN are left out. meta: group
+    (index % 1e6, shared by a question's circular copies), rotation (index // 1e6)."""
+    index = row.get("index")
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+        raise BadRecord(f"schema: index {index!r} is not a non-negative integer")
+    group, rotation = circular_lib.group_of(index)
     options = []
     for letter in "ABCD":
         text = _optional_text(row, letter)
@@ -272,7 +296,8 @@ def mmbench_row(row: dict) -> dict:
     return dict(id=str(row.get("index", "")), question=question + "\n" + format_options(options),
                 image=row.get("image"),
                 answer=_letter_of(_text(row, "answer", what="answer"), len(options)),
-                choices=tuple(options), meta=dict(category=_optional_text(row, "category")))
+                choices=tuple(options), meta=dict(category=_optional_text(row, "category"),
+                                                  group=group, rotation=rotation))
 
 
 def scienceqa_row(row: dict) -> dict:
@@ -328,6 +353,31 @@ def ocrbench_row(row: dict) -> dict:
                           question_type=_optional_text(row, "question_type")))
 
 
+def ocrbench_v2_row(row: dict) -> dict:
+    """ling99/OCRBench_v2: id, dataset_name, question, type (the task type), answers (list),
+    image, eval (None, "multiple choice", "case sensitive", "exact match", "regression"),
+    bbox (VQA with position), bbox_list, content. Rows of a type not scored here
+    (`ocrbench_v2.UNSCORED_TYPES`) are BadRecord "unscored"."""
+    task_type = _text(row, "type", what="type")
+    question = _text(row, "question")
+    try:
+        scored = ocrbench_v2.is_scored(task_type, question)
+    except ValueError as error:
+        raise BadRecord(f"schema: {error}") from None
+    if not scored:
+        raise BadRecord(f"unscored: OCRBench v2 type {task_type!r} needs a metric not "
+                        "implemented here", "unscored")
+    answers = _string_list(row.get("answers"), "answers")
+    if not answers:
+        raise BadRecord("text: no answers", "text")
+    box = row.get("bbox")
+    return dict(id=str(row.get("id", "")), question=question, image=row.get("image"),
+                answer=answers,
+                meta=dict(type=task_type, eval=_optional_text(row, "eval"),
+                          dataset=_optional_text(row, "dataset_name"),
+                          bbox=None if box is None else [int(v) for v in box]))
+
+
 def _conversation(row: dict) -> tuple[str | None, str | None]:
     human = gpt = None
     for turn in row.get("conversations") or []:
@@ -380,7 +430,7 @@ SUITES: dict[str, SuiteKind] = {kind.name: kind for kind in [
     SuiteKind("ai2d", ai2d_row, "choice", "test", "lmms-lab/ai2d: data/test-*.parquet"),
     SuiteKind("mmbench", mmbench_row, "choice", "dev",
               "lmms-lab/MMBench: en/dev-*.parquet (or lmms-lab/MMBench_EN: data/dev-*.parquet)",
-              config="en"),
+              config="en", aggregate=circular_lib.aggregate, circular=True),
     SuiteKind("scienceqa", scienceqa_row, "choice", "test",
               "derek-thomas/ScienceQA: data/test-*.parquet (or lmms-lab/ScienceQA: "
               "ScienceQA-IMG/test-*.parquet); text-only questions skipped", config="ScienceQA-IMG"),
@@ -389,6 +439,8 @@ SUITES: dict[str, SuiteKind] = {kind.name: kind for kind in [
               "lmms-lab/DocVQA: InfographicVQA/validation-*.parquet", config="InfographicVQA"),
     SuiteKind("vizwiz", vizwiz_row, "vqa", "val", "lmms-lab/VizWiz-VQA: data/val-*.parquet"),
     SuiteKind("ocrbench", ocrbench_row, "ocrbench", "test", "echo840/OCRBench: data/test-*.parquet"),
+    SuiteKind("ocrbench_v2", ocrbench_v2_row, "ocrbench_v2", "test",
+              "ling99/OCRBench_v2: data/test-*.parquet", aggregate=ocrbench_v2.aggregate),
     SuiteKind("refcoco", rec_row, "grounding", "",
               "VLM-R1 rec_jsons_processed/refcoco{,p,g}_{val,testA,testB,test}.json + COCO "
               "train2014", reader="json"),
@@ -536,25 +588,29 @@ def _image_array(value: Any, image_root: str | None, where: str) -> np.ndarray:
 
 
 class Suite:
-    """One opened benchmark: its rows, and `load` (row → BenchItem).
+    """One opened benchmark: its items, and `load` (item index → BenchItem).
 
-    Attributes: label, kind (SuiteKind), path, image_root, skips (a SkipCounter: bad rows are
-    counted under ``label``).
+    Attributes: label, kind (SuiteKind), path, image_root, skips (a SkipCounter: bad items are
+    counted under ``label``), views (None: item k is row k; else item k is row views[k][0]
+    rotated by views[k][1], MMBench's generated circular copies).
     """
 
     def __init__(self, label: str, kind: SuiteKind, path: str, rows: Any, *,
-                 image_root: str | None, skips: SkipCounter):
+                 image_root: str | None, skips: SkipCounter,
+                 views: Sequence[tuple[int, int]] | None = None):
         self.label, self.kind, self.path, self._rows = label, kind, path, rows
         self.image_root, self.skips = image_root, skips
+        self.views = None if views is None else list(views)
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._rows) if self.views is None else len(self.views)
 
     def load(self, index: int) -> BenchItem:
-        """Row ``index`` as a BenchItem; BadRecord naming the file and row if unusable."""
-        where = f"{self.path} row {index}"
+        """Item ``index`` as a BenchItem; BadRecord naming the file and row if unusable."""
+        row_index, rotation = (index, 0) if self.views is None else self.views[index]
+        where = f"{self.path} row {row_index}" + (f" (rotation {rotation})" if rotation else "")
         try:
-            row = self._rows[index]
+            row = self._rows[row_index]
         except Exception as error:  # noqa: BLE001 -- datasets decodes images on access
             raise BadRecord(f"image: {where}: cannot read the row ({type(error).__name__}: "
                             f"{error})", "image") from None
@@ -563,6 +619,8 @@ class Suite:
         if not isinstance(row, dict):
             raise BadRecord(f"schema: {where} is a {type(row).__name__}, not an object")
         try:
+            if rotation:
+                row = circular_lib.rotate_row(row, rotation)
             fields = self.kind.parse_row(row)
         except BadRecord as error:
             raise BadRecord(f"{where}: {error}", error.kind) from None
@@ -590,14 +648,42 @@ def _check_box(box, shape, where: str, tolerance: float = 2.0) -> None:
         raise BadRecord(f"box: {where}: {list(box)} outside the {shape[1]}x{shape[0]} image", "box")
 
 
+CIRCULAR_MODES = ("auto", "off", "generate")
+
+
+def circular_views(indices: Sequence[Any], option_counts: Sequence[int], mode: str
+                   ) -> list[tuple[int, int]] | None:
+    """The (row, rotation) items of an MMBench-style suite: "auto" None (every row as it is),
+    "off" the original rows (index < 1e6), "generate" each original row once per rotation of
+    its options (the file's own copies dropped)."""
+    if mode not in CIRCULAR_MODES:
+        raise ValueError(f"circular must be one of {CIRCULAR_MODES}, got {mode!r}")
+    if mode == "auto":
+        return None
+    originals = [row for row, index in enumerate(indices)
+                 if index is not None and int(index) < circular_lib.CIRCULAR_OFFSET]
+    if mode == "off":
+        return [(row, 0) for row in originals]
+    return [(row, k) for row in originals for k in range(max(option_counts[row], 1))]
+
+
+def _option_counts(rows: Any) -> list[int]:
+    letters = [letter for letter in circular_lib.OPTION_LETTERS
+               if letter in getattr(rows, "column_names", ())]
+    columns = {letter: list(rows[letter]) for letter in letters}
+    return [circular_lib.option_count({letter: columns[letter][k] for letter in letters})
+            for k in range(len(rows))]
+
+
 def open_suite(label: str, path: str | os.PathLike, *, split: str | None = None,
                config: str | None = None, image_root: str | os.PathLike | None = None,
                cache_dir: str | None = None, limit: int | None = None,
-               skips: SkipCounter | None = None) -> Suite:
+               skips: SkipCounter | None = None, circular: str = "auto") -> Suite:
     """Opens suite ``label`` (a SUITES name, optionally "/variant", e.g. "refcoco/testA")
     from ``path``; ``split`` / ``config`` default to the suite's; ``limit`` keeps the first
     rows. Path-named images are read under ``image_root`` (default: the file's directory for
-    json suites)."""
+    json suites). ``circular`` ("auto", "off", "generate"; `circular_views`) applies to
+    MMBench only."""
     kind = suite_kind(label)
     path = os.fspath(path)
     if kind.reader == "json":
@@ -610,25 +696,38 @@ def open_suite(label: str, path: str | os.PathLike, *, split: str | None = None,
         rows = rows.select(range(min(limit, len(rows)))) if hasattr(rows, "select") else rows[:limit]
     if len(rows) == 0:
         raise ValueError(f"suite {label!r}: no rows in {path}")
+    views = None
+    if circular != "auto":
+        if not kind.circular:
+            raise ValueError(f"suite {label!r}: the circular option applies to MMBench only")
+        if "index" not in getattr(rows, "column_names", ()):
+            raise ValueError(f"suite {label!r}: {path} has no 'index' column (needed for circular)")
+        views = circular_views(list(rows["index"]), _option_counts(rows), circular)
+        if not views:
+            raise ValueError(f"suite {label!r}: no original rows (index < 1e6) in {path}")
     root = None if image_root is None else os.fspath(image_root)
     return Suite(label, kind, path, rows, image_root=root,
-                 skips=SkipCounter() if skips is None else skips)
+                 skips=SkipCounter() if skips is None else skips, views=views)
 
 
 def parse_suite_spec(text: str) -> dict:
     """``LABEL=PATH[;key=value...]`` → dict(label, path, **options); keys: split, config,
-    image_root. E.g. ``refcoco/testA=/d/rec/refcoco_testA.json;image_root=/d/coco``."""
+    image_root, circular (MMBench: auto | off | generate). E.g.
+    ``refcoco/testA=/d/rec/refcoco_testA.json;image_root=/d/coco``."""
     label, sep, rest = text.partition("=")
     if not sep or not label.strip() or not rest.strip():
         raise ValueError(f"benchmark spec {text!r}: expected NAME=PATH[;split=..][;config=..]"
-                         "[;image_root=..]")
+                         "[;image_root=..][;circular=..]")
     path, *options = rest.split(";")
     spec = {"label": label.strip(), "path": path.strip()}
     for option in options:
         key, sep, value = option.partition("=")
-        if not sep or key.strip() not in ("split", "config", "image_root"):
+        if not sep or key.strip() not in ("split", "config", "image_root", "circular"):
             raise ValueError(f"benchmark spec {text!r}: cannot read option {option!r} (keys: "
-                             "split, config, image_root)")
+                             "split, config, image_root, circular)")
         spec[key.strip()] = value.strip()
-    suite_kind(spec["label"])
+    kind = suite_kind(spec["label"])
+    if "circular" in spec and (not kind.circular or spec["circular"] not in CIRCULAR_MODES):
+        raise ValueError(f"benchmark spec {text!r}: circular={spec['circular']!r} (MMBench only; "
+                         f"one of {CIRCULAR_MODES})")
     return spec

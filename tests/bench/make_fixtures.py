@@ -10,16 +10,19 @@ Layouts (the published repositories'; columns as in their dataset cards):
   MMMU/{Accounting,Art}/validation-00000-of-00001.parquet  MMMU/MMMU (two subjects)
   MMMU_Pro/{standard (10 options),vision}/test-*.parquet  MMMU/MMMU_Pro
   ai2d_saved/ (save_to_disk DatasetDict, split test)      lmms-lab/ai2d
-  MMBench/{en,cn}/dev-*.parquet                           lmms-lab/MMBench
+  MMBench/{en,cn}/dev-*.parquet (with circular copies)    lmms-lab/MMBench
   ScienceQA/data/test-*.parquet                           derek-thomas/ScienceQA
   ChartQA/data/test-*.parquet                             lmms-lab/ChartQA
   DocVQA/{InfographicVQA,DocVQA}/validation-*.parquet     lmms-lab/DocVQA
   VizWiz-VQA/data/val-00000-of-00001.parquet              lmms-lab/VizWiz-VQA
   OCRBench/data/test-*.parquet                            echo840/OCRBench
+  OCRBench_v2/data/test-*.parquet                         ling99/OCRBench_v2
   rec_jsons_processed/{refcoco_testA,lisa_test}.json + coco/train2014/, lisa/   VLM-R1
 
 Bad rows, on purpose: MMMU one question with two images; ScienceQA one text-only question;
-OCRBench one corrupt image; RefCOCO one missing image file and one malformed box.
+OCRBench one corrupt image; OCRBench v2 two rows of unscored task types; RefCOCO one missing
+image file and one malformed box. MMBench question 241 (4 options) has its 3 circular copies
+(index + k * 1e6, options rotated by k), question 242 (2 options) its 1, question 243 none.
 `write_fixtures` returns the ``LABEL=PATH[;...]`` spec of each suite.
 """
 
@@ -209,12 +212,20 @@ def mmbench(root: str) -> str:
                           "B": "str", "C": "str", "D": "str", "answer": "str", "category": "str",
                           "image": "image", "source": "str", "l2-category": "str",
                           "comment": "str", "split": "str"})
-    rows = {"index": [241, 242], "question": ["What is the main colour?", "Which is larger?"],
-            "hint": ["A photo of a wall.", "nan"], "A": ["red", "left"], "B": ["blue", "right"],
-            "C": ["green", None], "D": ["black", None], "answer": ["A", "B"],
-            "category": ["attribute", "spatial"], "image": [image(0), image(2)],
-            "source": ["x", "x"], "l2-category": ["a", "b"], "comment": ["", ""],
-            "split": ["dev", "dev"]}
+    # copy k of a question: option j is option (j + k) mod n of the original (worked by hand)
+    rows = {"index": [241, 242, 243, 1000241, 2000241, 3000241, 1000242],
+            "question": ["What is the main colour?", "Which is larger?", "What shape?"]
+            + ["What is the main colour?"] * 3 + ["Which is larger?"],
+            "hint": ["A photo of a wall.", "nan", None] + ["A photo of a wall."] * 3 + ["nan"],
+            "A": ["red", "left", "circle", "blue", "green", "black", "right"],
+            "B": ["blue", "right", "square", "green", "black", "red", "left"],
+            "C": ["green", None, "", "black", "red", "blue", None],
+            "D": ["black", None, None, "red", "blue", "green", None],
+            "answer": ["A", "B", "A", "D", "C", "B", "A"],
+            "category": ["attribute", "spatial", "shape", "attribute", "attribute", "attribute",
+                         "spatial"],
+            "image": [image(0), image(2), image(4), image(0), image(0), image(0), image(2)],
+            "source": ["x"] * 7, "l2-category": ["a"] * 7, "comment": [""] * 7, "split": ["dev"] * 7}
     _write(rows, features, f"{root}/MMBench/en/dev-00000-of-00001.parquet")
     _write(rows, features, f"{root}/MMBench/cn/dev-00000-of-00001.parquet")  # another config
     return f"mmbench={root}/MMBench"
@@ -289,6 +300,40 @@ def ocrbench(root: str) -> str:
     return f"ocrbench={root}/OCRBench"
 
 
+def ocrbench_v2(root: str) -> str:
+    """ling99/OCRBench_v2 rows: one per scored task type family, and two unscored ones."""
+    from datasets import Sequence, Value
+
+    features = _features({"id": Value("int32"), "dataset_name": "str", "question": "str",
+                          "type": "str", "answers": "strs", "image": "image", "eval": "str",
+                          "bbox": Sequence(Value("int32")),
+                          "bbox_list": Sequence(Sequence(Value("int32"))), "content": "strs"})
+    rows = [
+        (0, "IIIT5K", "What is written in the image?", "text recognition en", ["STOP"], None, None),
+        (1, "textcount", "How many times does the word 'the' appear?", "text counting en", ["10"],
+         "regression", None),
+        (2, "sroie", "Extract the total and the date as JSON.", "key information extraction en",
+         ['{"total": "12.50", "date": ["2020-01-01", "01/01/2020"]}'], None, None),
+        (3, "docvqa", "What is the title? Answer with a dict with 'answer' and 'bbox'.",
+         "VQA with position en", ["hello"], None, [10, 10, 50, 50]),
+        (4, "grounding", "Where is the word 'exit'? Output [x1, y1, x2, y2] in 0-1000.",
+         "text grounding en", ["100", "200", "300", "400"], None, None),
+        (5, "cn_vqa", "图中写的是什么？", "cognition VQA cn", ["你好"], None, None),
+        (6, "formula", "Write the formula in LaTeX.", "formula recognition en", ["x^{2}"], None, None),
+        (7, "docs", "Read all the text in the image.", "full-page OCR en", ["a page"], None, None),
+        (8, "hw", "请提取简答题的答案。", "handwritten answer extraction cn", ["答案"], None, None),
+    ]
+    columns = {"id": [], "dataset_name": [], "question": [], "type": [], "answers": [],
+               "image": [], "eval": [], "bbox": [], "bbox_list": [], "content": []}
+    for k, (id_, name, question, task, answers, method, box) in enumerate(rows):
+        for key, value in (("id", id_), ("dataset_name", name), ("question", question),
+                           ("type", task), ("answers", answers), ("image", image(k)),
+                           ("eval", method), ("bbox", box), ("bbox_list", None), ("content", None)):
+            columns[key].append(value)
+    _write(columns, features, f"{root}/OCRBench_v2/data/test-00000-of-00001.parquet")
+    return f"ocrbench_v2={root}/OCRBench_v2"
+
+
 def rec(root: str) -> tuple[str, str]:
     """VLM-R1 rec_jsons_processed json lists + image folders (RefCOCO testA and LISA test)."""
     os.makedirs(f"{root}/coco/train2014", exist_ok=True)
@@ -327,7 +372,7 @@ def write_fixtures(root: str) -> dict[str, str]:
     datasets.disable_progress_bars()
     specs = [mathvista(root), mathverse(root), mathvision(root), mmmu(root), mmmu_pro(root),
              ai2d(root), mmbench(root), scienceqa(root), chartqa(root), infovqa(root),
-             vizwiz(root), ocrbench(root), *rec(root)]
+             vizwiz(root), ocrbench(root), ocrbench_v2(root), *rec(root)]
     return {spec.split("=", 1)[0]: spec for spec in specs}
 
 

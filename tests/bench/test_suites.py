@@ -67,7 +67,8 @@ def test_mmmu_subjects_options_and_multi_image_skip(opened):
     assert first.question == "<image 1> What is the total?\n(A) $10\n(B) $20\n(C) $30"
     assert first.answer == "B" and first.choices == ("$10", "$20", "$30")
     assert open_question.answer == ["1889", "1890"] and not open_question.meta["multiple_choice"]
-    assert suite.skips.reasons("mmmu") == {"image": 1}  # the two-image question
+    # the two-image question: skipped by default, counted under its own reason
+    assert suite.skips.reasons("mmmu") == {"multi_image": 1}
 
 
 def test_mmmu_pro_config_selects_the_subdirectory(fixtures):
@@ -86,11 +87,51 @@ def test_ai2d_from_save_to_disk_index_answers_become_letters(opened):
 
 
 def test_mmbench_hint_and_missing_options(opened):
-    first, second = items(opened["mmbench"])
+    first, second, third, *copies = items(opened["mmbench"])
     assert first.question == ("A photo of a wall.\nWhat is the main colour?\nA. red\nB. blue"
                               "\nC. green\nD. black")
     assert second.question == "Which is larger?\nA. left\nB. right"  # hint "nan", C/D empty
+    assert third.question == "What shape?\nA. circle\nB. square"  # C "" ends the options
     assert (first.id, second.answer) == ("241", "B")
+    # the file's circular copies are read as they are, grouped by index % 1e6
+    assert [(c.id, c.meta["group"], c.meta["rotation"], c.answer) for c in copies] == [
+        ("1000241", 241, 1, "D"), ("2000241", 241, 2, "C"), ("3000241", 241, 3, "B"),
+        ("1000242", 242, 1, "A")]
+    assert copies[0].question.endswith("A. blue\nB. green\nC. black\nD. red")
+
+
+def test_mmbench_circular_generate_matches_the_published_copies(fixtures):
+    """Rotations made from the original rows equal the copies the file holds (worked by hand
+    in make_fixtures), and question 243, which has no copies in the file, gets its own."""
+    root, _ = fixtures
+    published = items(suites.open_suite("mmbench", f"{root}/MMBench"))
+    generated = items(suites.open_suite("mmbench", f"{root}/MMBench", circular="generate"))
+    assert [(i.id, i.answer) for i in generated] == [
+        ("241", "A"), ("1000241", "D"), ("2000241", "C"), ("3000241", "B"),
+        ("242", "B"), ("1000242", "A"), ("243", "A"), ("1000243", "B")]
+    by_id = {i.id: i for i in published}
+    for item in generated:
+        if item.id in by_id:
+            assert (item.question, item.answer, item.choices) == (
+                by_id[item.id].question, by_id[item.id].answer, by_id[item.id].choices)
+    assert generated[-1].question == "What shape?\nA. square\nB. circle"
+    off = items(suites.open_suite("mmbench", f"{root}/MMBench", circular="off"))
+    assert [i.id for i in off] == ["241", "242", "243"]
+    with pytest.raises(ValueError, match="MMBench only"):
+        suites.open_suite("ai2d", f"{root}/ai2d_saved", circular="off")
+    with pytest.raises(ValueError, match="circular='twice'"):
+        suites.parse_suite_spec(f"mmbench={root}/MMBench;circular=twice")
+    assert suites.parse_suite_spec("mmbench=/d;circular=generate")["circular"] == "generate"
+
+
+def test_circular_views():
+    # rows: 7 (original, 4 options), 1000007 (a copy), 8 (original, 2 options)
+    assert suites.circular_views([7, 1000007, 8], [4, 4, 2], "auto") is None
+    assert suites.circular_views([7, 1000007, 8], [4, 4, 2], "off") == [(0, 0), (2, 0)]
+    assert suites.circular_views([7, 1000007, 8], [4, 4, 2], "generate") == [
+        (0, 0), (0, 1), (0, 2), (0, 3), (2, 0), (2, 1)]
+    with pytest.raises(ValueError, match="circular must be one of"):
+        suites.circular_views([7], [4], "on")
 
 
 def test_scienceqa_skips_text_only_questions(opened):
@@ -118,6 +159,20 @@ def test_ocrbench_skips_a_corrupt_image_and_names_the_row(opened, caplog):
         suite.load(2)
     assert [i.meta["dataset"] for i in items(suite)] == ["IIIT5K", "HME100k"]
     assert suite.skips.reasons("ocrbench") == {"image": 1}
+
+
+def test_ocrbench_v2_reads_types_and_skips_unscored_ones(opened):
+    suite = opened["ocrbench_v2"]
+    loaded = items(suite)
+    assert [i.meta["type"] for i in loaded] == [
+        "text recognition en", "text counting en", "key information extraction en",
+        "VQA with position en", "text grounding en", "cognition VQA cn", "formula recognition en"]
+    counting, position, grounding = loaded[1], loaded[3], loaded[4]
+    assert (counting.meta["eval"], counting.answer) == ("regression", ["10"])
+    assert position.meta["bbox"] == [10, 10, 50, 50] and position.meta["eval"] == ""
+    assert grounding.answer == ["100", "200", "300", "400"] and grounding.id == "4"
+    # full-page OCR en and a short-answer handwritten question have no metric here
+    assert suite.skips.reasons("ocrbench_v2") == {"unscored": 2}
 
 
 def test_rec_suites_boxes_images_and_bad_rows(opened):
