@@ -232,10 +232,13 @@ def mmbench(root: str) -> str:
 
 
 def scienceqa(root: str) -> str:
-    features = _features({"image": "image", "question": "str", "choices": "strs", "answer": "int",
-                          "hint": "str", "task": "str", "grade": "str", "subject": "str",
-                          "topic": "str", "category": "str", "skill": "str", "lecture": "str",
-                          "solution": "str"})
+    from datasets import Value
+
+    # derek-thomas/ScienceQA's card: answer is int8 (the 0-based index of the right choice)
+    features = _features({"image": "image", "question": "str", "choices": "strs",
+                          "answer": Value("int8"), "hint": "str", "task": "str", "grade": "str",
+                          "subject": "str", "topic": "str", "category": "str", "skill": "str",
+                          "lecture": "str", "solution": "str"})
     rows = {"image": [image(1), None], "question": ["Which animal is a mammal?", "What is 2+2?"],
             "choices": [["frog", "whale", "shark"], ["3", "4"]], "answer": [1, 1],
             "hint": ["Look at the picture.", ""], "task": ["closed choice"] * 2,

@@ -102,3 +102,49 @@ def test_collate_prompts_pads_rows_by_repeating_the_last():
     assert batch["image_grid_thw"][:, 2].tolist() == [2, 4, 4]
     with pytest.raises(ValueError, match="need 1..3 examples"):
         benchmarks_eval.collate_prompts([], 3, pad_id=0)
+
+
+def test_cli_reports_circular_and_ocrbench_v2_metrics_and_skip_reasons(setup, tmp_path):
+    model, specs, root = setup
+    out = str(tmp_path / "out")
+    argv = ["--model", model, "--out", out, "--max-new-tokens", "2", "--batch-size", "4",
+            "--cache-dir", os.path.join(root, "cache"), "--suite", specs["mmbench"],
+            "--suite", specs["ocrbench_v2"], "--suite", specs["mmmu"]]
+    assert benchmarks_eval.main(argv) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())["suites"]
+    mmbench = summary["mmbench"]
+    # 3 questions, 7 rows: 241 and its 3 copies, 242 and its copy, 243
+    assert mmbench["n"] == 7 and mmbench["metrics"]["questions"] == 3
+    assert mmbench["score"] == mmbench["metrics"]["circular"]
+    items = json.loads((tmp_path / "out" / "mmbench.json").read_text())["items"]
+    groups = {}
+    for record in items:
+        groups.setdefault(record["meta"]["group"], []).append(record["score"])
+    assert mmbench["metrics"]["circular"] == pytest.approx(
+        np.mean([all(s == 1.0 for s in scores) for scores in groups.values()]))
+    assert mmbench["metrics"]["vanilla"] == pytest.approx(
+        np.mean([r["score"] for r in items if r["meta"]["rotation"] == 0]))
+    v2 = summary["ocrbench_v2"]
+    assert (v2["n"], v2["skipped"], v2["skip_reasons"]) == (7, 2, {"unscored": 2})
+    assert set(v2["metrics"]["overall"]) == {"en", "cn"}
+    assert v2["score"] == v2["metrics"]["overall"]["en"]
+    assert summary["mmmu"]["skip_reasons"] == {"multi_image": 1}
+    table = (tmp_path / "out" / "summary.md").read_text()
+    assert "| mmmu | mmmu | 2 |" in table and "| 1 (multi_image 1) |" in table
+    assert "(3 questions)" in table and "| 2 (unscored 2) |" in table
+
+
+def test_summary_table_details_and_skips():
+    result = {"rule": "choice", "n": 8, "score": 0.5, "skipped": 3, "mean_length": 12.25,
+              "skip_reasons": {"image": 1, "multi_image": 2},
+              "metrics": {"circular": 0.5, "vanilla": 0.75, "questions": 4}}
+    assert benchmarks_eval.skipped_text(result) == "3 (multi_image 2, image 1)"
+    assert benchmarks_eval.details_text(result) == "circular 50.00, vanilla 75.00 (4 questions)"
+    v2 = {"metrics": {"overall": {"en": 0.5, "cn": 0.25}, "missing_types": ["a", "b"]}}
+    assert benchmarks_eval.details_text(v2) == "en 50.00; cn 25.00; partial: 2 task types unscored"
+    empty = {"rule": "anls", "n": 0, "score": float("nan"), "skipped": 0,
+             "mean_length": float("nan")}
+    assert benchmarks_eval.summary_table({"mmbench": result, "infovqa": empty}).splitlines()[2:] == [
+        "| mmbench | choice | 8 | 50.00 | 3 (multi_image 2, image 1) | 12.2 | circular 50.00, "
+        "vanilla 75.00 (4 questions) |",
+        "| infovqa | anls | 0 | - | 0 | - |  |"]
