@@ -220,7 +220,7 @@ def base_config() -> ml_collections.ConfigDict:
         # (answer_nll, answer_nll_other_image, image_reliance: evaluator.Evaluator)
         image_reliance=True,
         # public benchmarks at every evaluation (the forgetting curve as it happens):
-        # comma-separated LABEL=PATH[;split=..][;config=..][;image_root=..] specs read by
+        # comma-separated LABEL=PATH[;split=..][;config=..][;image_root=..][;circular=..] specs read by
         # recap_jax.bench (docs/benchmarks_eval.md); "" = none
         benchmarks="", benchmarks_prompt="thinking",  # thinking | plain (the paper's prompts)
         benchmarks_batch_size=8, benchmarks_max_new_tokens=1024,
