@@ -44,8 +44,8 @@ from typing import Any
 
 from recap_jax.bench.scoring import levenshtein
 
-__all__ = ["CATEGORIES", "SCORED_TYPES", "UNSCORED_TYPES", "aggregate", "calculate_iou",
-           "cn_vqa_score", "counting_score", "extract_coordinates", "formula_score",
+__all__ = ["CATEGORIES", "EVAL_METHODS", "SCORED_TYPES", "UNSCORED_TYPES", "aggregate",
+           "calculate_iou", "check_method", "cn_vqa_score", "counting_score", "extract_coordinates", "formula_score",
            "handwritten_score", "is_scored", "kie_combinations", "kie_f1", "kie_score",
            "language", "parse_prediction_dict", "score_item", "vqa_score",
            "vqa_with_position_score"]
@@ -107,6 +107,19 @@ def language(task_type: str) -> str:
     if task_type not in CATEGORIES:
         raise ValueError(f"unknown OCRBench v2 task type {task_type!r}")
     return CATEGORIES[task_type][0]
+
+
+EVAL_METHODS = ("", "multiple choice", "case sensitive", "exact match", "regression")
+
+
+def check_method(task_type: str, method: str) -> None:
+    """ValueError unless ``method`` (a row's ``eval`` field, "" when absent) is one the
+    published evaluation applies to ``task_type``."""
+    if method not in EVAL_METHODS:
+        raise ValueError(f"OCRBench v2 {task_type!r}: unknown eval {method!r} (known: {EVAL_METHODS})")
+    if task_type == "text counting en" and method not in ("exact match", "regression"):
+        raise ValueError(f"OCRBench v2 {task_type!r}: eval must be 'exact match' or 'regression', "
+                         f"got {method!r}")
 
 
 def is_scored(task_type: str, question: str = "") -> bool:

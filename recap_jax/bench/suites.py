@@ -360,8 +360,10 @@ def ocrbench_v2_row(row: dict) -> dict:
     (`ocrbench_v2.UNSCORED_TYPES`) are BadRecord "unscored"."""
     task_type = _text(row, "type", what="type")
     question = _text(row, "question")
+    method = _optional_text(row, "eval")
     try:
         scored = ocrbench_v2.is_scored(task_type, question)
+        ocrbench_v2.check_method(task_type, method)
     except ValueError as error:
         raise BadRecord(f"schema: {error}") from None
     if not scored:
@@ -373,7 +375,7 @@ def ocrbench_v2_row(row: dict) -> dict:
     box = row.get("bbox")
     return dict(id=str(row.get("id", "")), question=question, image=row.get("image"),
                 answer=answers,
-                meta=dict(type=task_type, eval=_optional_text(row, "eval"),
+                meta=dict(type=task_type, eval=method,
                           dataset=_optional_text(row, "dataset_name"),
                           bbox=None if box is None else [int(v) for v in box]))
 

@@ -146,6 +146,11 @@ def test_score_item_refuses_unscored_and_unknown_types():
         v2.score_item("poetry en", "x", ["x"])
     with pytest.raises(ValueError, match="unknown eval"):
         v2.score_item("math QA en", "x", ["x"], method="fuzzy")
+    with pytest.raises(ValueError, match="unknown eval 'fuzzy'"):
+        v2.check_method("math QA en", "fuzzy")
+    with pytest.raises(ValueError, match="'exact match' or 'regression'"):
+        v2.check_method("text counting en", "")
+    v2.check_method("science QA en", "multiple choice")
     assert v2.SCORED_TYPES | v2.UNSCORED_TYPES == set(v2.CATEGORIES)
     assert len(v2.CATEGORIES) == 30   # eval.py's task_type_list
 

@@ -175,6 +175,17 @@ def test_ocrbench_v2_reads_types_and_skips_unscored_ones(opened):
     assert suite.skips.reasons("ocrbench_v2") == {"unscored": 2}
 
 
+def test_ocrbench_v2_rows_with_unknown_types_or_eval_are_schema_errors():
+    row = {"id": 1, "question": "q", "type": "math QA en", "answers": ["1"], "eval": "fuzzy"}
+    with pytest.raises(suites.BadRecord, match="unknown eval 'fuzzy'") as error:
+        suites.ocrbench_v2_row(row)
+    assert error.value.kind == "schema"
+    with pytest.raises(suites.BadRecord, match="unknown OCRBench v2 task type 'poetry en'"):
+        suites.ocrbench_v2_row(dict(row, type="poetry en", eval=None))
+    with pytest.raises(suites.BadRecord, match="no answers"):
+        suites.ocrbench_v2_row(dict(row, eval=None, answers=[]))
+
+
 def test_rec_suites_boxes_images_and_bad_rows(opened):
     suite = opened["refcoco/testA"]
     good = items(suite)
