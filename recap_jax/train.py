@@ -517,16 +517,23 @@ def rehearse(config, workdir: str) -> dict[str, Any]:
     under WORKDIR/rehearsal_fixtures), cut to a few steps; everything else (precision, remat,
     logits chunk, mesh, method, RECAP, replay, checkpoints, eval, export) as configured.
     Returns the checks of `rehearsal_summary`."""
-    fixtures = os.path.join(workdir, "rehearsal_fixtures")
+    # one fixture directory per process: the processes of a multi-host rehearsal write the
+    # same rows, never into each other's files
+    process = "0"
+    if config.mesh.distributed:  # an environment-driven launch names no process id here
+        process = str(config.mesh.process_id) if config.mesh.process_id >= 0 else f"pid{os.getpid()}"
+    fixtures = os.path.join(workdir, "rehearsal_fixtures", f"process_{process}")
     # 4 steps: two optimizer updates even with rl.sources_per_update=2; on a CPU the lengths
     # are cut (a 7B config's 2,048-token completions for 64 rows do not fit a CPU host's
     # memory even on the tiny model); learning rates raised so that a few bf16 updates of a
     # random model are visible in update_norm (at 1e-6 they round away, as they would in the
-    # first steps of the real run without the float32 master copy)
+    # first steps of the real run without the float32 master copy), and no warm-up: its first
+    # update has learning rate 0 (train_state.make_lr_schedule), a third of a 4-step run
     overrides = rehearsal.write_fixtures(fixtures, config, steps=4,
                                          cpu_lengths=jax.devices()[0].platform == "cpu")
-    overrides.update({f"{stage}.learning_rate": max(config[stage].learning_rate, 1e-3)
-                      for stage in ("sft", "rl")})
+    for stage in ("sft", "rl"):
+        overrides[f"{stage}.learning_rate"] = max(config[stage].learning_rate, 1e-3)
+        overrides[f"{stage}.warmup_fraction"] = 0.0
     with config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext():
         rehearsal.apply_overrides(config, overrides)
     train(config, workdir)
@@ -551,22 +558,39 @@ def rehearsal_summary(config, workdir: str) -> dict[str, Any]:
     finally:
         run.log.close()
         run.checkpoints.close()
-    # every step with a gradient must move the stored parameters (a random model's RL steps
-    # have none when every group's rewards are equal: nothing to apply, nothing rounded away)
-    with_gradient = [r for r in trained if r.get("grad_norm", 0.0) > 0]
-    rounded_away = [r["step"] for r in with_gradient if not r.get("update_norm", 0.0) > 0]
+    rounded_away, with_gradient = [], 0
+    for stage in plan.stages:
+        accumulate = config.rl.sources_per_update if stage.is_rl else 1
+        lost, gradients = _updates_rounded_away(steps[stage.name], accumulate)
+        rounded_away += [f"{stage.name} {step}" for step in lost]
+        with_gradient += gradients
     return {
         "steps run": (all(len(steps[s.name]) == s.steps for s in plan.stages),
                       ", ".join(f"{name} {len(v)}" for name, v in steps.items())),
         "finite losses": (bool(trained) and all(np.isfinite(r["loss"]) for r in trained),
                           f"{len(trained)} steps"),
         "update_norm > 0 wherever there is a gradient": (
-            not rounded_away, f"{len(with_gradient)} of {len(trained)} steps had a gradient"
+            not rounded_away, f"{with_gradient} of {len(trained)} steps had a gradient"
             + (f"; updates rounded away at steps {rounded_away}" if rounded_away else "")),
         "every objective's lambda logged": (not missing, f"{len(objectives)} objectives"
                                             + (f", missing {missing}" if missing else "")),
         "checkpoint re-read, equal to the exported final/": (same, f"checkpoint {step}"),
     }
+
+
+def _updates_rounded_away(lines: list[dict], accumulate: int) -> tuple[list[int], int]:
+    """(the steps that should have moved the parameters and did not, the steps with a
+    gradient). Each window of ``accumulate`` steps (optax.MultiSteps) applies one update at its
+    last step, which must move the stored parameters when any step of the window had a
+    gradient (a random model's RL steps have none when every group's rewards are equal)."""
+    lost, gradients = [], 0
+    for start in range(0, len(lines) - accumulate + 1, accumulate):
+        window = lines[start:start + accumulate]
+        had_gradient = sum(r.get("grad_norm", 0.0) > 0 for r in window)
+        gradients += had_gradient
+        if had_gradient and not window[-1].get("update_norm", 0.0) > 0:
+            lost.append(window[-1]["step"])
+    return lost, gradients
 
 
 def format_summary(summary: dict[str, Any]) -> str:

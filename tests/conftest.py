@@ -33,3 +33,17 @@ def short_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("short_run")
     params = train.train(config, str(workdir))
     return workdir, params, config
+
+
+def pytest_addoption(parser):
+    parser.addoption("--all-rehearsals", action="store_true",
+                     help="also run the rehearsals outside CI's subset (tests/test_rehearsal_runs.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--all-rehearsals"):
+        return
+    skip = pytest.mark.skip(reason="a rehearsal outside CI's subset: run with --all-rehearsals")
+    for item in items:
+        if "all_rehearsals" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,179 @@
+"""Rehearsals through the real entry point (`python -m recap_jax.train --rehearse
+--simulate_devices 8`): the paper's two configs, every baseline method and both RECAP variants
+on 8 simulated CPU devices, and hybrid_7b on 2 processes x 4 devices against 1 x 8.
+
+Besides the rehearsal's own checks (its exit status: steps run, finite losses, updates that
+move the parameters, every lambda logged, checkpoint re-read equal to final/), each case
+checks what its method does that the others do not, from the run's metrics and exported
+weights. About 4 minutes per rehearsal on 2 cores: CI runs the paper configs and the 2 x 4
+comparison; `pytest --all-rehearsals tests/test_rehearsal_runs.py` runs every case (all must
+pass before a change to the run or the configs lands).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recap_jax.metrics_log import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("rehearsal")]
+COMPARED = ("loss", "grad_norm", "update_norm", "param_norm")
+HYBRID_SOURCES = {"thinklite_released", "refcoco_released", "ocr_llava_released"}
+
+
+def _launch(config: str, workdir: Path, overrides: dict, devices: int = 8) -> subprocess.Popen:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    command = [sys.executable, "-m", "recap_jax.train", "--config", str(ROOT / "configs" / f"{config}.py"),
+               "--workdir", str(workdir), "--rehearse", f"--simulate_devices={devices}"]
+    command += [f"--config.{k}={v}" for k, v in overrides.items()]
+    return subprocess.Popen(command, env=env, cwd=str(ROOT), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(procs: list[subprocess.Popen], timeout: int = 1800) -> list[str]:
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs):
+        summary = log[log.rfind("rehearsal\n"):] if "rehearsal\n" in log else log[-6000:]
+        assert p.returncode == 0 and "[FAIL]" not in summary, summary
+        assert summary.count("[ok]") == 5, summary
+    return logs
+
+
+def rehearse(config: str, workdir: Path, overrides: dict | None = None) -> Path:
+    _finish([_launch(config, workdir, overrides or {})])
+    return workdir
+
+
+def rl_lines(workdir: Path) -> list[dict]:
+    return [r for r in read_jsonl(str(workdir / "metrics.jsonl"))[0] if r["stage"] == "rl"]
+
+
+def tensors(path: Path) -> dict[str, np.ndarray]:
+    """{name: float32 array} of a safetensors file (bfloat16 read exactly through torch)."""
+    from safetensors.torch import load_file
+
+    return {k: v.float().numpy() for k, v in load_file(str(path)).items()}
+
+
+def weights(workdir: Path) -> dict[str, np.ndarray]:
+    return tensors(workdir / "final" / "model.safetensors")
+
+
+def initial_weights(workdir: Path) -> dict[str, np.ndarray]:
+    return tensors(workdir / "rehearsal_fixtures" / "process_0" / "model" / "model.safetensors")
+
+
+def lambdas(lines: list[dict]) -> set[str]:
+    return {k for line in lines for k in line if k.startswith("weight/")}
+
+
+# --------------------------------------------------------------------------- checks per method
+
+
+def check_recap(workdir: Path, sources: int) -> None:
+    """Round robin: the 4 steps visit the first 4 sources; every lambda logged at every step."""
+    lines = rl_lines(workdir)
+    assert len({line["source"] for line in lines}) == sources
+    logged = lambdas(lines)
+    assert logged and all(logged <= set(line) for line in lines)
+    assert all(line[k] > 0 and np.isfinite(line[k]) for line in lines for k in logged)
+
+
+def check_no_lambda(workdir: Path, sources: set[str] | None) -> None:
+    lines = rl_lines(workdir)
+    assert not lambdas(lines), "a baseline logs no RECAP weights"
+    if sources is not None:
+        assert {line["source"] for line in lines} == sources
+
+
+def check_lwf(workdir: Path) -> None:
+    """The KL to the frozen reference is 0 before the first update and > 0 after it."""
+    check_no_lambda(workdir, HYBRID_SOURCES)
+    sampled = [line for line in rl_lines(workdir) if "kl" in line]
+    assert sampled[0]["step"] == 1 and abs(sampled[0]["kl"]) < 1e-6
+    assert max(line["kl"] for line in sampled[1:]) > 0
+
+
+def check_frozen_vision(workdir: Path) -> None:
+    """modomodo: the vision tower leaves the run bit-identical, the decoder does not."""
+    before, after = initial_weights(workdir), weights(workdir)
+    vision = [k for k in after if "visual." in k]
+    decoder = [k for k in after if "layers." in k and "visual." not in k]
+    assert vision and decoder
+    for key in vision:
+        np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+    assert any(not np.array_equal(before[k], after[k]) for k in decoder)
+
+
+def check_bf16_export(workdir: Path) -> None:
+    """The paper configs train bfloat16 parameters: the export keeps them bfloat16."""
+    with open(workdir / "final" / "model.safetensors", "rb") as handle:
+        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    dtypes = {entry["dtype"] for key, entry in header.items() if key != "__metadata__"}
+    assert dtypes == {"BF16"}, dtypes
+
+
+# (config, overrides, check, in CI)
+CASES = {
+    "hybrid_7b": ("hybrid_7b", {}, lambda w: (check_recap(w, 3), check_bf16_export(w)), True),
+    "rlvr_only_3b": ("rlvr_only_3b", {}, lambda w: check_recap(w, 4), True),
+    "hybrid_7b-recap_paper": ("hybrid_7b", {"recap.variant": "paper", "rl.weighting": "loss"},
+                              lambda w: check_recap(w, 3), False),
+    "hybrid_7b-recap_dwa": ("hybrid_7b", {"recap.variant": "dwa"}, lambda w: check_recap(w, 3), False),
+    "hybrid_7b-reasoning_only": ("hybrid_7b", {"rl.method": "reasoning_only"},
+                                 lambda w: check_no_lambda(w, {"thinklite_released"}), False),
+    "hybrid_7b-uniform": ("hybrid_7b", {"rl.method": "uniform"}, lambda w: check_no_lambda(w, HYBRID_SOURCES), False),
+    "hybrid_7b-propmix": ("hybrid_7b", {"rl.method": "propmix"}, lambda w: check_no_lambda(w, None), False),
+    "hybrid_7b-coreset": ("hybrid_7b", {"rl.method": "coreset"}, lambda w: check_no_lambda(w, None), False),
+    "hybrid_7b-lwf": ("hybrid_7b", {"rl.method": "lwf"}, check_lwf, False),
+    "rlvr_only_3b-modomodo": ("rlvr_only_3b", {"rl.method": "modomodo"},
+                              lambda w: (check_no_lambda(w, None), check_frozen_vision(w)), False),
+}
+
+
+@pytest.fixture(scope="module")
+def hybrid_single(tmp_path_factory) -> Path:
+    """hybrid_7b rehearsed once on 1 process x 8 devices (its own case and the 2 x 4 reference)."""
+    return rehearse("hybrid_7b", tmp_path_factory.mktemp("hybrid_7b") / "run")
+
+
+@pytest.mark.parametrize("case", [pytest.param(name, marks=[] if ci else [pytest.mark.all_rehearsals])
+                                  for name, (_, _, _, ci) in CASES.items()])
+def test_rehearsal(case, tmp_path, request):
+    config, overrides, check, _ = CASES[case]
+    workdir = request.getfixturevalue("hybrid_single") if case == "hybrid_7b" else (
+        rehearse(config, tmp_path / "run", overrides))
+    check(workdir)
+
+
+def test_hybrid_on_two_processes_gives_the_metrics_of_one(hybrid_single, tmp_path):
+    from tests.test_multihost import free_port
+
+    coordinator = {"mesh.distributed": True, "mesh.coordinator_address": f"127.0.0.1:{free_port()}",
+                   "mesh.num_processes": 2}
+    workdir = tmp_path / "two"
+    _finish([_launch("hybrid_7b", workdir, dict(coordinator, **{"mesh.process_id": i}), devices=4)
+             for i in range(2)])
+    two, one = rl_lines(workdir), rl_lines(hybrid_single)
+    assert len(two) == len(one) == 4
+    for a, b in zip(two, one):
+        assert a["source"] == b["source"] and a["process_rows"] * 2 == b["process_rows"]
+        for key in b:
+            if key in COMPARED or key.startswith(("reward/", "ntp_loss/", "weight/")):
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-3, atol=1e-5, err_msg=f"step {b['step']} {key}")
+    final = weights(workdir), weights(hybrid_single)
+    for key in final[1]:
+        np.testing.assert_allclose(final[0][key].astype(np.float32), final[1][key].astype(np.float32),
+                                   rtol=1e-2, atol=1e-3, err_msg=key)
