@@ -37,7 +37,9 @@ with the one lambda = 1 would give), completion_length_mean, truncated_fraction,
 clip_fraction_{low,high}, kl (lwf), logprob_abs_diff; per objective o: reward/<o> (batch
 mean raw reward, RL objectives in the batch), ntp_loss/<o> (SFT objectives in the batch),
 weight/<o> (the lambda that weighted this step), recap/c/<o>, recap/i/<o> (RECAP's c and i
-after this step's signal; recap only).
+after this step's signal; recap only); reward_timeouts/<r>, reward_errors/<r> (rewards that
+failed, when any); dynamic_sampling/{draws,resampled,dropped,filled_zero_variance,surplus}
+(RL batches, with rl.dynamic_sampling_extra_draws > 0: recap_jax.dynamic_sampling).
 Eval lines: eval/<task>/<metric>, eval/<task>/completion_length.
 """
 
