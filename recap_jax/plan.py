@@ -147,7 +147,8 @@ class TokenizerPlan:
 
 @dataclasses.dataclass(frozen=True)
 class SourcePlan:
-    """One entry of ``config.data.sources`` (see run_config.source_config)."""
+    """One entry of ``config.data.sources`` (see run_config.source_config); rewards () =
+    the task's own, max_new_tokens 0 = rl.max_new_tokens."""
 
     name: str
     kind: str
@@ -158,6 +159,9 @@ class SourcePlan:
     eval_size: int
     max_records: int
     layout: str
+    rewards: tuple[str, ...] = ()
+    max_new_tokens: int = 0
+    stop_strings: tuple[str, ...] = ()
 
     def paths(self, split: str) -> tuple[str, ...]:
         return self.train if split == "train" else self.eval
@@ -207,7 +211,12 @@ class StagePlan:
     eval_every: steps between evaluations (0: at the start and the end of RL only; SFT: never).
     freeze_vision: the vision tower gets no updates and runs no backward pass (modomodo, or
       model.freeze_vision).
-    reward_workers, reward_timeout_s: rewards scored by a reward_pool.RewardPool.
+    reward_workers, reward_timeout_s: rewards scored by a reward_pool.RewardPool; which
+      rewards each source has: ``objectives.sources[i].rewards``.
+    dynamic_sampling_extra_draws: DAPO dynamic sampling's budget of extra sampling rounds
+      per step (0: off).
+    source_max_new_tokens, source_stop_strings: per source (in ``sources`` order), its
+      completion limit (<= max_new_tokens) and stop strings, applied after sampling.
     log_lambda_effect: the step also logs the gradient cosine with lambda = 1.
     scale_logprobs: sampler and trainer log-probs at the sampling temperature.
     epoch_bounded: ``steps`` is to be replaced by one pass over the smallest source
@@ -237,6 +246,9 @@ class StagePlan:
     optimizer_for: Any = dataclasses.field(default=None, compare=False, repr=False)
     reward_workers: int = 0
     reward_timeout_s: float = 10.0
+    dynamic_sampling_extra_draws: int = 0
+    source_max_new_tokens: tuple[int, ...] = ()
+    source_stop_strings: tuple[tuple[str, ...], ...] = ()
 
     @property
     def is_rl(self) -> bool:
@@ -257,9 +269,24 @@ class StagePlan:
         return dataclasses.replace(self, steps=steps, optimizer=self.optimizer_for(steps))
 
     def source_grpo(self, source: str) -> grpo.GRPOConfig:
-        """The loss config of a batch of ``source``: an SFT source's rows are one per prompt."""
-        kind = get_task(source).kind
-        return self.grpo if kind == "rl" else dataclasses.replace(self.grpo, group_size=1)
+        """The loss config of a batch of ``source``: an SFT source's rows are one per prompt;
+        an RL source with its own completion limit has it as L_max (max_completion_length)."""
+        if get_task(source).kind != "rl":
+            return dataclasses.replace(self.grpo, group_size=1)
+        limit = self.completion_limit(source)
+        if limit == self.grpo.max_completion_length:
+            return self.grpo
+        return dataclasses.replace(self.grpo, max_completion_length=limit)
+
+    def completion_limit(self, source: str) -> int:
+        """The source's max_new_tokens (the stage's when it sets none)."""
+        i = self.sources.index(source)
+        own = self.source_max_new_tokens[i] if self.source_max_new_tokens else 0
+        return own or self.max_new_tokens
+
+    def stop_strings(self, source: str) -> tuple[str, ...]:
+        return self.source_stop_strings[self.sources.index(source)] \
+            if self.source_stop_strings else ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,10 +335,14 @@ class RunPlan:
 # --------------------------------------------------------------------------- building
 
 
-def objective_set(names: Sequence[str]) -> recap.ObjectiveSet:
+def objective_set(names: Sequence[str], rewards: dict[str, tuple[str, ...]] | None = None
+                  ) -> recap.ObjectiveSet:
     """The objectives of sources ``names``, from the task registry (the one place that says
-    which source is RL with which rewards and which is SFT)."""
-    return recap.ObjectiveSet([(n, get_task(n).kind, get_task(n).rewards) for n in names])
+    which source is RL with which rewards and which is SFT); ``rewards``: {name: reward
+    names} replacing a source's registered rewards (``data.sources.<name>.rewards``)."""
+    rewards = rewards or {}
+    return recap.ObjectiveSet([(n, get_task(n).kind, rewards.get(n) or get_task(n).rewards)
+                               for n in names])
 
 
 def build_plan(config, *, check_paths: bool = True) -> RunPlan:
@@ -338,7 +369,8 @@ def _build(reader: _Reader) -> RunPlan:
         raise ConfigError(f"config.data.prompt_style={data.prompt_style!r}: {error}") from None
     sources = tuple(_source_plan(reader, key, name) for key, name in zip(keys, names))
     stages = tuple(s for s in (_sft_stage(reader, model, data, names, seed),
-                               _rl_stage(reader, model, data, names, seed)) if s is not None)
+                               _rl_stage(reader, model, data, names, seed, sources))
+                   if s is not None)
     return RunPlan(
         seed=seed, model=model, tokenizer=tokenizer, mesh=_mesh(reader), data=data,
         sources=sources, stages=stages,
@@ -362,6 +394,10 @@ def _source_plan(reader: _Reader, key: str, name: str) -> SourcePlan:
     values = reader.section(f"data.sources.{key}")
     for split in ("train", "eval"):
         values[split] = tuple(p.strip() for p in str(values[split]).split(",") if p.strip())
+    if "rewards" in values:
+        values["rewards"] = run_config.source_rewards(values)
+    if "stop_strings" in values:
+        values["stop_strings"] = tuple(values["stop_strings"])
     return _make(SourcePlan, f"data.sources.{key}", name=name, **values)
 
 
@@ -441,15 +477,18 @@ _RL_STAGE_FIELDS = ("steps", "method", "prompts_per_step", "max_new_tokens", "te
                     "top_p", "top_k", "learning_rate", "warmup_fraction", "max_grad_norm",
                     "weight_decay", "beta", "dual_clip_c", "max_bad_steps", "log_lambda_effect",
                     "sources_per_update", "scale_logprobs", "epoch_bounded", "tis_cap",
-                    "reward_workers", "reward_timeout_s")
+                    "reward_workers", "reward_timeout_s", "dynamic_sampling_extra_draws")
 
 
-def _rl_stage(reader: _Reader, model: ModelPlan, data: DataPlan, names, seed) -> StagePlan | None:
+def _rl_stage(reader: _Reader, model: ModelPlan, data: DataPlan, names, seed,
+              sources: Sequence[SourcePlan]) -> StagePlan | None:
     rl = reader.section("rl", _RL_STAGE_FIELDS)
     method = run_config.METHODS[rl["method"]]
     primary = names[0]
     used = tuple(names) if method.replay else (primary,)
-    objectives = objective_set(used)
+    by_name = {s.name: s for s in sources}
+    own = [by_name[n] for n in used]
+    objectives = objective_set(used, {s.name: s.rewards for s in own if s.rewards})
     loss_fields = reader.fields_of(grpo.GRPOConfig, "rl", exclude=("beta", "dual_clip_c", "tis_cap"))
     recap_fields = reader.section("recap")
     shares = reader.get("data.modomodo_shares")
@@ -477,13 +516,24 @@ def _rl_stage(reader: _Reader, model: ModelPlan, data: DataPlan, names, seed) ->
                           rl["max_grad_norm"], rl["weight_decay"], model.precision,
                           method.freeze_vision, rl["sources_per_update"])
 
-    return StagePlan("rl", rl["steps"], used, objectives, grpo_config, replay, recap_config,
-                     optimizer_for(rl["steps"]), max_new_tokens=rl["max_new_tokens"],
-                     temperature=rl["temperature"], top_p=rl["top_p"], top_k=rl["top_k"],
-                     max_bad_steps=rl["max_bad_steps"], rng_offset=RL_RNG_OFFSET,
-                     eval_every=eval_every,
-                     freeze_vision=method.freeze_vision or model.freeze_vision,
-                     log_lambda_effect=rl["log_lambda_effect"],
-                     scale_logprobs=rl["scale_logprobs"], epoch_bounded=rl["epoch_bounded"],
-                     optimizer_for=optimizer_for, reward_workers=rl["reward_workers"],
-                     reward_timeout_s=rl["reward_timeout_s"])
+    stage = StagePlan("rl", rl["steps"], used, objectives, grpo_config, replay, recap_config,
+                      optimizer_for(rl["steps"]), max_new_tokens=rl["max_new_tokens"],
+                      temperature=rl["temperature"], top_p=rl["top_p"], top_k=rl["top_k"],
+                      max_bad_steps=rl["max_bad_steps"], rng_offset=RL_RNG_OFFSET,
+                      eval_every=eval_every,
+                      freeze_vision=method.freeze_vision or model.freeze_vision,
+                      log_lambda_effect=rl["log_lambda_effect"],
+                      scale_logprobs=rl["scale_logprobs"], epoch_bounded=rl["epoch_bounded"],
+                      optimizer_for=optimizer_for, reward_workers=rl["reward_workers"],
+                      reward_timeout_s=rl["reward_timeout_s"],
+                      dynamic_sampling_extra_draws=rl["dynamic_sampling_extra_draws"],
+                      source_max_new_tokens=tuple(s.max_new_tokens for s in own),
+                      source_stop_strings=tuple(s.stop_strings for s in own))
+    for key, source in zip(run_config.source_names(reader.config), sources):
+        if source.name in used:  # a source's own limit must suit the loss (overlong buffer)
+            try:
+                stage.source_grpo(source.name)
+            except ValueError as error:
+                raise ConfigError(f"config.data.sources.{key}.max_new_tokens="
+                                  f"{source.max_new_tokens}: {error}") from None
+    return stage

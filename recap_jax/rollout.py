@@ -19,11 +19,13 @@ from recap_jax import parallel, sampling
 from recap_jax import rewards as rewards_lib
 from recap_jax.data import encode as encode_lib
 from recap_jax.data.tasks import Task
+from recap_jax.dynamic_sampling import ScoredGroups, fill_batch
 from recap_jax.models.qwen2_5_vl.model import ModelInputs
+from recap_jax.stop_strings import finish_completions
 from recap_jax.train_step import TrainBatch
 
-__all__ = ["BATCH_AXES", "PATCH_BUCKET", "Placement", "decode_completions", "gather",
-           "prompt_inputs", "rl_batch", "score", "sft_batch"]
+__all__ = ["BATCH_AXES", "PATCH_BUCKET", "Placement", "decode_completions", "finish_rows",
+           "gather", "prompt_inputs", "rl_batch", "score", "sft_batch", "take_prompt_rows"]
 
 PATCH_BUCKET = 256
 # the row axis of every leaf of a TrainBatch (None: the same on every process)
@@ -119,38 +121,105 @@ def score(task: Task, texts: Sequence[str], references: Sequence[str],
     return out
 
 
+def finish_rows(tokens: np.ndarray, lengths: np.ndarray, truncated: np.ndarray,
+                logprobs: np.ndarray, decode, *, pad_id: int, stop: Sequence[str] = (),
+                max_new_tokens: int | None = None) -> dict[str, np.ndarray]:
+    """The sampler's completions (host numpy, [N, T]) cut by a source's limit
+    ``max_new_tokens`` and its ``stop`` strings (stop_strings.finish_completions): per-row
+    arrays completions (``pad_id`` past the end), completion_mask, old_logprobs (0 past the
+    end), truncated, lengths, and text (the completions to score). ``decode(ids) -> str``."""
+    steps = tokens.shape[1]
+    limit = max_new_tokens if max_new_tokens and max_new_tokens < steps else None
+    done = finish_completions(tokens, lengths, truncated, decode, stop=tuple(stop),
+                              max_new_tokens=limit)
+    kept = done.mask > 0
+    return {"completions": np.where(kept, tokens, pad_id).astype(np.int32),
+            "completion_mask": done.mask, "old_logprobs": np.where(kept, logprobs, 0.0).astype(np.float32),
+            "truncated": done.truncated, "lengths": done.lengths,
+            "text": np.asarray(done.texts, dtype=object)}
+
+
+def take_prompt_rows(batch: dict, rows: np.ndarray) -> dict:
+    """The replay batch's prompts ``rows`` (repeats allowed): every array with one entry per
+    prompt first is indexed, the rest kept."""
+    size = len(batch["input_ids"])
+    return {k: np.asarray(v)[rows] if np.ndim(v) and np.shape(v)[0] == size else v
+            for k, v in batch.items()}
+
+
 def rl_batch(*, graphdef, params, batch: dict, task: Task, source_id: int, model_config,
              processor, sampling_params: sampling.SamplingParams, rng: jax.Array,
              num_reward_columns: int, prompt_buckets: Sequence[int],
-             placement: Placement | None = None, scorer=None) -> tuple[TrainBatch, dict]:
+             placement: Placement | None = None, scorer=None,
+             reward_names: Sequence[str] | None = None, max_new_tokens: int = 0,
+             stop_strings: Sequence[str] = (), dynamic_sampling_extra_draws: int = 0
+             ) -> tuple[TrainBatch, dict]:
     """Samples G completions per prompt and scores them; returns (host train-step batch of
     this process's rows, host stats). ``batch`` is the global replay batch: every process
     samples the global batch together (its prompts sharded by rows) and decodes and scores
     only its own rows. ``scorer``: a function with `score`'s signature (default `score`, e.g.
-    a reward_pool.RewardPool's)."""
+    a reward_pool.RewardPool's); ``reward_names``: the source's rewards (default the task's).
+
+    ``max_new_tokens`` (0: the sampler's) and ``stop_strings`` cut each completion after
+    sampling (`finish_rows`). ``dynamic_sampling_extra_draws`` > 0 (one process only): DAPO's
+    dynamic sampling within that budget; round r > 0 resamples the same prompts with
+    ``fold_in(rng, r)``, and `dynamic_sampling.fill_batch` keeps groups whose rewards vary
+    first, then zero-variance ones, so the batch keeps B prompts x G rows; its counts are in
+    ``stats["dynamic_sampling"]``."""
     placement = Placement(None) if placement is None else placement
     scorer = score if scorer is None else scorer
+    names = tuple(task.rewards if reward_names is None else reward_names)
+    if dynamic_sampling_extra_draws and placement.count > 1:
+        raise ValueError("rl.dynamic_sampling_extra_draws > 0 needs a single process (the "
+                         f"groups kept depend on every process's rewards); {placement.count} run")
     inputs = prompt_inputs(model_config, batch, prompt_buckets)
     mine = placement.local_prompts(inputs)
     device_inputs = placement.to_device(mine, BATCH_AXES.prompt)
-    out = gather(sampling.generate_prepared(graphdef, params, device_inputs,
-                                                      sampling_params, rng))
-    out = jax.tree.map(placement.local, out)
     group = sampling_params.num_samples
-    texts = decode_completions(processor.tokenizer, out.tokens, out.lengths,
-                               (model_config.eos_token_id, model_config.pad_token_id))
+    drop = np.asarray([model_config.eos_token_id, model_config.pad_token_id])
+
+    def decode(ids):
+        ids = np.asarray(ids, np.int64)
+        return processor.tokenizer.decode(ids[~np.isin(ids, drop)].tolist(),
+                                          skip_special_tokens=False)
+
     repeat = lambda x: placement.local(np.repeat(np.asarray(x), group, axis=0))  # noqa: E731
-    rewards = np.zeros((len(texts), num_reward_columns), np.float32)
-    rewards[:, :len(task.rewards)] = scorer(task, texts, repeat(batch["answer"]),
-                                           repeat(batch["image_size"]),
-                                           repeat(batch["input_size"]), task.rewards)
-    steps = out.tokens.shape[1]
-    mask = (np.arange(steps)[None, :] < out.lengths[:, None]).astype(np.int32)
-    step_batch = TrainBatch(prompt=mine, completions=out.tokens, completion_mask=mask,
-                            source_id=np.full((len(texts),), source_id, np.int32),
-                            rewards=rewards, old_logprobs=out.logprobs,
-                            truncated=np.asarray(out.truncated))
-    stats = {"sampled_tokens": int(out.lengths.sum()), "texts": texts}
+    sampled_tokens = []
+
+    def draw(round_index: int = 0) -> ScoredGroups:
+        key = rng if round_index == 0 else jax.random.fold_in(rng, round_index)
+        out = gather(sampling.generate_prepared(graphdef, params, device_inputs,
+                                                sampling_params, key))
+        out = jax.tree.map(lambda x: placement.local(np.asarray(x)), out)
+        sampled_tokens.append(int(out.lengths.sum()))
+        rows = finish_rows(out.tokens, out.lengths, out.truncated, out.logprobs, decode,
+                           pad_id=model_config.pad_token_id, stop=stop_strings,
+                           max_new_tokens=max_new_tokens)
+        rewards = np.zeros((len(rows["text"]), num_reward_columns), np.float32)
+        rewards[:, :len(names)] = scorer(task, list(rows["text"]), repeat(batch["answer"]),
+                                         repeat(batch["image_size"]),
+                                         repeat(batch["input_size"]), names)
+        prompts = np.arange(len(rows["text"]) // group)
+        return ScoredGroups(rewards, rows=rows, groups={"prompt": prompts})
+
+    stats = {}
+    if dynamic_sampling_extra_draws:
+        rounds = iter(range(dynamic_sampling_extra_draws + 1))
+        scored, counts = fill_batch(lambda: draw(next(rounds)), len(batch["input_ids"]), group,
+                                    dynamic_sampling_extra_draws, columns=range(len(names)))
+        stats["dynamic_sampling"] = counts.as_metrics()
+        prompts = scored.groups["prompt"]
+        if not np.array_equal(prompts, np.arange(len(prompts))):
+            mine = prompt_inputs(model_config, take_prompt_rows(batch, prompts), prompt_buckets)
+    else:
+        scored = draw()
+    rows = scored.rows
+    step_batch = TrainBatch(prompt=mine, completions=rows["completions"],
+                            completion_mask=rows["completion_mask"],
+                            source_id=np.full((len(rows["text"]),), source_id, np.int32),
+                            rewards=np.asarray(scored.rewards, np.float32),
+                            old_logprobs=rows["old_logprobs"], truncated=rows["truncated"])
+    stats.update(sampled_tokens=sum(sampled_tokens), texts=list(rows["text"]))
     return step_batch, stats
 
 

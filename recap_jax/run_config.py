@@ -38,6 +38,7 @@ from recap_jax.data.replay import MODOMODO_SHARES
 from recap_jax.data.synthetic import LAYOUTS, SYNTHETIC_TASKS
 from recap_jax.data.tasks import TASKS
 from recap_jax.parallel import MeshConfigError, parse_mesh_spec
+from recap_jax.reward_pool import resolve_reward
 
 __all__ = ["METHODS", "Method", "ConfigError", "base_config", "validate", "source_names"]
 
@@ -76,7 +77,9 @@ PRESETS = ("tiny", "3b", "7b")
 
 def source_config(kind: str = "synthetic", *, train: str = "", eval: str = "",  # noqa: A002
                   image_root: str = "", size: int = 2000, eval_size: int = 64,
-                  max_records: int = 0, layout: str = "free") -> ml_collections.ConfigDict:
+                  max_records: int = 0, layout: str = "free", rewards: str = "",
+                  max_new_tokens: int = 0,
+                  stop_strings: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
     """One entry of ``data.sources`` (the key is the task name, e.g. "reasoning").
 
     kind: "synthetic" (generated offline, ``size`` train / ``eval_size`` eval records) or a
@@ -87,10 +90,21 @@ def source_config(kind: str = "synthetic", *, train: str = "", eval: str = "",  
     max_records: read at most this many train records (0 = all).
     layout: synthetic only, "free" | "grid" (recap_jax.data.synthetic: "grid" aligns shapes
       and characters to the model's 28 px merged-patch cells).
+    rewards: RL sources: comma-separated reward functions replacing the task's own (one RECAP
+      objective each), registered names (recap_jax.rewards.REWARDS) or import paths
+      "package.module:function" of fn(completion, reference, **context) -> float; checked
+      at start. "" = the task's rewards.
+    max_new_tokens: RL sources: this source's completion limit (0 = rl.max_new_tokens, the
+      sampler's static length, which bounds it); longer completions are cut and marked
+      truncated, and the loss's L_max (overlong penalty, Dr. GRPO divisor) is this limit.
+    stop_strings: RL sources: a completion ends with the token that completes the first of
+      these strings (kept in its text); e.g. ("</answer>",). () = none.
     """
     return ml_collections.ConfigDict(dict(kind=kind, train=train, eval=eval, image_root=image_root,
                                           size=size, eval_size=eval_size,
-                                          max_records=max_records, layout=layout))
+                                          max_records=max_records, layout=layout,
+                                          rewards=rewards, max_new_tokens=max_new_tokens,
+                                          stop_strings=tuple(stop_strings)))
 
 
 def parse_shares(text: str, count: int) -> tuple[float, ...] | None:
@@ -179,6 +193,14 @@ def base_config() -> ml_collections.ConfigDict:
         # tokens before max_new_tokens (0 = off), truncated importance sampling of the
         # sampler / trainer mismatch capped at tis_cap (0 = off; needs recompute_old_logprobs)
         importance_ratio="token", overlong_buffer=0, overlong_penalty=1.0, tis_cap=0.0,
+        # entropy bonus: the loss gets -entropy_coef x the RL tokens' mean entropy (aggregated
+        # like the policy loss), with its gradient (0 = off, no extra backward work)
+        entropy_coef=0.0,
+        # DAPO's dynamic sampling (0 = off): groups whose rewards are all equal are dropped and
+        # the step's prompts resampled (fresh completions) up to this many more rounds until
+        # the batch of prompts_per_step groups is full of groups whose rewards vary (zero-
+        # variance groups fill what is left); shapes stay static. One process only.
+        dynamic_sampling_extra_draws=0,
         # rewards scored in this many worker processes with a per-call timeout (a reward that
         # hangs or crashes scores 0 and is counted); 0 = in this process, no timeout
         reward_workers=0, reward_timeout_s=10.0,
@@ -309,6 +331,7 @@ def validate(config, *, check_paths: bool = True) -> None:
     _int(config, "rl.max_bad_steps", 1)
     _int(config, "rl.sources_per_update", 1)
     _int(config, "rl.reward_workers", 0)
+    _int(config, "rl.dynamic_sampling_extra_draws", 0)
     _number(config, "rl.reward_timeout_s", 0.0, math.inf, low_open=True)
     # rl.epsilon_*, dual_clip_c, num_iterations, num_minibatches, the loss options and
     # recap.* are checked by the types they build (GRPOConfig, RecapConfig) in plan.build_plan
@@ -386,6 +409,7 @@ def _validate_data(config, check_paths: bool) -> None:
                 if source.image_root and not os.path.isdir(source.image_root):
                     _fail(f"{field}.image_root", source.image_root, "an existing directory")
         _int(config, f"{field}.max_records", 0)
+        _validate_source_rollout(config, name)
     if config.data.primary and config.data.primary not in names:
         _fail("data.primary", config.data.primary, " | ".join(names))
     if config.rl.steps > 0 and TASKS[names[0]].kind != "rl":
@@ -410,6 +434,39 @@ def _validate_data(config, check_paths: bool) -> None:
             _fail(f"data.{field}", values, "a non-empty tuple of ints >= 1")
     _int(config, "data.num_parallel_calls", 1)
     _int(config, "data.prefetch", 1)
+
+
+def _validate_source_rollout(config, name: str) -> None:
+    """A source's rewards (each resolvable now), completion limit and stop strings."""
+    source, field = config.data.sources[name], f"data.sources.{name}"
+    rl = TASKS[name].kind == "rl"
+    for key, unset in (("rewards", ""), ("max_new_tokens", 0), ("stop_strings", ())):
+        if key in source and not rl and source[key] != unset:
+            _fail(f"{field}.{key}", source[key], f"{unset!r}: task {name!r} is an SFT task")
+    if "max_new_tokens" in source:
+        _int(config, f"{field}.max_new_tokens", 0)
+        if source.max_new_tokens > config.rl.max_new_tokens:
+            _fail(f"{field}.max_new_tokens", source.max_new_tokens,
+                  f"0 or an int <= rl.max_new_tokens={config.rl.max_new_tokens} (the sampler's "
+                  "static length)")
+    stop = source.get("stop_strings", ())
+    if isinstance(stop, str) or not isinstance(stop, (tuple, list)) \
+            or not all(isinstance(s, str) and s for s in stop):
+        _fail(f"{field}.stop_strings", stop, "a tuple of non-empty strings, e.g. ('</answer>',)")
+    names = source_rewards(source)
+    if len(set(names)) != len(names) or any("/" in n for n in names):
+        _fail(f"{field}.rewards", source.get("rewards", ""),
+              "comma-separated distinct reward names without '/'")
+    for reward in names:
+        try:
+            resolve_reward(reward)
+        except ValueError as error:
+            raise ConfigError(f"config.{field}.rewards={source.rewards!r}: {error}") from None
+
+
+def source_rewards(source) -> tuple[str, ...]:
+    """The reward names a source config sets (() = the task's own)."""
+    return tuple(n.strip() for n in str(source.get("rewards", "")).split(",") if n.strip())
 
 
 def _validate_mesh(config) -> None:

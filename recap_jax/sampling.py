@@ -333,9 +333,13 @@ def _token_logprobs_bwd(residuals, g):
 token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)
 
 
-def token_entropy(logits: jax.Array) -> jax.Array:
-    """H = -sum_v p_v log p_v [...] of softmax(logits [..., V]), a metric: no gradient flows."""
-    shifted, log_normaliser = _shifted_log_normaliser(jax.lax.stop_gradient(logits))
+def token_entropy(logits: jax.Array, differentiable: bool = False) -> jax.Array:
+    """H = -sum_v p_v log p_v [...] of softmax(logits [..., V]). A metric by default (no
+    gradient flows, so its backward costs nothing); ``differentiable``: the gradient flows
+    into the logits (an entropy bonus in the loss)."""
+    if not differentiable:
+        logits = jax.lax.stop_gradient(logits)
+    shifted, log_normaliser = _shifted_log_normaliser(logits)
     logp = shifted - log_normaliser
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
@@ -350,7 +354,7 @@ def _check_temperature(temperature) -> float:
 
 def completion_logprobs(model, inputs: ModelInputs, completions: jax.Array, completion_mask: jax.Array, *,
                         num_samples: int = 1, with_entropy: bool = False, logits_chunk: int = 0,
-                        temperature: float = 1.0):
+                        temperature: float = 1.0, entropy_gradient: bool = False):
     """The trainer's log pi(completion token) [B*G, C] (and optionally the entropy [B*G, C]).
 
     ``temperature`` T > 0: log-probs (and the entropy) of softmax(logits / T), as TRL's GRPO
@@ -364,7 +368,8 @@ def completion_logprobs(model, inputs: ModelInputs, completions: jax.Array, comp
     prompt is not repeated G times. Completion token j sits at M-RoPE position
     `first_completion_position` + j in all three rows; token 0 is predicted by the prompt's
     last hidden state, token j > 0 by completion position j - 1. The entropy is a metric
-    (computed under stop_gradient). ``logits_chunk`` > 0 projects onto the vocabulary that
+    (computed under stop_gradient) unless ``entropy_gradient`` (an entropy bonus in the loss:
+    its gradient flows into the params). ``logits_chunk`` > 0 projects onto the vocabulary that
     many completion positions at a time (`_chunked_token_stats`), trading one more output
     projection in the backward pass for [rows, chunk, V] logits instead of [rows, C, V].
     """
@@ -377,7 +382,8 @@ def completion_logprobs(model, inputs: ModelInputs, completions: jax.Array, comp
     prompt_hidden, hidden = text.with_shared_prefix(model.embed(inputs), inputs.position_ids, inputs.attention_mask,
                                                     text.embed(completions), positions, completion_mask)
     predicting = jnp.concatenate([jnp.repeat(prompt_hidden[:, -1:], num_samples, axis=0), hidden[:, :-1]], axis=1)
-    token_logp, entropy = _chunked_token_stats(model, predicting, completions, logits_chunk, temperature)
+    token_logp, entropy = _chunked_token_stats(model, predicting, completions, logits_chunk, temperature,
+                                               entropy_gradient)
     real = completion_mask.astype(bool)
     token_logp = jnp.where(real, token_logp, 0.0)
     if not with_entropy:
@@ -385,17 +391,18 @@ def completion_logprobs(model, inputs: ModelInputs, completions: jax.Array, comp
     return token_logp, jnp.where(real, entropy, 0.0)
 
 
-def _token_stats(model, hidden: jax.Array, tokens: jax.Array,
-                 temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def _token_stats(model, hidden: jax.Array, tokens: jax.Array, temperature: float = 1.0,
+                 entropy_gradient: bool = False) -> tuple[jax.Array, jax.Array]:
     """(log pi(token), entropy) of softmax(logits / temperature) at ``hidden``'s positions."""
     logits = model.logits(hidden)
     if temperature != 1.0:
         logits = logits / temperature
-    return token_logprobs(logits, tokens), token_entropy(logits)
+    return token_logprobs(logits, tokens), token_entropy(logits, entropy_gradient)
 
 
 def _chunked_token_stats(model, hidden: jax.Array, tokens: jax.Array, chunk: int,
-                         temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+                         temperature: float = 1.0, entropy_gradient: bool = False
+                         ) -> tuple[jax.Array, jax.Array]:
     """(log pi(token), entropy), each [R, C], from hidden [R, C, E]: the output projection on
     ``chunk`` positions of every row at a time (0: all C at once), logits divided by
     ``temperature``.
@@ -407,18 +414,19 @@ def _chunked_token_stats(model, hidden: jax.Array, tokens: jax.Array, chunk: int
     """
     rows, steps, width = hidden.shape
     if not chunk or chunk >= steps:
-        return _token_stats(model, hidden, tokens, temperature)
+        return _token_stats(model, hidden, tokens, temperature, entropy_gradient)
     count = -(-steps // chunk)
     pad = count * chunk - steps
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(rows, count, chunk, width)
     tokens = jnp.pad(tokens, ((0, 0), (0, pad))).reshape(rows, count, chunk)
-    one_chunk = jax.checkpoint(lambda pieces: _token_stats(model, *pieces, temperature))
+    one_chunk = jax.checkpoint(lambda pieces: _token_stats(model, *pieces, temperature, entropy_gradient))
     logp, entropy = jax.lax.map(one_chunk, (hidden.swapaxes(0, 1), tokens.swapaxes(0, 1)))
     unchunk = lambda x: x.swapaxes(0, 1).reshape(rows, count * chunk)[:, :steps]  # noqa: E731
     return unchunk(logp), unchunk(entropy)
 
 
-def make_logprob_fn(graphdef, num_samples: int, logits_chunk: int = 0, temperature: float = 1.0):
+def make_logprob_fn(graphdef, num_samples: int, logits_chunk: int = 0, temperature: float = 1.0,
+                    entropy_gradient: bool = False):
     """The policy for `recap_jax.train_step.make_train_step`: ``logprob_fn(params, batch)``.
 
     ``batch["prompt"]`` holds the B prompts' `ModelInputs`, ``batch["completions"]`` and
@@ -426,7 +434,8 @@ def make_logprob_fn(graphdef, num_samples: int, logits_chunk: int = 0, temperatu
     ``params`` is ``nnx.state(model)`` of a model split into ``graphdef``. Log-probs are of
     softmax(logits / ``temperature``): 1.0 (default) matches the sampler's default log-probs;
     the sampling temperature (TRL's and the released code's convention) matches a sampler run
-    with ``scale_logprobs=True`` (pass `logprob_temperature(params)`). ``logits_chunk``: see
+    with ``scale_logprobs=True`` (pass `logprob_temperature(params)`). ``logits_chunk``,
+    ``entropy_gradient`` (True for an entropy bonus, GRPOConfig.entropy_coef > 0): see
     `completion_logprobs`.
     """
     temperature = _check_temperature(temperature)
@@ -435,6 +444,6 @@ def make_logprob_fn(graphdef, num_samples: int, logits_chunk: int = 0, temperatu
         model = nnx.merge(graphdef, params)
         return completion_logprobs(model, batch["prompt"], batch["completions"], batch["completion_mask"],
                                    num_samples=num_samples, with_entropy=True, logits_chunk=logits_chunk,
-                                   temperature=temperature)
+                                   temperature=temperature, entropy_gradient=entropy_gradient)
 
     return logprob_fn

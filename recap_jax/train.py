@@ -37,7 +37,9 @@ with the one lambda = 1 would give), completion_length_mean, truncated_fraction,
 clip_fraction_{low,high}, kl (lwf), logprob_abs_diff; per objective o: reward/<o> (batch
 mean raw reward, RL objectives in the batch), ntp_loss/<o> (SFT objectives in the batch),
 weight/<o> (the lambda that weighted this step), recap/c/<o>, recap/i/<o> (RECAP's c and i
-after this step's signal; recap only).
+after this step's signal; recap only); reward_timeouts/<r>, reward_errors/<r> (rewards that
+failed, when any); dynamic_sampling/{draws,resampled,dropped,filled_zero_variance,surplus}
+(RL batches, with rl.dynamic_sampling_extra_draws > 0: recap_jax.dynamic_sampling).
 Eval lines: eval/<task>/<metric>, eval/<task>/completion_length.
 """
 
@@ -289,22 +291,25 @@ class _StageSteps:
         self.sampling = (stage.sampling_params(run.model_config.eos_token_id,
                                                run.model_config.pad_token_id)
                          if stage.is_rl else None)
-        self._steps: dict[int, Any] = {}
+        self._steps: dict[Any, Any] = {}  # one per GRPOConfig (group size, source's L_max)
         self.rewards = RewardPool(stage.reward_workers, stage.reward_timeout_s,
-                                  names=sorted({r for n in stage.sources for r in get_task(n).rewards}))
+                                  names=sorted({r for s in stage.objectives.sources
+                                                for r in s.rewards}))
+        self.rollout_counts: dict[str, int] = {}  # dynamic sampling's, of the last batch
 
     def step_fn(self, grpo_config):
-        if grpo_config.group_size not in self._steps:
+        if grpo_config not in self._steps:
             temperature = sampling.logprob_temperature(self.sampling) if self.sampling else 1.0
             logprob_fn = sampling.make_logprob_fn(self.run.graphdef, grpo_config.group_size,
                                                   self.run.plan.model.logits_chunk,
-                                                  temperature=temperature)
+                                                  temperature=temperature,
+                                                  entropy_gradient=grpo_config.entropy_coef > 0)
             if self.stage.freeze_vision:  # no backward pass through the vision tower
                 logprob_fn = freeze.freeze_vision(logprob_fn)
-            self._steps[grpo_config.group_size] = make_train_step(
+            self._steps[grpo_config] = make_train_step(
                 grpo_config, logprob_fn, self.stage.optimizer, recap=self.stage.recap,
                 measure_lambda_effect=self.stage.log_lambda_effect)
-        return self._steps[grpo_config.group_size]
+        return self._steps[grpo_config]
 
     def batch(self, replay_batch: dict, step: int, params):
         """(device TrainBatch, its GRPOConfig, tokens processed, source, this process's rows)
@@ -322,8 +327,12 @@ class _StageSteps:
                 source_id=source_id, model_config=run.model_config, processor=run.processor,
                 sampling_params=self.sampling, rng=rng,
                 num_reward_columns=grpo_config.num_reward_columns, prompt_buckets=buckets,
-                placement=place, scorer=self.rewards.score)
+                placement=place, scorer=self.rewards.score,
+                reward_names=stage.objectives.sources[source_id].rewards,
+                max_new_tokens=stage.completion_limit(name), stop_strings=stage.stop_strings(name),
+                dynamic_sampling_extra_draws=stage.dynamic_sampling_extra_draws)
             tokens = stats["sampled_tokens"]
+            self.rollout_counts = stats.get("dynamic_sampling", {})
         else:
             if task.sft_loss == "conversation":  # the released OCR replay: the whole turn
                 replay_batch = sft_targets.conversation_batch(
@@ -396,6 +405,8 @@ def run_stage(run: Run, stage: plan_lib.StagePlan, params, resumed) -> Any:
                         process_rows=rows)
             line.update(_objective_values(stage.objectives, metrics))
             line.update(steps.rewards.take_counts())  # rewards that timed out or failed
+            line.update(steps.rollout_counts)  # dynamic sampling: dropped / resampled groups
+            steps.rollout_counts = {}
             run.record(stage.name, step, line)
             if step % plan.log_every == 0 or step == stage.steps:
                 print(_progress(stage.name, step, stage.steps, line,

@@ -331,13 +331,20 @@ def _make_update(config: GRPOConfig, logprob_fn: LogprobFn,
         params, opt_state, recap_state = carry
         minibatch = _join(minibatch, shared)
         (logprobs, entropy), pullback = jax.vjp(lambda p: forward(p, minibatch), params)
-        no_entropy = None if entropy is None else jnp.zeros_like(entropy)  # a metric only
-        (loss, (aux, new_recap)), cotangent = jax.value_and_grad(head, has_aux=True)(
-            logprobs, entropy, minibatch)
-        (grads,) = pullback((cotangent, no_entropy))
+        # the entropy is a metric (zero cotangent) unless the loss has an entropy bonus
+        with_bonus = config.entropy_coef > 0 and entropy is not None
+        argnums = (0, 1) if with_bonus else 0
+        no_entropy = None if entropy is None else jnp.zeros_like(entropy)
+
+        def cotangents(unit_weights: bool = False):
+            (loss, (aux, new_recap)), grads = jax.value_and_grad(
+                head, argnums=argnums, has_aux=True)(logprobs, entropy, minibatch, unit_weights)
+            return (loss, aux, new_recap), grads if with_bonus else (grads, no_entropy)
+
+        (loss, aux, new_recap), cotangent = cotangents()
+        (grads,) = pullback(cotangent)
         if measure_lambda_effect:
-            unit = jax.grad(lambda lp: head(lp, entropy, minibatch, True)[0])(logprobs)
-            (unit_grads,) = pullback((unit, no_entropy))
+            (unit_grads,) = pullback(cotangents(True)[1])
             aux["lambda_gradient_cosine"] = _cosine(grads, unit_grads)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

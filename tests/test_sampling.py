@@ -88,10 +88,11 @@ def test_sampler_logprobs_equal_trainer_logprobs(models):
 
 
 def _repeated_prompt_reference(hf, cfg, ids, mask, pixels, grid, token_type, completions, completion_mask,
-                               samples, weights):
+                               samples, weights, entropy_weights=None):
     """transformers on the B * G full sequences [prompt b, completion b*G+g] (every prompt and
     image repeated G times, as a trainer without prefix sharing runs them): the completion
-    tokens' log-probs and entropies, and d sum(weights * log-probs) / d every weight."""
+    tokens' log-probs and entropies, and d sum(weights * log-probs) / d every weight (plus
+    sum(entropy_weights * entropies) when given)."""
     rep = lambda x: np.repeat(x, samples, axis=0)  # noqa: E731
     full_ids = np.concatenate([rep(ids), completions], 1)
     full_mask = np.concatenate([rep(mask), completion_mask], 1)
@@ -108,19 +109,25 @@ def _repeated_prompt_reference(hf, cfg, ids, mask, pixels, grid, token_type, com
     log_softmax = torch.log_softmax(logits[:, prompt_len - 1:-1].float(), -1)
     logp = log_softmax.gather(-1, torch.tensor(completions[..., None]))[..., 0] * torch.tensor(completion_mask)
     entropy = -(log_softmax.exp() * log_softmax).sum(-1) * torch.tensor(completion_mask)
-    (logp * torch.tensor(weights)).sum().backward()
+    objective = (logp * torch.tensor(weights)).sum()
+    if entropy_weights is not None:
+        objective = objective + (entropy * torch.tensor(entropy_weights)).sum()
+    objective.backward()
     hub_name = lambda n: n.replace("model.language_model.", "model.").replace("model.visual.", "visual.")  # noqa: E731
     grads = {hub_name(name): p.grad.numpy() for name, p in hf.named_parameters() if p.grad is not None}
     return logp.detach().numpy(), entropy.detach().numpy(), grads
 
 
-@pytest.mark.parametrize("logits_chunk", [0, 3], ids=["whole", "chunks_of_3"])
-def test_trainer_shares_the_prompt_and_matches_transformers_on_repeated_prompts(models, logits_chunk):
+@pytest.mark.parametrize("logits_chunk,entropy_gradient", [(0, False), (3, False), (3, True)],
+                         ids=["whole", "chunks_of_3", "chunks_of_3_entropy_gradient"])
+def test_trainer_shares_the_prompt_and_matches_transformers_on_repeated_prompts(models, logits_chunk,
+                                                                                entropy_gradient):
     """The trainer runs each prompt once for its G completions (`with_shared_prefix`);
     transformers runs every prompt and image G times. Log-probs and every weight's gradient,
     vision tower included, must agree: left-padded image prompts, completions of different
     lengths (padding after the end), the output projection at once or in chunks of 3 of the
-    7 positions (a padded last chunk)."""
+    7 positions (a padded last chunk). With ``entropy_gradient`` (an entropy bonus) the
+    objective also holds sum(w' * entropy) and its gradient must match too."""
     from flax import nnx
 
     from recap_jax.models.qwen2_5_vl.checkpoint import _hf_tensors
@@ -135,8 +142,10 @@ def test_trainer_shares_the_prompt_and_matches_transformers_on_repeated_prompts(
     completion_mask = (np.arange(steps)[None] < lengths[:, None]).astype(np.int32)
     completions = np.where(completion_mask > 0, completions, cfg.pad_token_id)
     weights = rng.normal(size=(rows, steps)).astype(np.float32)
+    entropy_weights = rng.normal(size=(rows, steps)).astype(np.float32) if entropy_gradient else None
     expected_logp, expected_entropy, expected_grads = _repeated_prompt_reference(
-        hf, cfg, ids, mask, pixels, grid, token_type, completions, completion_mask, samples, weights)
+        hf, cfg, ids, mask, pixels, grid, token_type, completions, completion_mask, samples, weights,
+        entropy_weights)
 
     inputs = jax.tree.map(jnp.asarray, sampling.prepare_prompts(ours, ids, mask, pixels, grid,
                                                                 pad_token_id=cfg.pad_token_id))
@@ -145,8 +154,10 @@ def test_trainer_shares_the_prompt_and_matches_transformers_on_repeated_prompts(
     def objective(params):
         logp, entropy = sampling.completion_logprobs(
             nnx.merge(graphdef, params, rest), inputs, jnp.asarray(completions), jnp.asarray(completion_mask),
-            num_samples=samples, with_entropy=True, logits_chunk=logits_chunk)
-        return (logp * weights).sum(), (logp, entropy)
+            num_samples=samples, with_entropy=True, logits_chunk=logits_chunk,
+            entropy_gradient=entropy_gradient)
+        bonus = (entropy * entropy_weights).sum() if entropy_gradient else 0.0
+        return (logp * weights).sum() + bonus, (logp, entropy)
 
     (_, (logp, entropy)), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(params)
     assert np.abs(np.asarray(logp) - expected_logp).max() <= LOGPROB_ATOL
