@@ -139,3 +139,18 @@ def test_cpu_lengths_cut_completions_and_answer_buckets_only_downwards():
     config.rl.max_new_tokens, config.data.answer_buckets = 16, (512, 1024)
     cuts = rehearsal.cpu_length_cuts(config)
     assert cuts["rl.max_new_tokens"] == 16 and cuts["data.answer_buckets"] == (512,)
+
+
+def test_an_update_is_judged_at_the_last_step_of_its_accumulation_window():
+    from recap_jax.train import _updates_rounded_away
+
+    def line(step, grad, update):
+        return {"step": step, "grad_norm": grad, "update_norm": update}
+
+    # windows of 2 (optax.MultiSteps applies at steps 2 and 4): step 1's gradient is applied
+    # at step 2 (moved); step 3's at step 4 (rounded away); a window without a gradient is
+    # not judged, whatever its update (Adam's momentum may still move it)
+    lines = [line(1, 0.5, 0.0), line(2, 0.0, 1e-3), line(3, 0.2, 0.0), line(4, 0.0, 0.0)]
+    assert _updates_rounded_away(lines, 2) == ([4], 2)
+    assert _updates_rounded_away(lines, 1) == ([1, 3], 2)
+    assert _updates_rounded_away([line(1, 0.0, 0.0), line(2, 0.0, 0.3)], 2) == ([], 0)
