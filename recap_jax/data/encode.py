@@ -31,7 +31,7 @@ from recap_jax.data.records import BadRecord, Record
 from recap_jax.data.tasks import Task
 
 __all__ = ["ARRAY_FIELDS", "PROMPT_OVERFLOWS", "RecordEncoder", "bucket", "collate",
-           "flat_vision_inputs", "flat_vision_kwargs"]
+           "flat_vision_inputs", "flat_vision_kwargs", "stack_vision_fields"]
 
 # Fields of one encoded example and their (dtype, rank).
 ARRAY_FIELDS = {
@@ -322,6 +322,22 @@ def collate(padded: Mapping[str, np.ndarray], *, pad_id: int, prompt_buckets: Se
         if grids in batch:
             batch[count] = (batch[grids][..., 0] > 0).sum(-1).astype(np.int32)
     return batch
+
+
+def stack_vision_fields(examples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The multi-image fields of `collate`'s layout from encoded examples (for batches built
+    without tf.data): image_grids [B, I, 3], video_grid_thw [B, V, 3], second_per_grid_ts
+    [B, V] zero-padded, num_images / num_videos int32 [B]."""
+    out = {}
+    for key, width in (("image_grids", (3,)), ("video_grid_thw", (3,)), ("second_per_grid_ts", ())):
+        rows = [np.asarray(e[key]) for e in examples]
+        stacked = np.zeros((len(rows), max([len(r) for r in rows] + [1]), *width), rows[0].dtype)
+        for row, value in enumerate(rows):
+            stacked[row, :len(value)] = value
+        out[key] = stacked
+    out["num_images"] = np.asarray([len(e["image_grids"]) for e in examples], np.int32)
+    out["num_videos"] = np.asarray([len(e["video_grid_thw"]) for e in examples], np.int32)
+    return out
 
 
 def flat_vision_kwargs(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray | None]:

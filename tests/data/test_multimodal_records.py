@@ -250,3 +250,21 @@ def test_model_forward_on_the_replay_batch_matches_transformers(batch_and_record
     expected = expected[ref["attention_mask"] == 1]
     assert got.shape == expected.shape
     assert np.abs(got - expected).max() <= LOGIT_ATOL
+
+
+def test_stacked_examples_have_the_replay_layout_and_swap_partners(batch_and_records, processor, model_config):
+    from recap_jax import evaluator
+
+    batch, records = batch_and_records
+    encoder = encode.RecordEncoder(processor, model_config, max_prompt_tokens=256, max_answer_tokens=64)
+    examples = [encoder.encode(tasks.get_task(TASK), r) for r in records]
+    stacked = encode.stack_vision_fields(examples)
+    for key in ("num_images", "num_videos"):
+        np.testing.assert_array_equal(stacked[key], batch[key])
+    for key in ("image_grids", "video_grid_thw", "second_per_grid_ts"):  # tf.data pads to >= 1 row too
+        np.testing.assert_array_equal(stacked[key], batch[key][:, :stacked[key].shape[1]])
+        assert not batch[key][:, stacked[key].shape[1]:].any()
+    # Image-reliance partners: same set of grids only; rows without images or video never.
+    keys = np.array([[1, 4, 4, 1, 4, 6, 0, 0, 0], [0] * 9, [1, 4, 4, 1, 4, 6, 0, 0, 0], [0] * 9,
+                     [1, 4, 4, 0, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(evaluator.other_image_partners(keys), [2, -1, 0, -1, -1])
