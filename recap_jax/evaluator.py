@@ -87,7 +87,8 @@ class Evaluator:
                 "num_patches": np.asarray(patches),
                 "image_grid_thw": np.stack([a["image_grid_thw"] for a in arrays]),
                 "image_size": np.stack([a["image_size"] for a in arrays]),
-                "input_size": np.stack([a["input_size"] for a in arrays])}
+                "input_size": np.stack([a["input_size"] for a in arrays]),
+                **encode_lib.stack_vision_fields(arrays)}
 
     def __call__(self, graphdef, params, *, greedy: bool = True) -> dict[str, dict[str, float]]:
         """{task: {metric: mean, "completion_length": mean tokens, "num_examples": n}} and,
@@ -135,7 +136,7 @@ class Evaluator:
             if arrays["target_ids"] is not None:
                 targets[row, :len(arrays["target_ids"])] = arrays["target_ids"]
                 mask[row, :len(arrays["target_ids"])] = 1
-        partner = other_image_partners(batch["image_grid_thw"][:len(chunk)])
+        partner = other_image_partners(_vision_keys(batch)[:len(chunk)])
         mask[:len(chunk)][partner < 0] = 0
         mask[len(chunk):] = 0  # padding rows
         swapped = np.concatenate([np.where(partner < 0, np.arange(len(chunk)), partner),
@@ -157,12 +158,22 @@ def _target_ids(encoder, text: str):
         return None  # over the answer budget: out of the NLL metrics, still decoded
 
 
+def _vision_keys(batch: dict) -> np.ndarray:
+    """[B, k]: per row, every image and video grid (rows with equal keys can swap images)."""
+    if "image_grids" not in batch:
+        return np.asarray(batch["image_grid_thw"])
+    rows = len(batch["image_grids"])
+    return np.concatenate([batch["image_grids"].reshape(rows, -1),
+                           batch["video_grid_thw"].reshape(rows, -1)], axis=1)
+
+
 def other_image_partners(grids: np.ndarray) -> np.ndarray:
     """For each row, another row whose image has the same ``image_grid_thw`` (the next such
-    row, cyclically), or -1 if it has none."""
+    row, cyclically), or -1 if it has none. ``grids`` [B, 3], or [B, k] keys of several
+    grids per row (all zero: a row without images or video, never partnered)."""
     partner = np.full((len(grids),), -1, np.int64)
-    keys = [tuple(g) for g in np.asarray(grids)]
-    for key in set(keys):
+    keys = [tuple(np.asarray(g).ravel().tolist()) for g in np.asarray(grids)]
+    for key in set(keys) - {(0,) * len(keys[0]) if keys else ()}:
         rows = [r for r, k in enumerate(keys) if k == key]
         if len(rows) > 1:
             partner[rows] = np.roll(rows, -1)
@@ -172,8 +183,10 @@ def other_image_partners(grids: np.ndarray) -> np.ndarray:
 def _with_images_of(batch: dict, rows: np.ndarray) -> dict:
     """``batch`` with row r's image replaced by row ``rows[r]``'s (same grid, same prompt)."""
     swapped = dict(batch)
-    for key in ("pixel_values", "num_patches", "image_grid_thw"):
-        swapped[key] = batch[key][rows]
+    for key in ("pixel_values", "num_patches", "image_grid_thw", "image_grids", "num_images",
+                "video_grid_thw", "num_videos", "second_per_grid_ts"):
+        if key in batch:
+            swapped[key] = batch[key][rows]
     return swapped
 
 

@@ -88,11 +88,12 @@ class Placement:
 
 def prompt_inputs(model_config, batch: dict, prompt_buckets: Sequence[int]):
     """ModelInputs (host numpy) of a replay batch's prompts, images included."""
-    pixels, grid = encode_lib.flat_vision_inputs(batch)
+    vision = encode_lib.flat_vision_kwargs(batch)
     shim = types.SimpleNamespace(config=model_config)  # prepare_prompts reads model.config only
-    return sampling.prepare_prompts(shim, batch["input_ids"], batch["attention_mask"], pixels, grid,
+    return sampling.prepare_prompts(shim, batch["input_ids"], batch["attention_mask"],
                                     pad_token_id=model_config.pad_token_id,
-                                    prompt_buckets=prompt_buckets, patch_bucket=PATCH_BUCKET)
+                                    prompt_buckets=prompt_buckets, patch_bucket=PATCH_BUCKET,
+                                    **vision)
 
 
 def decode_completions(tokenizer, tokens: np.ndarray, lengths: np.ndarray,

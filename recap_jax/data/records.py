@@ -11,7 +11,7 @@ from typing import Union
 
 import numpy as np
 
-__all__ = ["BadRecord", "Box", "Record", "SkipCounter", "decode_image", "format_box"]
+__all__ = ["BadRecord", "Box", "Record", "SkipCounter", "Video", "decode_image", "format_box"]
 
 Box = tuple[int | float, int | float, int | float, int | float]
 Answer = Union[str, Box]
@@ -25,7 +25,8 @@ _log = logging.getLogger(__name__)
 class BadRecord(ValueError):
     """A record that cannot be used (missing/corrupt image, empty text, malformed box).
 
-    ``kind`` groups the reasons for counting: "image", "path", "text", "box", "schema".
+    ``kind`` groups the reasons for counting: "image", "path", "text", "box", "schema",
+    "video".
     """
 
     def __init__(self, message: str, kind: str = "schema"):
@@ -40,23 +41,65 @@ def format_box(box: Box) -> str:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class Video:
+    """An already-sampled video: uint8 frames [T, H, W, 3] (RGB, T >= 1) shown at ``fps``
+    frames per second (the rate of the sampled frames, which sets M-RoPE's time axis)."""
+
+    frames: np.ndarray
+    fps: float
+
+    def __post_init__(self):
+        frames = self.frames
+        if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 \
+                or frames.shape[-1] != 3 or min(frames.shape) < 1:
+            raise BadRecord(f"video: frames must be a uint8 array [T, H, W, 3] with T, H, W >= 1, "
+                            f"got {getattr(frames, 'dtype', type(frames).__name__)} "
+                            f"{getattr(frames, 'shape', '')}", "video")
+        if isinstance(self.fps, bool) or not isinstance(self.fps, (int, float, np.number)) \
+                or not np.isfinite(self.fps) or self.fps <= 0:
+            raise BadRecord(f"video: fps must be a positive number, got {self.fps!r}", "video")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Record:
     """One example of any source (synthetic or from disk).
 
     Attributes:
       id: unique within its source (e.g. ``reasoning-train-0-17`` or ``file.jsonl:42``).
       source: task name in ``recap_jax.data.tasks.TASKS`` (e.g. "reasoning", "refcoco").
-      image: uint8 array [H, W, 3] (RGB), the original image.
+      image: uint8 array [H, W, 3] (RGB), the original (first) image; None for a record
+        without images (text only, or video only).
       question: the question text, without the task's prompt suffix and without ``<image>``.
       answer: reference answer; a string, or for box tasks a 4-tuple ``(x1, y1, x2, y2)`` in
         the original image's pixel frame (x right, y down; x2, y2 exclusive edges).
+      more_images: the second, third, ... images of a multi-image record (uint8 [H, W, 3]
+        each); empty for the usual single-image record.
+      video: an optional `Video` (sampled frames + fps), shown after the images.
+
+    ``images`` is all images in prompt order: ``(image, *more_images)``, or () without one.
     """
 
     id: str
     source: str
-    image: np.ndarray
+    image: np.ndarray | None
     question: str
     answer: Answer
+    more_images: tuple[np.ndarray, ...] = ()
+    video: Video | None = None
+
+    def __post_init__(self):
+        if self.image is None and self.more_images:
+            raise ValueError(f"record {self.id}: more_images given without a first image")
+        if not isinstance(self.more_images, tuple):
+            object.__setattr__(self, "more_images", tuple(self.more_images))
+        if self.video is not None and not isinstance(self.video, Video):
+            raise TypeError(f"record {self.id}: video must be a records.Video, "
+                            f"got {type(self.video).__name__}")
+
+    @property
+    def images(self) -> tuple[np.ndarray, ...]:
+        """All images in prompt order (empty for a text-only or video-only record)."""
+        return () if self.image is None else (self.image, *self.more_images)
 
     @property
     def answer_text(self) -> str:
@@ -65,8 +108,13 @@ class Record:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        """(height, width) of the original image."""
-        return int(self.image.shape[0]), int(self.image.shape[1])
+        """(height, width) of the original (first) image; of the video's frames for a
+        video-only record; (0, 0) for a text-only one."""
+        if self.image is not None:
+            return int(self.image.shape[0]), int(self.image.shape[1])
+        if self.video is not None:
+            return int(self.video.frames.shape[1]), int(self.video.frames.shape[2])
+        return 0, 0
 
 
 def decode_image(data: bytes, *, what: str = "image") -> np.ndarray:

@@ -288,8 +288,10 @@ _PLACEHOLDER_SHAPES = {"input_ids": (1,), "position_ids": (3, 1), "answer_ids": 
 
 
 def _stack_padded(arrays: Sequence[np.ndarray]) -> np.ndarray:
-    """Stacks arrays of one rank, zero-padding every axis to the largest size."""
-    shape = np.max([a.shape for a in arrays], axis=0) if arrays[0].ndim else ()
+    """Stacks arrays of one rank, zero-padding every axis to the largest size, and to at
+    least 1 (a chunk of text-only examples has no patches; tf.data's unbatch segfaults on
+    zero-sized axes in TF 2.21, and a zero row is padding to every reader)."""
+    shape = np.maximum(np.max([a.shape for a in arrays], axis=0), 1) if arrays[0].ndim else ()
     out = np.zeros((len(arrays), *shape), dtype=arrays[0].dtype)
     for row, array in enumerate(arrays):
         out[(row, *(slice(0, n) for n in array.shape))] = array
@@ -388,6 +390,8 @@ def _example_dataset(tf, loader: _ExampleLoader, source_id: int, start: int,
             value.set_shape([None] * (rank + 1))
             chunk[name] = value
         chunk["image_grid_thw"].set_shape([None, 3])
+        chunk["image_grids"].set_shape([None, None, 3])
+        chunk["video_grid_thw"].set_shape([None, None, 3])
         chunk["position_ids"].set_shape([None, 3, None])
         chunk["source_id"] = tf.fill(tf.shape(chunk["ok"]), tf.constant(source_id, tf.int32))
         return chunk

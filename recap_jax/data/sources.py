@@ -26,7 +26,13 @@ geoqav, sat, scienceqa
            turned into its letter.
 
 Common rules: the image field is one of ``image``, ``images``, ``image_path``, ``img``,
-``file_name`` (a list must hold exactly one image). Paths are confined to ``image_root``
+``file_name``: one image, or a list of images (a multi-image record; box sources need
+exactly one). An explicitly empty list (``"images": []``) makes a text-only record; a
+missing image field is a bad record unless the row has a video. An optional ``video``
+field holds the already-sampled frames: a list of images (paths, bytes or structs, one
+size), with the frame rate in ``fps`` | ``video_fps`` (default 2.0), or an object
+``{"frames": [...], "fps": 2}``. In the prompt the images come first, then the video, then
+the question (``<image>`` / ``<video>`` markers in the text are removed). Paths are confined to ``image_root``
 (``..`` escapes, outside absolute paths and outward symlinks are skipped as bad records).
 Bad records (invalid JSON, empty question/answer, malformed box, missing/undecodable image,
 path escape, box outside the image) are skipped and counted per source in a SkipCounter,
@@ -46,13 +52,18 @@ from typing import Any
 import numpy as np
 
 from recap_jax.data import files as files_lib
-from recap_jax.data.records import Answer, BadRecord, Record, SkipCounter, decode_image
+from recap_jax.data.records import Answer, BadRecord, Record, SkipCounter, Video, decode_image
 from recap_jax.data.tasks import GROUNDING_QUESTION, get_task
 
 __all__ = ["ADAPTERS", "Entry", "Source", "geoqav", "lisa", "ocr_llava", "open_source",
            "refcoco", "sat", "scienceqa", "thinklite"]
 
 IMAGE_KEYS = ("image", "images", "image_path", "img", "file_name")
+VIDEO_KEYS = ("video",)
+FPS_KEYS = ("fps", "video_fps")
+DEFAULT_VIDEO_FPS = 2.0
+MAX_IMAGES_PER_RECORD = 64
+MAX_VIDEO_FRAMES = 1024
 QUESTION_KEYS = ("question", "problem", "prompt", "query")
 TEXT_ANSWER_KEYS = ("answer", "solution", "label")
 BOX_ANSWER_KEYS = ("solution", "box", "bbox", "answer")
@@ -66,18 +77,23 @@ _log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One usable-looking row; its image is read only when the record is loaded.
+    """One usable-looking row; its images are read only when the record is loaded.
 
-    ``image`` is ("path", str), ("bytes", bytes) or ("column", row) for a lazily read parquet
-    column. ``block`` groups rows that are cheap to read together (a parquet row group).
+    ``image`` is ("path", str), ("bytes", bytes), ("column", row) for a lazily read parquet
+    column (which may hold a list of images), or None for a row without images.
+    ``more_images``: the further images of a multi-image row, like ``image``. ``video``:
+    (frame references like ``image``, fps) or None. ``block`` groups rows that are cheap to
+    read together (a parquet row group).
     """
 
     file: str
     index: int
     question: str
     answer: Answer
-    image: tuple[str, Any]
+    image: tuple[str, Any] | None
     block: int = 0
+    more_images: tuple[tuple[str, Any], ...] = ()
+    video: tuple[tuple[tuple[str, Any], ...], float] | None = None
 
 
 class Source:
@@ -108,13 +124,19 @@ class Source:
         return self.entries[i].file, self.entries[i].index
 
     def load(self, i: int) -> Record:
-        """Entry ``i`` with its image decoded; BadRecord if it cannot be used."""
+        """Entry ``i`` with its images (and video frames) decoded; BadRecord if it cannot be
+        used."""
         entry = self.entries[i]
-        image = self._image(entry)
+        images = self._images(entry)
         if not isinstance(entry.answer, str):
-            _check_box_inside(entry.answer, image.shape[0], image.shape[1])
-        return Record(id=f"{entry.file}:{entry.index}", source=self.name, image=image,
-                      question=entry.question, answer=entry.answer)
+            if len(images) != 1:
+                raise BadRecord(f"image: a box answer needs exactly one image, the row has "
+                                f"{len(images)}", "image")
+            _check_box_inside(entry.answer, images[0].shape[0], images[0].shape[1])
+        video = None if entry.video is None else self._video(entry)
+        return Record(id=f"{entry.file}:{entry.index}", source=self.name,
+                      image=images[0] if images else None, question=entry.question,
+                      answer=entry.answer, more_images=tuple(images[1:]), video=video)
 
     def load_or_skip(self, i: int) -> Record | None:
         """Like load, but a bad record is counted in ``skips`` (logged once) and gives None."""
@@ -132,12 +154,30 @@ class Source:
             if record is not None:
                 yield record
 
-    def _image(self, entry: Entry) -> np.ndarray:
-        kind, value = entry.image
+    def _images(self, entry: Entry) -> list[np.ndarray]:
+        """The decoded images of ``entry`` in order (a parquet column may hold a list)."""
+        if entry.image is None:
+            return []
+        refs = [entry.image, *entry.more_images]
+        if entry.image[0] == "column":
+            refs = _image_values(self._column_readers[entry.file].get(entry.image[1]))
         where = f"image of {entry.file}:{entry.index}"
-        if kind == "column":
-            value = _image_value(self._column_readers[entry.file].get(value))
-            kind, value = value
+        return [self._decode(ref, where if len(refs) == 1 else f"image {k} of "
+                             f"{entry.file}:{entry.index}") for k, ref in enumerate(refs)]
+
+    def _video(self, entry: Entry) -> Video:
+        """The decoded frames of ``entry``'s video; BadRecord if they differ in size."""
+        refs, fps = entry.video
+        frames = [self._decode(ref, f"video frame {k} of {entry.file}:{entry.index}")
+                  for k, ref in enumerate(refs)]
+        shapes = sorted({frame.shape for frame in frames})
+        if len(shapes) != 1:
+            raise BadRecord(f"video: frames of {entry.file}:{entry.index} differ in size "
+                            f"{shapes}", "video")
+        return Video(frames=np.stack(frames), fps=fps)
+
+    def _decode(self, ref: tuple[str, Any], where: str) -> np.ndarray:
+        kind, value = ref
         if kind == "bytes":
             return decode_image(value, what=where)
         if self.image_root is None:
@@ -160,7 +200,7 @@ def _first(row: dict, keys: Sequence[str]) -> Any:
 def _clean_text(value: Any, what: str) -> str:
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
         raise BadRecord(f"text: {what} is missing or not text", "text")
-    text = str(value).replace("<image>", "").strip()
+    text = str(value).replace("<image>", "").replace("<video>", "").strip()
     if not text:
         raise BadRecord(f"text: {what} is empty", "text")
     if len(text) > MAX_TEXT_CHARS:
@@ -228,12 +268,8 @@ def _check_box_inside(box, height: int, width: int) -> None:
         raise BadRecord(f"box: {list(box)} outside the {width}x{height} image", "box")
 
 
-def _image_value(value: Any) -> tuple[str, Any]:
-    """An image field → ("bytes", data) or ("path", str); BadRecord if absent/ambiguous."""
-    if isinstance(value, list):
-        if len(value) != 1:
-            raise BadRecord(f"image: {len(value)} images in one record (need exactly 1)", "image")
-        value = value[0]
+def _image_ref(value: Any) -> tuple[str, Any]:
+    """One image value → ("bytes", data) or ("path", str); BadRecord if absent."""
     if isinstance(value, dict):
         if value.get("bytes"):
             return "bytes", value["bytes"]
@@ -243,6 +279,45 @@ def _image_value(value: Any) -> tuple[str, Any]:
     if isinstance(value, str) and value.strip():
         return "path", value.strip()
     raise BadRecord("image: missing image", "image")
+
+
+def _image_values(value: Any) -> list[tuple[str, Any]]:
+    """An image field (one image or a list of them) → its references in order."""
+    values = value if isinstance(value, list) else [value]
+    if len(values) > MAX_IMAGES_PER_RECORD:
+        raise BadRecord(f"image: {len(values)} images in one record (at most "
+                        f"{MAX_IMAGES_PER_RECORD})", "image")
+    return [_image_ref(v) for v in values]
+
+
+def _row_images(row: dict, has_video: bool) -> list[tuple[str, Any]]:
+    """The image references of a row: its image field's, or [] for an explicitly empty list
+    (a text-only row) or a video row without images; BadRecord if the field is missing."""
+    value = _first(row, IMAGE_KEYS)
+    if value is None:
+        if has_video or any(row.get(key) == [] for key in IMAGE_KEYS):
+            return []
+        raise BadRecord("image: missing image", "image")
+    return _image_values(value)
+
+
+def _row_video(row: dict) -> tuple[tuple[tuple[str, Any], ...], float] | None:
+    """(frame references, fps) of a row's ``video`` field, or None without one."""
+    value = _first(row, VIDEO_KEYS)
+    if value is None:
+        return None
+    fps = _first(row, FPS_KEYS)
+    if isinstance(value, dict):
+        fps = value.get("fps", fps)
+        value = value.get("frames")
+    if not isinstance(value, list) or not value:
+        raise BadRecord("video: needs a non-empty list of frames", "video")
+    if len(value) > MAX_VIDEO_FRAMES:
+        raise BadRecord(f"video: {len(value)} frames (at most {MAX_VIDEO_FRAMES})", "video")
+    fps = DEFAULT_VIDEO_FPS if fps is None else fps
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < float("inf"):
+        raise BadRecord(f"video: fps must be a positive number, got {fps!r}", "video")
+    return tuple(_image_ref(frame) for frame in value), float(fps)
 
 
 # Row parsers: row dict → (question, answer). Raise BadRecord.
@@ -312,10 +387,14 @@ def _open(name: str, paths, parse_row: RowParser, *, image_root: str | os.PathLi
                 if not isinstance(row, dict):
                     raise BadRecord(f"schema: record is a {type(row).__name__}, not an object")
                 question, answer = parse_row(row)
+                video = _row_video(row)
                 if column is not None:
-                    image, block = ("column", index), readers[str(file)].group_of(index)
+                    images, block = [("column", index)], readers[str(file)].group_of(index)
                 else:
-                    image, block = _image_value(_first(row, IMAGE_KEYS)), 0
+                    images, block = _row_images(row, video is not None), 0
+                if not isinstance(answer, str) and len(images) != 1:
+                    raise BadRecord(f"image: {len(images)} images in one record (a box "
+                                    "answer needs exactly 1)", "image")
             except BadRecord as error:
                 skips.skip(name, str(file), index, error)
                 continue
@@ -324,10 +403,14 @@ def _open(name: str, paths, parse_row: RowParser, *, image_root: str | os.PathLi
                 skips.skip(name, str(file), index,
                            BadRecord(f"schema: {type(error).__name__}: {error}"))
                 continue
-            if image[0] == "path" and image_root is None:
+            refs = images + list(video[0] if video else ())
+            by_path = [ref[1] for ref in refs if ref[0] == "path"]
+            if by_path and image_root is None:
                 raise ValueError(f"source {name!r}: {file} row {index} names its image by path "
-                                 f"({image[1]!r}); pass image_root")
-            entries.append(Entry(str(file), index, question, answer, image, block))
+                                 f"({by_path[0]!r}); pass image_root")
+            entries.append(Entry(str(file), index, question, answer,
+                                 images[0] if images else None, block,
+                                 more_images=tuple(images[1:]), video=video))
     if not entries:
         raise ValueError(
             f"source {name!r}: no usable records in {[str(f) for f in files]} "

