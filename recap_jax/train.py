@@ -522,6 +522,9 @@ def _train(plan, config, workdir: str, on_step, preemption) -> Any:
 # --------------------------------------------------------------------------- rehearsal
 
 
+REHEARSAL_ENTROPY_COEF = 1e-3
+
+
 def rehearse(config, workdir: str) -> dict[str, Any]:
     """The config run end to end on a tiny random model of the same architecture and a few
     rows of every dataset in its published format (tools.rehearsal.write_fixtures, written
@@ -539,12 +542,16 @@ def rehearse(config, workdir: str) -> dict[str, Any]:
     # memory even on the tiny model); learning rates raised so that a few bf16 updates of a
     # random model are visible in update_norm (at 1e-6 they round away, as they would in the
     # first steps of the real run without the float32 master copy), and no warm-up: its first
-    # update has learning rate 0 (train_state.make_lr_schedule), a third of a 4-step run
+    # update has learning rate 0 (train_state.make_lr_schedule), a third of a 4-step run. A
+    # small entropy bonus gives every RL step a gradient: a random model's rewards are all
+    # equal (0), so without it an RL-only config would never apply an update
     overrides = rehearsal.write_fixtures(fixtures, config, steps=4,
                                          cpu_lengths=jax.devices()[0].platform == "cpu")
     for stage in ("sft", "rl"):
         overrides[f"{stage}.learning_rate"] = max(config[stage].learning_rate, 1e-3)
         overrides[f"{stage}.warmup_fraction"] = 0.0
+    if not config.rl.entropy_coef:
+        overrides["rl.entropy_coef"] = REHEARSAL_ENTROPY_COEF
     with config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext():
         rehearsal.apply_overrides(config, overrides)
     train(config, workdir)

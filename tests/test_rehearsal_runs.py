@@ -89,18 +89,23 @@ def check_recap(workdir: Path, sources: int) -> None:
     logged = lambdas(lines)
     assert logged and all(logged <= set(line) for line in lines)
     assert all(line[k] > 0 and np.isfinite(line[k]) for line in lines for k in logged)
+    assert all(line["grad_norm"] > 0 for line in lines)
 
 
-def check_no_lambda(workdir: Path, sources: set[str] | None) -> None:
+def check_baseline(workdir: Path, sources: set[str] | None) -> None:
+    """A baseline: lambda = 1 for every objective at every step; the step applies updates (the
+    rehearsal's entropy bonus gives every step a gradient)."""
     lines = rl_lines(workdir)
-    assert not lambdas(lines), "a baseline logs no RECAP weights"
+    logged = lambdas(lines)
+    assert logged and all(line[k] == 1.0 for line in lines for k in logged)
+    assert all(line["grad_norm"] > 0 for line in lines)
     if sources is not None:
         assert {line["source"] for line in lines} == sources
 
 
 def check_lwf(workdir: Path) -> None:
     """The KL to the frozen reference is 0 before the first update and > 0 after it."""
-    check_no_lambda(workdir, HYBRID_SOURCES)
+    check_baseline(workdir, HYBRID_SOURCES)
     sampled = [line for line in rl_lines(workdir) if "kl" in line]
     assert sampled[0]["step"] == 1 and abs(sampled[0]["kl"]) < 1e-6
     assert max(line["kl"] for line in sampled[1:]) > 0
@@ -133,13 +138,13 @@ CASES = {
                               lambda w: check_recap(w, 3), False),
     "hybrid_7b-recap_dwa": ("hybrid_7b", {"recap.variant": "dwa"}, lambda w: check_recap(w, 3), False),
     "hybrid_7b-reasoning_only": ("hybrid_7b", {"rl.method": "reasoning_only"},
-                                 lambda w: check_no_lambda(w, {"thinklite_released"}), False),
-    "hybrid_7b-uniform": ("hybrid_7b", {"rl.method": "uniform"}, lambda w: check_no_lambda(w, HYBRID_SOURCES), False),
-    "hybrid_7b-propmix": ("hybrid_7b", {"rl.method": "propmix"}, lambda w: check_no_lambda(w, None), False),
-    "hybrid_7b-coreset": ("hybrid_7b", {"rl.method": "coreset"}, lambda w: check_no_lambda(w, None), False),
+                                 lambda w: check_baseline(w, {"thinklite_released"}), False),
+    "hybrid_7b-uniform": ("hybrid_7b", {"rl.method": "uniform"}, lambda w: check_baseline(w, HYBRID_SOURCES), False),
+    "hybrid_7b-propmix": ("hybrid_7b", {"rl.method": "propmix"}, lambda w: check_baseline(w, None), False),
+    "hybrid_7b-coreset": ("hybrid_7b", {"rl.method": "coreset"}, lambda w: check_baseline(w, None), False),
     "hybrid_7b-lwf": ("hybrid_7b", {"rl.method": "lwf"}, check_lwf, False),
     "rlvr_only_3b-modomodo": ("rlvr_only_3b", {"rl.method": "modomodo"},
-                              lambda w: (check_no_lambda(w, None), check_frozen_vision(w)), False),
+                              lambda w: (check_baseline(w, None), check_frozen_vision(w)), False),
 }
 
 
