@@ -48,13 +48,17 @@ from flax import nnx
 
 from recap_jax.freeze import param_path
 
-__all__ = ["DECODER_TARGETS", "VISION_TARGETS", "LoraConfig", "adapter_optimizer", "count_params",
-           "init_adapters", "merge", "merge_into_base", "target_kernels", "wrap_logprob_fn"]
+__all__ = ["DECODER_TARGETS", "TARGET_GROUPS", "VISION_TARGETS", "LoraConfig", "adapter_optimizer", "count_params",
+           "init_adapters", "merge", "merge_into_base", "target_kernels", "target_patterns",
+           "wrap_logprob_fn"]
 
 DECODER_TARGETS = (r"^language_model/layers/self_attn/(q|k|v|o)_proj/kernel$",
                    r"^language_model/layers/mlp/(gate|up|down)_proj/kernel$")
 VISION_TARGETS = (r"^visual/blocks/attn/(qkv|proj)/kernel$",
                   r"^visual/blocks/mlp/(gate|up|down)_proj/kernel$")
+# the names ``model.lora.targets`` accepts (comma-separated) -> their path patterns
+TARGET_GROUPS = {"attention": DECODER_TARGETS[:1], "mlp": DECODER_TARGETS[1:],
+                 "vision": VISION_TARGETS}
 LAYERS_AXIS = "layers"
 _HEADS_FIRST = ("heads", "vision_heads")  # output projections contract (heads, head_dim)
 
@@ -113,6 +117,15 @@ class LoraConfig:
     @property
     def patterns(self) -> tuple[str, ...]:
         return self.targets + (VISION_TARGETS if self.vision else ())
+
+
+def target_patterns(names: str) -> tuple[str, ...]:
+    """The path patterns of comma-separated `TARGET_GROUPS` names ("attention,mlp,vision")."""
+    parts = [n.strip() for n in str(names).split(",") if n.strip()]
+    unknown = [n for n in parts if n not in TARGET_GROUPS]
+    if not parts or unknown or len(set(parts)) != len(parts):
+        _fail("targets", names, f"comma-separated distinct names of {', '.join(TARGET_GROUPS)}")
+    return tuple(p for n in parts for p in TARGET_GROUPS[n])
 
 
 def _is_variable(x: Any) -> bool:
