@@ -266,9 +266,20 @@ def wrap_logprob_fn(logprob_fn: Callable, config: LoraConfig, dtype: Any = None)
 
 
 def adapter_optimizer(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
-    """``optimizer`` on params["adapters"]; params["base"] gets zero updates and no state."""
-    return optax.multi_transform({"adapters": optimizer, "base": optax.set_to_zero()},
-                                 lambda params: {"base": "base", "adapters": "adapters"})
+    """``optimizer`` on params["adapters"] (its state holds the adapters only); every other
+    entry of the params dict (the frozen "base") gets zero updates. Also takes a params dict
+    without the base (the train step's ``frozen_key="base"`` carries only the adapters)."""
+    def init(params):
+        return optimizer.init(params["adapters"])
+
+    def update(grads, state, params=None):
+        updates, state = optimizer.update(grads["adapters"], state,
+                                          None if params is None else params["adapters"])
+        zeros = {key: jax.tree.map(jnp.zeros_like, value) for key, value in grads.items()
+                 if key != "adapters"}
+        return {**zeros, "adapters": updates}, state
+
+    return optax.GradientTransformation(init, update)
 
 
 def count_params(base: Any, config: LoraConfig) -> dict[str, int]:

@@ -310,7 +310,8 @@ class _StageSteps:
                                                   policy.DTYPES[self.run.plan.model.compute_dtype])
             self._steps[grpo_config.group_size] = make_train_step(
                 grpo_config, logprob_fn, self.stage.optimizer, recap=self.stage.recap,
-                measure_lambda_effect=self.stage.log_lambda_effect)
+                measure_lambda_effect=self.stage.log_lambda_effect,
+                frozen_key="base" if self.run.plan.model.lora is not None else None)
         return self._steps[grpo_config.group_size]
 
     def batch(self, replay_batch: dict, step: int, params):
