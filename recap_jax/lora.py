@@ -28,6 +28,7 @@ that transient. Dropout on the adapter input needs the x A B form, so ``dropout`
     params = {"base": base, "adapters": adapters}                  # the TrainState's params
     logprob_fn = wrap_logprob_fn(sampling.make_logprob_fn(graphdef, G), lora_config, dtype)
     optimizer = adapter_optimizer(make_optimizer(...))             # state for adapters only
+    step = make_train_step(grpo_config, logprob_fn, optimizer, frozen_key="base")  # base: a constant
     export = merge_into_base(base, adapters, lora_config)          # for final/ (save_pretrained)
 """
 
