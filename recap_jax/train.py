@@ -25,7 +25,9 @@ sees the global batch, so group advantages and RECAP's signals are global.
 Outputs in WORKDIR: config.json, metrics.jsonl (+ metrics.superseded.jsonl after a resume),
 tensorboard/, checkpoints/<step>/ (orbax; step = SFT step, or sft.steps + RL step),
 warmstart/ and final/ (Hugging Face directories), eval/<stage>_step_<n>.json, tokenizer/
-(demo only).
+(demo only). With LoRA (model.lora.rank > 0) the checkpoints hold the adapters and their
+optimizer state, not the frozen base; warmstart/ and final/ the merged policy, or final/ the
+adapters only (model.lora.merge_on_export=False: adapters.safetensors + lora.json).
 
 Metric keys (one JSONL line per step; see recap_jax.metrics_log): loss, grad_norm,
 update_norm (global L2 norm of the change of the stored parameters: 0 when a bf16 update is
