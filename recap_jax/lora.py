@@ -28,6 +28,7 @@ that transient. Dropout on the adapter input needs the x A B form, so ``dropout`
     params = {"base": base, "adapters": adapters}                  # the TrainState's params
     logprob_fn = wrap_logprob_fn(sampling.make_logprob_fn(graphdef, G), lora_config, dtype)
     optimizer = adapter_optimizer(make_optimizer(...))             # state for adapters only
+    step = make_train_step(grpo_config, logprob_fn, optimizer, frozen_key="base")  # base: a constant
     export = merge_into_base(base, adapters, lora_config)          # for final/ (save_pretrained)
 """
 
@@ -48,13 +49,17 @@ from flax import nnx
 
 from recap_jax.freeze import param_path
 
-__all__ = ["DECODER_TARGETS", "VISION_TARGETS", "LoraConfig", "adapter_optimizer", "count_params",
-           "init_adapters", "merge", "merge_into_base", "target_kernels", "wrap_logprob_fn"]
+__all__ = ["DECODER_TARGETS", "TARGET_GROUPS", "VISION_TARGETS", "LoraConfig", "adapter_optimizer", "count_params",
+           "init_adapters", "merge", "merge_into_base", "target_kernels", "target_patterns",
+           "wrap_logprob_fn"]
 
 DECODER_TARGETS = (r"^language_model/layers/self_attn/(q|k|v|o)_proj/kernel$",
                    r"^language_model/layers/mlp/(gate|up|down)_proj/kernel$")
 VISION_TARGETS = (r"^visual/blocks/attn/(qkv|proj)/kernel$",
                   r"^visual/blocks/mlp/(gate|up|down)_proj/kernel$")
+# the names ``model.lora.targets`` accepts (comma-separated) -> their path patterns
+TARGET_GROUPS = {"attention": DECODER_TARGETS[:1], "mlp": DECODER_TARGETS[1:],
+                 "vision": VISION_TARGETS}
 LAYERS_AXIS = "layers"
 _HEADS_FIRST = ("heads", "vision_heads")  # output projections contract (heads, head_dim)
 
@@ -113,6 +118,15 @@ class LoraConfig:
     @property
     def patterns(self) -> tuple[str, ...]:
         return self.targets + (VISION_TARGETS if self.vision else ())
+
+
+def target_patterns(names: str) -> tuple[str, ...]:
+    """The path patterns of comma-separated `TARGET_GROUPS` names ("attention,mlp,vision")."""
+    parts = [n.strip() for n in str(names).split(",") if n.strip()]
+    unknown = [n for n in parts if n not in TARGET_GROUPS]
+    if not parts or unknown or len(set(parts)) != len(parts):
+        _fail("targets", names, f"comma-separated distinct names of {', '.join(TARGET_GROUPS)}")
+    return tuple(p for n in parts for p in TARGET_GROUPS[n])
 
 
 def _is_variable(x: Any) -> bool:
@@ -253,9 +267,20 @@ def wrap_logprob_fn(logprob_fn: Callable, config: LoraConfig, dtype: Any = None)
 
 
 def adapter_optimizer(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
-    """``optimizer`` on params["adapters"]; params["base"] gets zero updates and no state."""
-    return optax.multi_transform({"adapters": optimizer, "base": optax.set_to_zero()},
-                                 lambda params: {"base": "base", "adapters": "adapters"})
+    """``optimizer`` on params["adapters"] (its state holds the adapters only); every other
+    entry of the params dict (the frozen "base") gets zero updates. Also takes a params dict
+    without the base (the train step's ``frozen_key="base"`` carries only the adapters)."""
+    def init(params):
+        return optimizer.init(params["adapters"])
+
+    def update(grads, state, params=None):
+        updates, state = optimizer.update(grads["adapters"], state,
+                                          None if params is None else params["adapters"])
+        zeros = {key: jax.tree.map(jnp.zeros_like, value) for key, value in grads.items()
+                 if key != "adapters"}
+        return {**zeros, "adapters": updates}, state
+
+    return optax.GradientTransformation(init, update)
 
 
 def count_params(base: Any, config: LoraConfig) -> dict[str, int]:

@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import optax
 
-from recap_jax import grpo, recap, run_config
+from recap_jax import grpo, lora, recap, run_config
 from recap_jax.data.replay import MODOMODO_SHARES, ReplayConfig, epoch_steps
 from recap_jax.data.tasks import get_task, styled_task_name, unstyled_task_name
 from recap_jax.metrics_log import WandbConfig
@@ -130,6 +130,8 @@ class ModelPlan:
     remat: str
     logits_chunk: int
     freeze_vision: bool
+    lora: lora.LoraConfig | None = None  # model.lora (None: rank 0, full fine-tuning)
+    lora_merge_on_export: bool = True
 
     @property
     def precision(self) -> PrecisionConfig:
@@ -355,7 +357,8 @@ def build_plan(config, *, check_paths: bool = True) -> RunPlan:
 def _build(reader: _Reader) -> RunPlan:
     config = reader.config
     seed = reader.get("seed")
-    model = _make(ModelPlan, "model", **reader.section("model"))
+    plain = [f.name for f in dataclasses.fields(ModelPlan) if not f.name.startswith("lora")]
+    model = _make(ModelPlan, "model", **reader.section("model", plain), **_lora(reader))
     _make(PrecisionConfig, "model", param_dtype=model.param_dtype,
           compute_dtype=model.compute_dtype, remat=model.remat)
     tokenizer = TokenizerPlan(**reader.section("tokenizer"))
@@ -390,6 +393,22 @@ def _build(reader: _Reader) -> RunPlan:
                        for field in ("project", "run_name", "mode", "entity")}))
 
 
+def _lora(reader: _Reader) -> dict[str, Any]:
+    """ModelPlan's lora fields from ``config.model.lora`` (rank 0: None)."""
+    fields = reader.section("model.lora")
+    merge = fields.pop("merge_on_export")
+    if not isinstance(merge, bool):
+        raise ConfigError(f"config.model.lora.merge_on_export={merge!r} is invalid; allowed: True | False")
+    if fields["rank"] == 0:
+        return dict(lora=None, lora_merge_on_export=merge)
+    try:
+        config = lora.LoraConfig(rank=fields["rank"], alpha=fields["alpha"], dropout=fields["dropout"],
+                                 targets=lora.target_patterns(fields["targets"]))
+    except ValueError as error:  # LoraConfig names model.lora.<field>
+        raise ConfigError(f"config.{error}") from None
+    return dict(lora=config, lora_merge_on_export=merge)
+
+
 def _source_plan(reader: _Reader, key: str, name: str) -> SourcePlan:
     values = reader.section(f"data.sources.{key}")
     for split in ("train", "eval"):
@@ -422,16 +441,21 @@ def _mesh(reader: _Reader) -> MeshConfig | None:
 
 def _optimizer(learning_rate, total_updates, warmup_fraction, max_grad_norm, weight_decay,
                precision: PrecisionConfig, freeze_vision: bool,
-               accumulate: int = 1) -> optax.GradientTransformation:
+               accumulate: int = 1, adapters: bool = False) -> optax.GradientTransformation:
     """AdamW on the stage's schedule; gradients averaged over ``accumulate`` calls before each
     update (optax.MultiSteps: the calls in between change nothing); a float32 master copy for
     low-precision parameters; zero updates for the vision tower when it is frozen (the master
-    copy wraps the whole thing, so a frozen weight stays bit-identical)."""
+    copy wraps the whole thing, so a frozen weight stays bit-identical).
+
+    ``adapters`` (LoRA): params are {"base", "adapters"}; AdamW runs on the float32 adapters
+    only (no master copy needed), the base gets zero updates and no state."""
     optimizer = make_optimizer(learning_rate, max(total_updates // accumulate, 1),
                                warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm,
                                weight_decay=weight_decay)
     if accumulate > 1:
         optimizer = optax.MultiSteps(optimizer, every_k_schedule=accumulate)
+    if adapters:  # the frozen vision tower has no adapters (checked in _rl_stage)
+        return lora.adapter_optimizer(optimizer)
     if freeze_vision:
         optimizer = optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()},
                                           _vision_labels)
@@ -462,7 +486,8 @@ def _sft_stage(reader: _Reader, model: ModelPlan, data: DataPlan, names, seed) -
                      strategy="modomodo" if shares else "uniform", homogeneous=False,
                      weights=run_config.parse_shares(shares, len(names)) if shares else None)
     optimizer = _optimizer(sft["learning_rate"], sft["steps"], sft["warmup_fraction"],
-                           sft["max_grad_norm"], sft["weight_decay"], model.precision, False)
+                           sft["max_grad_norm"], sft["weight_decay"], model.precision, False,
+                           adapters=model.lora is not None)
     return StagePlan("sft", sft["steps"], tuple(names), objectives, table, replay, None,
                      optimizer, max_bad_steps=max_bad_steps,
                      rng_offset=SFT_RNG_OFFSET)
@@ -514,14 +539,22 @@ def _rl_stage(reader: _Reader, model: ModelPlan, data: DataPlan, names, seed,
         updates = steps * grpo_config.num_iterations * grpo_config.num_minibatches
         return _optimizer(rl["learning_rate"], updates, rl["warmup_fraction"],
                           rl["max_grad_norm"], rl["weight_decay"], model.precision,
-                          method.freeze_vision, rl["sources_per_update"])
+                          method.freeze_vision, rl["sources_per_update"],
+                          adapters=model.lora is not None)
+
+    freeze_vision = method.freeze_vision or model.freeze_vision
+    if freeze_vision and model.lora is not None and any(p in lora.VISION_TARGETS
+                                                        for p in model.lora.patterns):
+        raise ConfigError(f"config.model.lora.targets adapts the vision tower, which "
+                          f"{'rl.method=' + rl['method'] if method.freeze_vision else 'model.freeze_vision'}"
+                          " freezes; drop 'vision' from model.lora.targets")
 
     stage = StagePlan("rl", rl["steps"], used, objectives, grpo_config, replay, recap_config,
                       optimizer_for(rl["steps"]), max_new_tokens=rl["max_new_tokens"],
                       temperature=rl["temperature"], top_p=rl["top_p"], top_k=rl["top_k"],
                       max_bad_steps=rl["max_bad_steps"], rng_offset=RL_RNG_OFFSET,
                       eval_every=eval_every,
-                      freeze_vision=method.freeze_vision or model.freeze_vision,
+                      freeze_vision=freeze_vision,
                       log_lambda_effect=rl["log_lambda_effect"],
                       scale_logprobs=rl["scale_logprobs"], epoch_bounded=rl["epoch_bounded"],
                       optimizer_for=optimizer_for, reward_workers=rl["reward_workers"],

@@ -143,6 +143,16 @@ def base_config() -> ml_collections.ConfigDict:
         # the vision tower frozen, its backward pass not run (the gradient stops at the
         # merger's input; the merger still trains); modomodo freezes it regardless
         freeze_vision=False,
+        # LoRA (recap_jax.lora): rank 0 = off (full fine-tuning). rank r > 0: the base weights
+        # are frozen and W' = W + (alpha / r) A B trains in the targeted kernels; only A, B
+        # (float32) and their optimizer state are trained and checkpointed. targets: comma-
+        # separated attention (decoder q, k, v, o), mlp (decoder gate, up, down), vision (the
+        # vision blocks' qkv, proj, mlp). dropout must be 0 (the adapter is merged into the
+        # kernel inside the loss). merge_on_export: final/ (and warmstart/) hold W + (alpha/r)
+        # A B as a Hugging Face directory; False: final/ holds only the adapters
+        # (adapters.safetensors + lora.json naming the base directory)
+        lora=dict(rank=0, alpha=16.0, targets="attention,mlp", dropout=0.0,
+                  merge_on_export=True),
     )
     c.tokenizer = dict(
         path="",  # "" = model.path, or (from scratch) a demo BPE built into WORKDIR/tokenizer

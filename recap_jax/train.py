@@ -25,7 +25,9 @@ sees the global batch, so group advantages and RECAP's signals are global.
 Outputs in WORKDIR: config.json, metrics.jsonl (+ metrics.superseded.jsonl after a resume),
 tensorboard/, checkpoints/<step>/ (orbax; step = SFT step, or sft.steps + RL step),
 warmstart/ and final/ (Hugging Face directories), eval/<stage>_step_<n>.json, tokenizer/
-(demo only).
+(demo only). With LoRA (model.lora.rank > 0) the checkpoints hold the adapters and their
+optimizer state, not the frozen base; warmstart/ and final/ the merged policy, or final/ the
+adapters only (model.lora.merge_on_export=False: adapters.safetensors + lora.json).
 
 Metric keys (one JSONL line per step; see recap_jax.metrics_log): loss, grad_norm,
 update_norm (global L2 norm of the change of the stored parameters: 0 when a bf16 update is
@@ -58,7 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recap_jax import benchmarks_eval, freeze, parallel, policy, recap, rollout, run_config, sampling
+from recap_jax import benchmarks_eval, freeze, lora, lora_run, parallel, policy, recap, rollout, run_config, sampling
 from recap_jax import plan as plan_lib
 from recap_jax.checkpointing import CheckpointMismatch, RunCheckpoints
 from recap_jax.data import sft_targets
@@ -267,14 +269,18 @@ def format_eval_table(results: dict, title: str) -> str:
 
 
 def stage_state(run: Run, stage: plan_lib.StagePlan, params) -> TrainState:
-    """A fresh train state of ``stage`` from ``params`` (sharded like them on a mesh)."""
+    """A fresh train state of ``stage`` from ``params`` (sharded like them on a mesh). With
+    LoRA, ``params`` is the frozen base and the state's params are {"base", "adapters"}."""
     recap_state = recap.init(stage.recap, stage.objectives.num_objectives) if stage.recap \
         else None
+    rng = jax.random.key(run.plan.seed + (stage.name == "rl"))
+    config = run.plan.model.lora
+    if config is not None:
+        adapted = lora_run.init_params(params, config, run.plan.seed + stage.rng_offset, run.mesh)
+        return lora_run.create_state(adapted, stage.optimizer, rng, recap_state, run.mesh)
 
     def create(p):
-        return TrainState.create(p, stage.optimizer,
-                                 jax.random.key(run.plan.seed + (stage.name == "rl")),
-                                 recap_state)
+        return TrainState.create(p, stage.optimizer, rng, recap_state)
 
     if run.mesh is None:
         return create(params)
@@ -306,9 +312,13 @@ class _StageSteps:
                                                   entropy_gradient=grpo_config.entropy_coef > 0)
             if self.stage.freeze_vision:  # no backward pass through the vision tower
                 logprob_fn = freeze.freeze_vision(logprob_fn)
+            if self.run.plan.model.lora is not None:  # params {"base", "adapters"}: merged inside
+                logprob_fn = lora.wrap_logprob_fn(logprob_fn, self.run.plan.model.lora,
+                                                  policy.DTYPES[self.run.plan.model.compute_dtype])
             self._steps[grpo_config] = make_train_step(
                 grpo_config, logprob_fn, self.stage.optimizer, recap=self.stage.recap,
-                measure_lambda_effect=self.stage.log_lambda_effect)
+                measure_lambda_effect=self.stage.log_lambda_effect,
+                frozen_key="base" if self.run.plan.model.lora is not None else None)
         return self._steps[grpo_config]
 
     def batch(self, replay_batch: dict, step: int, params):
@@ -323,7 +333,8 @@ class _StageSteps:
         if stage.is_rl and task.kind == "rl":
             rng = jax.random.fold_in(jax.random.key(run.plan.seed), stage.rng_offset + step)
             batch, stats = rollout.rl_batch(
-                graphdef=run.graphdef, params=params, batch=replay_batch, task=task,
+                graphdef=run.graphdef, params=policy_params(run, params), batch=replay_batch,
+                task=task,
                 source_id=source_id, model_config=run.model_config, processor=run.processor,
                 sampling_params=self.sampling, rng=rng,
                 num_reward_columns=grpo_config.num_reward_columns, prompt_buckets=buckets,
@@ -349,9 +360,20 @@ class _StageSteps:
         return place.to_device(batch, rollout.BATCH_AXES), grpo_config, tokens, name, rows
 
 
+def policy_params(run: Run, params) -> Any:
+    """A train state's params as the policy's model state (LoRA: the base with the adapters
+    merged); what the sampler, the evaluator and the export read."""
+    return lora_run.policy_params(params, run.plan.model.lora)
+
+
+def _checkpointed(run: Run, state: TrainState) -> TrainState:
+    """What a checkpoint holds of ``state``: all of it, or with LoRA all but the frozen base."""
+    return state if run.plan.model.lora is None else lora_run.checkpoint_view(state)
+
+
 def _save(run: Run, global_step: int, state, stage: str, stage_step: int, replay,
           bad_steps: int) -> None:
-    run.checkpoints.save(global_step, state, {
+    run.checkpoints.save(global_step, _checkpointed(run, state), {
         "stage": stage, "stage_step": stage_step, "replay": replay.state() if replay else None,
         "bad_steps": bad_steps, "skipped_records": run.skips.counts()})
 
@@ -368,18 +390,22 @@ def _replay_sources(run: Run, stage: plan_lib.StagePlan) -> list:
 
 def run_stage(run: Run, stage: plan_lib.StagePlan, params, resumed) -> Any:
     """One stage from ``params`` (or its checkpoint in ``resumed``) to its last step; returns
-    the final params. Resume, clock, bad-step counting, metrics lines, progress, evaluation
+    the final train-state params (LoRA: {"base", "adapters"}; `policy_params` merges).
+    Resume, clock, bad-step counting, metrics lines, progress, evaluation
     and checkpoint cadence are the same for SFT and RL."""
     plan = run.plan
     offset = plan.stage("sft").steps if stage.is_rl and plan.stage("sft") else 0
-    reference = jax.tree.map(jnp.copy, params) if stage.reference else None  # state is donated
     state = stage_state(run, stage, params)
+    # the initial policy (LoRA: the base and the zero-effect adapters); state is donated
+    reference = jax.tree.map(jnp.copy, state.params) if stage.reference else None
     start, replay_state, bad_steps = 0, None, 0
     if resumed is not None and resumed.meta["stage"] == stage.name:
         state, start = resumed.state, resumed.meta["stage_step"]
+        if run.plan.model.lora is not None:  # the checkpoint holds the adapters only
+            state = lora_run.with_base(state, params)
         replay_state, bad_steps = resumed.meta["replay"], resumed.meta["bad_steps"]
     if stage.is_rl and start == 0:
-        _evaluate(run, state.params, 0)
+        _evaluate(run, policy_params(run, state.params), 0)
     if start >= stage.steps:
         return state.params
     steps = _StageSteps(run, stage)
@@ -423,7 +449,7 @@ def run_stage(run: Run, stage: plan_lib.StagePlan, params, resumed) -> Any:
                     "rewards and the learning rate.")
             if stage.is_rl and (step == stage.steps
                                 or (stage.eval_every and step % stage.eval_every == 0)):
-                _evaluate(run, state.params, step)
+                _evaluate(run, policy_params(run, state.params), step)
             # polled at every step on every process (collective on several)
             preempted = run.preemption is not None and run.preemption.should_stop(offset + step)
             if preempted or step == stage.steps or (plan.checkpoint_every
@@ -442,7 +468,7 @@ def run_stage(run: Run, stage: plan_lib.StagePlan, params, resumed) -> Any:
 
 def _resume_target(run: Run, meta: dict) -> TrainState:
     """A fresh train state of the checkpoint's stage (the structure a restore fills)."""
-    return stage_state(run, run.plan.stage(meta["stage"]), run.initial_params)
+    return _checkpointed(run, stage_state(run, run.plan.stage(meta["stage"]), run.initial_params))
 
 
 def _resume(run: Run):
@@ -465,9 +491,37 @@ def _resume(run: Run):
 
 
 def load_checkpoint_params(run: Run, step: int):
-    """The params of checkpoint ``step`` (the optimizer state is not built or read)."""
+    """The policy params of checkpoint ``step`` (the optimizer state is not built or read).
+    With LoRA the checkpoint's adapters are merged into the base they trained on: the
+    warm-start (WORKDIR/warmstart) for an RL checkpoint after an SFT stage, else the run's
+    initial params."""
     meta = run.checkpoints.read_meta(step)
-    return run.checkpoints.restore_params(step, run.initial_params, meta)
+    config = run.plan.model.lora
+    if config is None:
+        return run.checkpoints.restore_params(step, run.initial_params, meta)
+    base = run.initial_params
+    if meta["stage"] == "rl" and run.plan.stage("sft") is not None:
+        base = policy.load_params(run.plan, os.path.join(run.workdir, "warmstart"), run.mesh)
+    like = {"adapters": lora_run.init_params(base, config, 0, run.mesh)["adapters"]}
+    adapters = run.checkpoints.restore_params(step, like, meta)["adapters"]
+    return lora_run.policy_params({"base": base, "adapters": adapters}, config)
+
+
+def load_final_params(run: Run):
+    """The policy params of WORKDIR/final: a Hugging Face directory, or (LoRA with
+    merge_on_export=False) the adapters of lora.json merged into the base directory it names
+    (a random base of the run's seed when that is "")."""
+    final = os.path.join(run.workdir, "final")
+    config = run.plan.model.lora
+    if config is None or not os.path.exists(os.path.join(final, lora_run.LORA_FILE)):
+        return policy.load_params(run.plan, final, run.mesh)
+    with open(os.path.join(final, lora_run.LORA_FILE), encoding="utf-8") as handle:
+        base_directory = json.load(handle)["base"]
+    base = (policy.load_params(run.plan, base_directory, run.mesh) if base_directory
+            else run.initial_params)
+    like = lora_run.init_params(base, config, 0, run.mesh)["adapters"]
+    adapters = lora_run.load_adapters(final, like)
+    return lora_run.policy_params({"base": base, "adapters": adapters}, config)
 
 
 def _write_config(config, workdir: str) -> None:
@@ -497,20 +551,30 @@ def _train(plan, config, workdir: str, on_step, preemption) -> Any:
     run.on_step, run.preemption = on_step, preemption
     try:
         resumed = _resume(run)
-        params = run.initial_params
+        params, trained = run.initial_params, None
+        base_directory = plan.model.path  # the base LoRA adapters apply to
         in_rl = resumed is not None and resumed.meta["stage"] == "rl"
         sft, rl = plan.stage("sft"), plan.stage("rl")
         if sft is not None:
-            params = (policy.load_params(plan, os.path.join(workdir, "warmstart"), run.mesh)
-                      if in_rl else run_stage(run, sft, params, resumed))
-            if not in_rl:
-                policy.export(run.graphdef, params, run.processor,
-                              os.path.join(workdir, "warmstart"))
+            base_directory = os.path.join(workdir, "warmstart")
+            if in_rl:
+                params = policy.load_params(plan, base_directory, run.mesh)
+            else:  # LoRA: the warm-start is exported merged and is the RL stage's base
+                trained = run_stage(run, sft, params, resumed)
+                params = policy_params(run, trained)
+                policy.export(run.graphdef, params, run.processor, base_directory)
         if rl is not None:
-            params = run_stage(run, rl, params, resumed)
+            trained = run_stage(run, rl, params, resumed)
+            params = policy_params(run, trained)
         else:
             _evaluate(run, params, 0)  # a warm-start only: evaluate it
-        policy.export(run.graphdef, params, run.processor, os.path.join(workdir, "final"))
+        final = os.path.join(workdir, "final")
+        if plan.model.lora is not None and not plan.model.lora_merge_on_export \
+                and rl is not None:
+            lora_run.export_adapters(trained["adapters"], plan.model.lora, final,
+                                     base_directory, run.processor)
+        else:
+            policy.export(run.graphdef, params, run.processor, final)
         if run.skips.count():
             print(f"records skipped: {run.skips.counts()}", flush=True)
         return params
@@ -570,7 +634,7 @@ def rehearsal_summary(config, workdir: str) -> dict[str, Any]:
     try:  # the newest checkpoint re-read (params only) and compared with the exported policy
         step = run.checkpoints.steps()[-1]
         restored = load_checkpoint_params(run, step)
-        exported = policy.load_params(plan, os.path.join(workdir, "final"), run.mesh)
+        exported = load_final_params(run)
         same = all(np.array_equal(np.asarray(gather(a)), np.asarray(gather(b))) for a, b in
                    zip(jax.tree.leaves(restored), jax.tree.leaves(exported)))
     finally:

@@ -281,7 +281,8 @@ def _ratio_stats(logprobs: jax.Array, old_logprobs: jax.Array, rl_mask: jax.Arra
 
 def _make_update(config: GRPOConfig, logprob_fn: LogprobFn,
                  optimizer: optax.GradientTransformation, weighting: _Weighting,
-                 whole_batch: Mapping[str, Any], shared: Any, measure_lambda_effect: bool):
+                 whole_batch: Mapping[str, Any], shared: Any, measure_lambda_effect: bool,
+                 frozen: tuple[str, Any] | None = None):
     """One optimizer update on one mini-batch (a lax.scan body over (params, opt_state,
     recap_state)).
 
@@ -290,9 +291,12 @@ def _make_update(config: GRPOConfig, logprob_fn: LogprobFn,
     gradient the loss would have with lambda = 1 is computed too, and their cosine logged.
     Without precomputed weights (RECAP with one update per step), lambda and the advantages
     are computed in `head` from this forward's NTP losses (stop_gradient).
+    ``frozen`` = (key, value): the carried params lack that entry; the forward sees it added.
     """
 
     def forward(params, minibatch):
+        if frozen is not None:
+            params = {**params, frozen[0]: frozen[1]}
         logprobs, entropy = logprob_fn(params, minibatch["batch"])
         expected = tuple(np.shape(minibatch["loss_mask"]))
         for name, value in (("token_logprobs", logprobs), ("token_entropy", entropy)):
@@ -392,7 +396,8 @@ def _update_norm(new: Any, old: Any) -> jax.Array:
 def make_train_step(config: GRPOConfig, logprob_fn: LogprobFn,
                     optimizer: optax.GradientTransformation, *,
                     recap: recap_lib.RecapConfig | None = None,
-                    measure_lambda_effect: bool = False, donate_state: bool = True):
+                    measure_lambda_effect: bool = False, donate_state: bool = True,
+                    frozen_key: str | None = None):
     """The jitted step(state, batch, weights=None, reference_params=None) -> (state, metrics).
 
     weights: lambda [K] float32, or None for 1 (baselines); with ``recap`` it must be None:
@@ -404,6 +409,10 @@ def make_train_step(config: GRPOConfig, logprob_fn: LogprobFn,
       update's gradient and the one lambda = 1 would give (one more backward pass per
       update, no more forward). ``advantage_change`` (||A(lambda) - A(1)|| / ||A(1)||) is
       always logged.
+    frozen_key: params is a dict whose entry ``frozen_key`` (LoRA's "base") is a constant of
+      the step: neither differentiated nor carried through the updates (no gradient, update
+      or copy of it is formed); ``optimizer`` then sees the params without it
+      (`lora.adapter_optimizer` takes both forms).
     Compiles once per batch shape / dtype structure. The state is donated.
     """
     single_update = config.num_iterations * config.num_minibatches == 1
@@ -447,8 +456,12 @@ def make_train_step(config: GRPOConfig, logprob_fn: LogprobFn,
                 samples["advantages_unit"] = grpo.rollout_advantages(
                     config, batch, jnp.ones((k,), jnp.float32))[0]
         split_samples, shared = _split_rows(samples, config.num_minibatches)
+        carried, frozen = state.params, None
+        if frozen_key is not None:
+            frozen = (frozen_key, state.params[frozen_key])
+            carried = {k: v for k, v in state.params.items() if k != frozen_key}
         update = _make_update(config, logprob_fn, optimizer, weighting, batch, shared,
-                              measure_lambda_effect)
+                              measure_lambda_effect, frozen)
 
         def epoch(carry, key):
             rows_of = split_samples
@@ -458,8 +471,10 @@ def make_train_step(config: GRPOConfig, logprob_fn: LogprobFn,
             return jax.lax.scan(update, carry, rows_of)
 
         (params, opt_state, recap_state), per_update = jax.lax.scan(
-            epoch, (state.params, state.opt_state, recap_state),
+            epoch, (carried, state.opt_state, recap_state),
             jax.random.split(shuffle_key, config.num_iterations))
+        if frozen is not None:
+            params = {**params, frozen_key: frozen[1]}
         used = per_update["weights"][0, 0]
         per_update = {name: value for name, value in per_update.items() if name != "weights"}
         metrics = {**summarise(config, per_update, reward_stats, batch, used), **metrics}

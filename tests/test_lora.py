@@ -148,6 +148,43 @@ def test_adapters_are_sharded_like_their_kernels(model):
     assert o["b"].get_value().spec == jax.sharding.PartitionSpec(None, None, "fsdp")
 
 
+def _train_batch(seed=2):
+    b = memory.example_batch(CFG, WORKLOAD, seed=seed)
+    rows = b["completions"].shape[0]
+    return jax.tree.map(jnp.asarray, TrainBatch(
+        prompt=b["prompt"], completions=b["completions"], completion_mask=b["completion_mask"],
+        source_id=b["source_id"], rewards=b["rewards"], old_logprobs=b["old_logprobs"],
+        truncated=np.zeros((rows,), bool)))
+
+
+def test_a_frozen_base_key_gives_the_same_update_without_carrying_the_base(model):
+    """make_train_step(frozen_key="base"): the base is a constant of the step, yet the new
+    adapters, optimizer state and loss equal those of differentiating the whole dict (whose
+    base gets zero gradient and zero update); the base comes back unchanged."""
+    graphdef, base = model
+    adapters = randomise_b(lora.init_adapters(base, LORA, jax.random.key(0)))
+    params = {"base": base, "adapters": adapters}
+    fn = lora.wrap_logprob_fn(sampling.make_logprob_fn(graphdef, GROUP), LORA)
+    optimizer = lora.adapter_optimizer(optax.adam(1e-2))
+    batch = _train_batch()
+    results = {}
+    for key in (None, "base"):
+        state = TrainState.create(params, optimizer, jax.random.key(0))
+        step = make_train_step(GRPOConfig(group_size=GROUP), fn, optimizer, donate_state=False,
+                               frozen_key=key)
+        results[key] = step(state, batch)
+    (whole, whole_metrics), (frozen, frozen_metrics) = results[None], results["base"]
+    assert float(frozen_metrics["grad_norm"]) > 0
+    np.testing.assert_allclose(frozen_metrics["loss"], whole_metrics["loss"], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 frozen.params["adapters"], whole.params["adapters"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 frozen.opt_state, whole.opt_state)
+    jax.tree.map(np.testing.assert_array_equal, frozen.params["base"], base)
+    assert any(float(jnp.abs(n - o).max()) > 0 for n, o in
+               zip(jax.tree.leaves(frozen.params["adapters"]), jax.tree.leaves(adapters)))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(rank=0), r"model\.lora\.rank=0"), (dict(alpha=-1.0), r"model\.lora\.alpha=-1\.0"),
     (dict(dropout=0.1), r"model\.lora\.dropout=0\.1.*x A B inside the model"),
@@ -185,12 +222,7 @@ def test_freeze_vision_zero_gradients_and_no_tower_backward(model, batch):
     assert float(jnp.abs(grads["visual"]["merger"]["mlp_0"]["kernel"][...]).max()) > 0
     assert float(jnp.abs(grads["language_model"]["layers"]["mlp"]["up_proj"]["kernel"][...]).max()) > 0
 
-    b = memory.example_batch(CFG, WORKLOAD, seed=2)
-    rows = b["completions"].shape[0]
-    train_batch = jax.tree.map(jnp.asarray, TrainBatch(
-        prompt=b["prompt"], completions=b["completions"], completion_mask=b["completion_mask"],
-        source_id=b["source_id"], rewards=b["rewards"], old_logprobs=b["old_logprobs"],
-        truncated=np.zeros((rows,), bool)))
+    train_batch = _train_batch()
     config = GRPOConfig(group_size=GROUP)
     counts = {}
     for name, policy in (("trained", fn), ("frozen", frozen)):

@@ -48,8 +48,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from recap_jax import lora as lora_lib
 from recap_jax import parallel, sampling
 from recap_jax import precision as precision_lib
+from recap_jax.freeze import param_path
 from recap_jax.models.qwen2_5_vl import config as config_lib
 from recap_jax.models.qwen2_5_vl import model as model_lib
 from recap_jax.tools.workload import (  # noqa: F401 - names of this module's API
@@ -89,6 +91,8 @@ class MemoryPlan:
     kv_cache: int
     compile_seconds: float
     reference: int = 0  # the frozen reference policy's params (a KL term: lwf)
+    adapters: int = 0  # LoRA: the adapters' share of ``params`` (the rest is the frozen base)
+    lora_merged: int = 0  # LoRA: the targeted kernels merged (W + s A B) for the sampler
 
     @property
     def step_peak(self) -> int:
@@ -97,19 +101,24 @@ class MemoryPlan:
     @property
     def generation_peak(self) -> int:
         """The train state stays on the device while the sampler runs: params + optimizer (+ the
-        reference policy) + KV cache."""
-        return self.params + self.opt_state + self.reference + self.kv_cache
+        reference policy) (+ LoRA's merged copy of the targeted kernels) + KV cache."""
+        return self.params + self.opt_state + self.reference + self.lora_merged + self.kv_cache
 
 
 def abstract_train_state(model_config, mesh, precision: precision_lib.PrecisionConfig, optimizer, rules=None, *,
-                         recap_state: Any = None, strict: bool = True):
+                         recap_state: Any = None, strict: bool = True, lora: lora_lib.LoraConfig | None = None):
     """(graphdef, train state of ShapeDtypeStructs carrying their shardings); ``strict=False``
-    replicates what the mesh does not divide, as `parallel.create_sharded` in train does."""
+    replicates what the mesh does not divide, as `parallel.create_sharded` in train does.
+    ``lora``: params are {"base": the model's, "adapters": A, B} (``optimizer`` is then the
+    adapters-only one of the run plan)."""
     from recap_jax.train_state import TrainState
 
     kwargs = precision.model_kwargs()
     graphdef, params = nnx.split(nnx.eval_shape(
         lambda: model_lib.Qwen2_5_VLForConditionalGeneration(model_config, rngs=nnx.Rngs(0), **kwargs)))
+    if lora is not None:
+        params = {"base": params,
+                  "adapters": jax.eval_shape(lambda: lora_lib.init_adapters(params, lora, jax.random.key(0)))}
     state = jax.eval_shape(lambda p: TrainState.create(p, optimizer, jax.random.key(0), recap_state), params)
     shardings = parallel.tree_shardings(state, mesh, rules, strict=strict)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
@@ -136,23 +145,27 @@ def compile_step_plan(model_config: config_lib.Qwen2_5_VLConfig, mesh, workload:
                       precision: precision_lib.PrecisionConfig, grpo_config, optimizer, *, rules=None,
                       logits_chunk: int = 0, recap=None, recap_state: Any = None, reference: bool = False,
                       measure_lambda_effect: bool = False, weights: Any = None,
-                      strict: bool = True) -> MemoryPlan:
+                      strict: bool = True, lora: lora_lib.LoraConfig | None = None) -> MemoryPlan:
     """The memory plan of `train_step.make_train_step` with exactly these settings (the loss
-    config, optimizer, RECAP config and state, reference policy, logits chunk), compiled for
-    abstract inputs of ``workload``'s sizes on ``mesh``."""
+    config, optimizer, RECAP config and state, reference policy, logits chunk, LoRA adapters on
+    a frozen base), compiled for abstract inputs of ``workload``'s sizes on ``mesh``."""
     from recap_jax.train_step import make_train_step
 
     workload.check(model_config)
     graphdef, state = abstract_train_state(model_config, mesh, precision, optimizer, rules,
-                                           recap_state=recap_state, strict=strict)
+                                           recap_state=recap_state, strict=strict, lora=lora)
     truncated = grpo_config.mask_truncated_completions
     batch = with_batch_shardings(
         batch_shapes(model_config, workload, reward_columns=grpo_config.num_reward_columns, truncated=truncated),
         mesh, rules, POLICY_BATCH_AXES_TRUNCATED if truncated else POLICY_BATCH_AXES)
     parallel.check_divisible(batch, "batch")  # before compiling: --batch / --group-size vs the mesh
     reference_params = state.params if reference else None
-    step = make_train_step(grpo_config, sampling.make_logprob_fn(graphdef, workload.group_size, logits_chunk),
-                           optimizer, recap=recap, measure_lambda_effect=measure_lambda_effect)
+    logprob_fn = sampling.make_logprob_fn(graphdef, workload.group_size, logits_chunk)
+    if lora is not None:
+        logprob_fn = lora_lib.wrap_logprob_fn(logprob_fn, lora, precision.model_kwargs()["dtype"])
+    step = make_train_step(grpo_config, logprob_fn, optimizer, recap=recap,
+                           measure_lambda_effect=measure_lambda_effect,
+                           frozen_key="base" if lora is not None else None)
     start = time.perf_counter()
     with parallel.use_mesh(mesh, rules):
         compiled = step.lower(state, batch, weights, reference_params).compile()
@@ -164,7 +177,17 @@ def compile_step_plan(model_config: config_lib.Qwen2_5_VLConfig, mesh, workload:
                       arguments=int(stats.argument_size_in_bytes), outputs=int(stats.output_size_in_bytes),
                       aliased=int(stats.alias_size_in_bytes), code=int(stats.generated_code_size_in_bytes),
                       kv_cache=kv, compile_seconds=seconds,
-                      reference=bytes_per_device(reference_params) if reference else 0)
+                      reference=bytes_per_device(reference_params) if reference else 0,
+                      **(_lora_bytes(state.params, lora) if lora is not None else {}))
+
+
+def _lora_bytes(params: dict, lora: lora_lib.LoraConfig) -> dict[str, int]:
+    """Per device: the adapters, and the targeted base kernels (sharded as the base, in its
+    dtype): the size of the merged copy the sampler reads (`lora_run.policy_params`)."""
+    targets = lora_lib.target_kernels(params["base"], lora)
+    targeted = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params["base"])
+                if re.sub(r"/value$", "", param_path(path)) in targets]
+    return {"adapters": bytes_per_device(params["adapters"]), "lora_merged": bytes_per_device(targeted)}
 
 
 def format_plan(plan: MemoryPlan, device_memory_gib: float, title: str = "") -> str:
@@ -174,17 +197,21 @@ def format_plan(plan: MemoryPlan, device_memory_gib: float, title: str = "") -> 
 
     limit = device_memory_gib * GIB
     lines = [title] if title else []
+    lora = [f"  of which LoRA adapters     {gib(plan.adapters)}   (trained; the base is frozen: no "
+            "gradient or optimizer state)"] if plan.adapters else []
+    lines += [f"  parameters                 {gib(plan.params)}", *lora,
+              f"  optimizer state            {gib(plan.opt_state)}"]
+    if plan.adapters:
+        lines.append(f"  LoRA merged kernels        {gib(plan.lora_merged)}   (W + s A B, what the sampler reads)")
+    if plan.reference:
+        lines.append(f"  reference policy           {gib(plan.reference)}   (frozen params of the KL term)")
     lines += [
-        f"  parameters                 {gib(plan.params)}",
-        f"  optimizer state            {gib(plan.opt_state)}",
-    ] + ([f"  reference policy           {gib(plan.reference)}   (frozen params of the KL term)"]
-         if plan.reference else []) + [
         f"  batch                      {gib(plan.batch)}",
         f"  activations / temporaries  {gib(plan.temporaries)}   (XLA temp buffers of the compiled step)",
         f"  train step peak            {gib(plan.step_peak)}   (arguments + outputs - donated + temporaries)",
         f"  generation KV cache        {gib(plan.kv_cache)}",
         f"  generation peak            {gib(plan.generation_peak)}   (parameters + optimizer state"
-        f"{' + reference' if plan.reference else ''} + KV cache)",
+        f"{' + reference' if plan.reference else ''}{' + merged kernels' if plan.adapters else ''} + KV cache)",
         f"  (compiled in {plan.compile_seconds:.1f} s)",
     ]
     worst = max(plan.step_peak, plan.generation_peak)
@@ -232,7 +259,8 @@ def plan_stage_memory(run_plan, stage, mesh, model_config: config_lib.Qwen2_5_VL
     return compile_step_plan(model_config, mesh, workload, run_plan.model.precision, stage.grpo, stage.optimizer,
                              rules=rules, logits_chunk=run_plan.model.logits_chunk, recap=stage.recap,
                              recap_state=recap_state, reference=stage.reference,
-                             measure_lambda_effect=stage.log_lambda_effect, strict=False)
+                             measure_lambda_effect=stage.log_lambda_effect, strict=False,
+                             lora=run_plan.model.lora)
 
 
 @dataclasses.dataclass(frozen=True)
