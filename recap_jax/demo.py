@@ -201,11 +201,11 @@ def verdict(rows: list[dict], baseline: str, method: str, num_examples: int) -> 
     for row in rows:
         if (row["task"], row["metric"]) not in PERCEPTION:
             continue
-        lost_b, lost_m = -row["change"][baseline], -row["change"][method]
-        gap = lost_b - lost_m
+        gap = row["change"][method] - row["change"][baseline]  # > 0: the baseline lost more
+        more, less = (baseline, method) if gap >= 0 else (method, baseline)
         text = (f"{row['label']}: {baseline} {row['change'][baseline]:+.3f}, {method} "
-                f"{row['change'][method]:+.3f} -> {baseline} lost {gap:+.3f} more")
-        if row["metric"] in UNIT_METRICS:  # the gap is after[baseline] - after[method]
+                f"{row['change'][method]:+.3f}; {more} lost {abs(gap):.3f} more than {less}")
+        if row["metric"] in UNIT_METRICS:  # gap = after[method] - after[baseline]
             noise = record_noise(row["after"][baseline], row["after"][method], num_examples)
             judged = "beyond" if abs(gap) > 2 * noise else "WITHIN"
             text += (f" ({judged} 2 x the record-sampling noise bound, {2 * noise:.3f} with "
@@ -218,37 +218,44 @@ def verdict(rows: list[dict], baseline: str, method: str, num_examples: int) -> 
 
 
 def plot(runs: dict[str, list[dict]], path: pathlib.Path, *, smooth: int = 10) -> pathlib.Path:
-    """PNG of the RL step lines of each method: lambda per objective, the reasoning accuracy
-    reward, and the replay objectives' grounding IoU reward and OCR NTP loss (moving averages
-    over ``smooth`` batches of that source)."""
+    """PNG of the RL step lines of each method: lambda per objective (methods whose lambda
+    stays 1 are left out and named in the title), the reasoning accuracy reward, the grounding
+    IoU reward and the OCR NTP loss (moving averages over ``smooth`` batches of that source)."""
     from matplotlib.figure import Figure  # not registered with pyplot: no backend, no GUI
 
-    fig = Figure(figsize=(15, 4.2), layout="constrained")
-    axes = fig.subplots(1, 3)
+    fig = Figure(figsize=(18, 4.2), layout="constrained")
+    axes = fig.subplots(1, 4)
+    panels = (("reward/reasoning/accuracy", "reasoning accuracy reward"),
+              ("reward/grounding/iou", "grounding IoU reward (replay)"),
+              ("ntp_loss/ocr/ntp", "OCR NTP loss, nats/token (replay)"))
+    constant = []
     for method, lines in runs.items():
         style = "-" if method != "reasoning_only" else "--"
         names = sorted({k[len("weight/"):] for line in lines for k in line
                         if k.startswith("weight/")})
-        for name in names:
-            steps = [line["step"] for line in lines if f"weight/{name}" in line]
-            values = [line[f"weight/{name}"] for line in lines if f"weight/{name}" in line]
-            axes[0].plot(steps, values, style, label=f"{method}: {name}", linewidth=1.2)
-        for ax, key in ((axes[1], "reward/reasoning/accuracy"),
-                        (axes[2], "reward/grounding/iou"), (axes[2], "ntp_loss/ocr/ntp")):
+        series = {name: ([line["step"] for line in lines if f"weight/{name}" in line],
+                         [line[f"weight/{name}"] for line in lines if f"weight/{name}" in line])
+                  for name in names}
+        if all(v == 1.0 for _, values in series.values() for v in values):
+            constant.append(method)
+        else:
+            for name, (steps, values) in series.items():
+                axes[0].plot(steps, values, style, label=f"{method}: {name}", linewidth=1.2)
+        for ax, (key, _) in zip(axes[1:], panels):
             steps = [line["step"] for line in lines if key in line]
             if steps:
                 values = analysis.smooth([line[key] for line in lines if key in line], smooth)
-                ax.plot(steps, values, style, label=f"{method}: {key.split('/', 1)[1]}")
-    titles = ("lambda per objective (RECAP's weights; 1 for reasoning_only)",
-              f"reasoning accuracy reward (batch mean, moving avg of {smooth})",
-              f"replay objectives (moving avg of {smooth} batches)")
+                ax.plot(steps, values, style, label=method)
+    titles = ["lambda per objective" + (f" ({', '.join(constant)}: 1 throughout)"
+                                        if constant else "")]
+    titles += [f"{title}, moving avg of {smooth} batches" for _, title in panels]
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     return pathlib.Path(path)
 
 
@@ -277,6 +284,13 @@ def run_demo(workdir: pathlib.Path, *, warmstart: pathlib.Path, steps: int, seed
         runs[method] = read_run(workdir / method)
     methods = list(runs)
     before = runs[methods[0]]["before"]
+    # every run evaluated the same warm-start at its RL step 0 (greedy, the same records)
+    differ = sorted({key for m in methods[1:] for key, value in runs[m]["before"].items()
+                     if key.startswith("eval/") and key in before
+                     and not math.isclose(value, before[key], rel_tol=1e-4, abs_tol=1e-4)})
+    if differ:
+        print(f"note: the methods' evaluations of the warm-start differ in {', '.join(differ)}; "
+              f"the table's warm-start column is {methods[0]}'s", flush=True)
     rows = comparison(before, {m: runs[m]["after"] for m in methods})
     table = format_table(rows, methods)
     findings = verdict(rows, "reasoning_only", "recap", eval_examples)

@@ -117,14 +117,18 @@ def test_verdict_separates_a_large_gap_from_noise():
     findings = demo.verdict(demo.comparison(BEFORE, AFTER), "reasoning_only", "recap", 256)
     by_label = {line.split(":")[0]: line for line in findings}
     # IoU: 0.1 vs 0.19, bound sqrt((0.09 + 0.1539) / 256) = 0.0309 -> 2 x 0.062 < 0.09
-    assert "lost +0.090 more (beyond 2 x" in by_label["grounding IoU"]
+    assert by_label["grounding IoU"].startswith(
+        "grounding IoU: reasoning_only -0.100, recap -0.010; reasoning_only lost 0.090 more "
+        "than recap (beyond 2 x")
     assert "0.062 with 256 records" in by_label["grounding IoU"]
     # char F1: 0.98 vs 1.0, bound 0.0087 -> 0.02 > 0.0175: beyond; with 64 records: within
     assert "beyond" in by_label["OCR char F1"]
     few = demo.verdict(demo.comparison(BEFORE, AFTER), "reasoning_only", "recap", 64)
     assert "WITHIN" in {line.split(":")[0]: line for line in few}["OCR char F1"]
     assert "reasoning accuracy" not in by_label  # perception only
-    assert by_label["OCR image reliance"].endswith("lost +0.600 more")
+    assert by_label["OCR image reliance"].endswith("reasoning_only lost 0.600 more than recap")
+    swapped = demo.verdict(demo.comparison(BEFORE, AFTER), "recap", "reasoning_only", 256)
+    assert "reasoning_only lost 0.090 more than recap" in swapped[0]
 
 
 def test_read_run_takes_first_and_last_evaluation(tmp_path):
