@@ -7,8 +7,9 @@ Two SFT stages of `recap_jax.train` on configs/demo.py (settings in recap_jax.de
 OCR alone for 800 steps into WORKDIR/ocr_first, then the mixed SFT for 1500 steps from that
 model into WORKDIR/mixed. The mixed stage's policy (WORKDIR/mixed/warmstart: safetensors,
 config.json, tokenizer files) is copied to --out and a SHA256SUMS manifest is written beside
-it, which `recap_jax.demo` checks before it loads anything. About 15 min on 2 CPU cores;
-rerunning resumes each stage from its checkpoints. The result is not bitwise the same on
+it, which `recap_jax.demo` checks before it loads anything. About 15 min on 2 free CPU cores
+(the stored one took 18 + 52 min on a busy shared machine); rerunning resumes each stage from
+its checkpoints. The result is not bitwise the same on
 another machine (floating-point reductions differ), hence the manifest is rewritten.
 """
 
