@@ -28,6 +28,9 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",
     # transformers renders chat templates with jinja2 but does not require it.
     "jinja2>=3.1",
+    # the main job (recap_jax.demo) plots lambda and the rewards; 3.11 needs Python 3.11
+    "matplotlib==3.11.2; python_version >= '3.11'",
+    "matplotlib==3.10.9; python_version < '3.11'",
 ]
 
 TEST_REQUIRES = [
@@ -41,7 +44,6 @@ TEST_REQUIRES = [
     "nbformat>=5",
     "nbclient>=0.10",
     "ipykernel>=6",
-    "matplotlib>=3.8",
     # the linter .ci/run runs (configuration: ruff.toml)
     "ruff==0.14.9",
 ]

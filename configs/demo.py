@@ -1,6 +1,9 @@
 """The CPU demo: a tiny Qwen2.5-VL-architecture model learns the synthetic suite from scratch
 (SFT warm-start), then RLVR on reasoning with grounding (RL) and OCR (SFT) replay, weighted
-online by RECAP. Runs in minutes on 2 CPU cores (figures in benchmarks/RESULTS.md).
+online by RECAP. Runs in minutes on 2 CPU cores (figures in benchmarks/RESULTS.md). Its
+single-stage warm-start does not learn to use the images; the main job (`python -m
+recap_jax.demo`, README) starts from a two-stage warm-start of this model that does
+(recap_jax/demo_settings.py has its overrides of this file).
 
     python -m recap_jax.train --config configs/demo.py --workdir /tmp/recap_demo
     python -m recap_jax.train --config configs/demo.py --workdir DIR --config.rl.method=uniform

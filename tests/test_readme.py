@@ -30,3 +30,13 @@ def test_main_command_names_an_existing_module_and_config():
     assert importlib.util.find_spec(module) is not None, module
     for config in re.findall(r"--config (\S+)", main):
         assert (ROOT / config).exists(), config
+
+
+def test_main_command_runs_the_demo_from_its_checked_warmstart():
+    """The main job reads assets/demo_warmstart, which must be in the checkout and match its
+    manifest (a fresh clone runs it as is)."""
+    from recap_jax import demo, demo_settings
+
+    assert re.search(r"python -m recap_jax\.demo --workdir \S+$", quickstart_commands()[0])
+    names = demo.verify_manifest(demo_settings.WARMSTART_DIR)
+    assert "model.safetensors" in names and "tokenizer.json" in names
