@@ -11,6 +11,8 @@ import pathlib
 
 import ml_collections
 
+from recap_jax.run_config import apply_overrides
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.py"
 WARMSTART_DIR = REPO / "assets" / "demo_warmstart"
@@ -70,22 +72,6 @@ def load_demo_config() -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict):
-    """Sets each dotted field of ``overrides`` in ``config`` (as --config.<field>=<value> does);
-    a field the config does not have is a KeyError naming it. Returns ``config``."""
-    for field, value in overrides.items():
-        node = config
-        *parents, last = field.split(".")
-        try:
-            for part in parents:
-                node = node[part]
-            node[last]  # noqa: B018 - the field must exist already
-        except (KeyError, AttributeError):
-            raise KeyError(f"override {field}: configs/demo.py has no such field") from None
-        node[last] = value
-    return config
 
 
 def demo_config(*overrides: dict) -> ml_collections.ConfigDict:

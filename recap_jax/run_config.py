@@ -275,6 +275,22 @@ def source_names(config) -> list[str]:
 # --------------------------------------------------------------------------- validation
 
 
+def apply_overrides(config, overrides: dict[str, Any]):
+    """Sets each dotted field of ``overrides`` in ``config`` (as --config.<field>=<value> does);
+    a field the config does not have is a KeyError naming it. Returns ``config``."""
+    for field, value in overrides.items():
+        node = config
+        *parents, last = field.split(".")
+        try:
+            for part in parents:
+                node = node[part]
+            node[last]  # noqa: B018 - the field must exist already
+        except (KeyError, AttributeError):
+            raise KeyError(f"override {field}: the config has no such field") from None
+        node[last] = value
+    return config
+
+
 def _fail(field: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"config.{field}={value!r} is invalid; allowed: {allowed}")
 

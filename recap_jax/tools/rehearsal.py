@@ -40,6 +40,7 @@ import numpy as np
 from recap_jax import run_config
 from recap_jax.data.tasks import GROUNDING_QUESTION, get_task, styled_task_name
 from recap_jax.models.qwen2_5_vl import config as config_lib
+from recap_jax.run_config import apply_overrides  # noqa: F401 - this module's API (train.rehearse)
 
 __all__ = ["CPU_LENGTHS", "FIXTURE_KINDS", "apply_overrides", "cpu_length_cuts", "write_fixtures",
            "write_tiny_model"]
@@ -278,19 +279,3 @@ def _short_run(config, steps: int, eval_examples: int) -> dict[str, Any]:
     if config.eval.every_steps > 0:
         out["eval.every_steps"] = min(config.eval.every_steps, steps)
     return out
-
-
-def apply_overrides(config, overrides: dict[str, Any]):
-    """Sets each dotted field of ``overrides`` in ``config`` (as --config.<field>=<value> does);
-    a field the config does not have is a KeyError naming it. Returns ``config``."""
-    for field, value in overrides.items():
-        node = config
-        *parents, last = field.split(".")
-        try:
-            for part in parents:
-                node = node[part]
-            node[last]  # noqa: B018 - must exist already
-        except (KeyError, AttributeError):
-            raise KeyError(f"rehearsal override {field}: the config has no such field") from None
-        node[last] = value
-    return config
