@@ -60,11 +60,12 @@ def rl_lines(workdir: Path) -> list[dict]:
     return [r for r in read_jsonl(str(workdir / "metrics.jsonl"))[0] if r["stage"] == "rl"]
 
 
-def tensors(path: Path) -> dict[str, np.ndarray]:
-    """{name: float32 array} of a safetensors file (bfloat16 read exactly through torch)."""
+def tensors(path: Path, dtype=None) -> dict[str, np.ndarray]:
+    """{name: float32 array} of a safetensors file (bfloat16 read exactly through torch),
+    rounded to the torch ``dtype`` first when given."""
     from safetensors.torch import load_file
 
-    return {k: v.float().numpy() for k, v in load_file(str(path)).items()}
+    return {k: (v if dtype is None else v.to(dtype)).float().numpy() for k, v in load_file(str(path)).items()}
 
 
 def weights(workdir: Path) -> dict[str, np.ndarray]:
@@ -72,7 +73,10 @@ def weights(workdir: Path) -> dict[str, np.ndarray]:
 
 
 def initial_weights(workdir: Path) -> dict[str, np.ndarray]:
-    return tensors(workdir / "rehearsal_fixtures" / "process_0" / "model" / "model.safetensors")
+    """The rehearsal's tiny model (written in float32) as the run holds it: in bfloat16."""
+    import torch
+
+    return tensors(workdir / "rehearsal_fixtures" / "process_0" / "model" / "model.safetensors", torch.bfloat16)
 
 
 def lambdas(lines: list[dict]) -> set[str]:
@@ -112,7 +116,8 @@ def check_lwf(workdir: Path) -> None:
 
 
 def check_frozen_vision(workdir: Path) -> None:
-    """modomodo: the vision tower leaves the run bit-identical, the decoder does not."""
+    """modomodo: the vision tower leaves the run bit-identical (to its bfloat16 start), the
+    decoder does not."""
     before, after = initial_weights(workdir), weights(workdir)
     vision = [k for k in after if "visual." in k]
     decoder = [k for k in after if "layers." in k and "visual." not in k]
