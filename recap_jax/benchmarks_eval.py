@@ -8,8 +8,10 @@
 
 ``--model``: any Hugging Face Qwen2.5-VL directory with its tokenizer (``WORKDIR/final``,
 ``WORKDIR/warmstart``, Qwen/Qwen2.5-VL-7B-Instruct). ``--suite LABEL=PATH[;split=..]
-[;config=..][;image_root=..]``: a suite of `recap_jax.bench.suites.SUITES` (a label may add
-"/variant", e.g. ``refcoco/testA``) and its local copy. ``--prompt``: the paper's non-thinking
+[;config=..][;image_root=..][;circular=..][;multi_image=..]``: a suite of
+`recap_jax.bench.suites.SUITES` (a label may add "/variant", e.g. ``refcoco/testA``) and its
+local copy. MMMU / MMMU-Pro questions with several images are shown all of them
+(``multi_image=skip``: skipped and counted instead). ``--prompt``: the paper's non-thinking
 ("plain") or thinking prompt. Greedy by default (``--temperature 0``).
 
 Writes ``OUT/<label>.json`` per suite (score, n, skipped rows and why, and per item the
@@ -100,26 +102,42 @@ class Progress:
 
 def encode_item(processor, item: BenchItem, style: str, max_prompt_tokens: int) -> dict:
     """The prompt's token ids and image patches of one item; BadRecord if it cannot be used
-    (image rejected by the preprocessor, prompt over ``max_prompt_tokens``)."""
+    (image rejected by the preprocessor, prompt over ``max_prompt_tokens``).
+
+    The user turn shows the item's images in order (one vision block each: MMMU's several),
+    then the prompt text. pixel_values: all images' patches, in order; image_grids [I, 3]:
+    each image's grid; image_grid_thw / image_size / input_size: the first image's (the one a
+    grounding box refers to)."""
+    images = list(item.images)
     messages = [{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": prompts_lib.format_prompt(item.question, style)}]}]
+        *({"type": "image"} for _ in images),
+        {"type": "text", "text": prompts_lib.format_prompt(item.question, style)}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     try:
-        batch = processor(text=[text], images=[[item.image]])
+        batch = processor(text=[text], images=[images])
     except (ValueError, TypeError) as error:
         raise BadRecord(f"image: cannot preprocess ({error})", "image") from None
     ids = np.asarray(batch["input_ids"][0], np.int32)
     if len(ids) > max_prompt_tokens:
         raise BadRecord(f"text: prompt has {len(ids)} tokens (max {max_prompt_tokens})", "text")
-    grid = np.asarray(batch["image_grid_thw"][0], np.int64)
+    grids = np.asarray(batch["image_grid_thw"], np.int64).reshape(-1, 3)
+    if len(grids) != len(images):
+        raise ValueError(f"{item.suite} {item.id}: {len(images)} images gave {len(grids)} grids")
+    grid = grids[0]
     patch = processor.image_kwargs["patch_size"]
     return {"input_ids": ids, "pixel_values": np.asarray(batch["pixel_values"], np.float32),
-            "image_grid_thw": grid, "image_size": np.asarray(item.image_size, np.int32),
+            "image_grids": grids, "image_grid_thw": grid,
+            "image_size": np.asarray(item.image_size, np.int32),
             "input_size": np.asarray([grid[1] * patch, grid[2] * patch], np.int32)}
 
 
 def collate_prompts(examples: Sequence[dict], batch_size: int, pad_id: int) -> dict:
-    """``batch_size`` rows (the last example repeated as padding), prompts left-aligned."""
+    """``batch_size`` rows (the last example repeated as padding), prompts left-aligned.
+
+    pixel_values / image_grid_thw [num_images, 3]: every row's images concatenated in row
+    order (a row's ``image_grids``, several for a multi-image question; or its one
+    ``image_grid_thw``), the model's form; num_images [B]; image_size / input_size [B, 2]: each
+    row's first image."""
     if not 0 < len(examples) <= batch_size:
         raise ValueError(f"need 1..{batch_size} examples, got {len(examples)}")
     rows = list(examples) + [examples[-1]] * (batch_size - len(examples))
@@ -131,9 +149,16 @@ def collate_prompts(examples: Sequence[dict], batch_size: int, pad_id: int) -> d
         mask[r, length - len(row["input_ids"]):] = 1
     return {"input_ids": ids, "attention_mask": mask,
             "pixel_values": np.concatenate([row["pixel_values"] for row in rows]),
-            "image_grid_thw": np.stack([row["image_grid_thw"] for row in rows]),
+            "image_grid_thw": np.concatenate([_row_grids(row) for row in rows]),
+            "num_images": np.asarray([len(_row_grids(row)) for row in rows], np.int32),
             "image_size": np.stack([row["image_size"] for row in rows]),
             "input_size": np.stack([row["input_size"] for row in rows])}
+
+
+def _row_grids(row: dict) -> np.ndarray:
+    """The [I, 3] grids of one encoded row's images."""
+    grids = row["image_grids"] if "image_grids" in row else row["image_grid_thw"]
+    return np.asarray(grids, np.int64).reshape(-1, 3)
 
 
 def patch_bucket(total: int) -> int:

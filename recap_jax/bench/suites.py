@@ -12,12 +12,14 @@ A suite is opened from a path (`open_suite`), which may be:
   with ``image_root`` the image directory.
 Parquet/arrow files are read with ``datasets`` (its Image features decode the images).
 
-Each suite's row → `BenchItem` (question with its choices formatted, one image, reference
+Each suite's row → `BenchItem` (question with its choices formatted, its image(s), reference
 answer, scoring rule). Repository layouts followed (columns checked against the dataset
 cards) are listed in `SUITES` and in docs/benchmarks_eval.md. Items with no image, an
 undecodable image, or missing fields are skipped and counted (`Suite.skips`), each named by
-file and row. By default, questions with several images (MMMU, MMMU-Pro) are skipped and
-counted under their own reason, "multi_image": a BenchItem holds one image. OCRBench v2 rows
+file and row. Questions with several images (MMMU, MMMU-Pro) carry all the images their
+``<image i>`` tags reference, in the order of i (`mmmu_images`); the suite option
+``multi_image="skip"`` restores the old behaviour, skipping them and counting them under their
+own reason, "multi_image". OCRBench v2 rows
 of the task types whose metric is not implemented are skipped under "unscored".
 
 MMBench's circular copies (``index % 1e6`` shared) are read as they are in the file
@@ -47,8 +49,8 @@ from recap_jax.data.records import BadRecord, SkipCounter, decode_image
 from recap_jax.data.tasks import GROUNDING_QUESTION
 from recap_jax.models.qwen2_5_vl import processor as processor_lib
 
-__all__ = ["BenchItem", "CIRCULAR_MODES", "SUITES", "Suite", "SuiteKind", "circular_views",
-           "format_options", "open_suite", "parse_suite_spec", "read_hf_split", "suite_kind"]
+__all__ = ["BenchItem", "CIRCULAR_MODES", "MULTI_IMAGE_MODES", "SUITES", "Suite", "SuiteKind", "circular_views",
+           "format_options", "mmmu_images", "open_suite", "parse_suite_spec", "read_hf_split", "suite_kind"]
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # lmms-eval's VizWiz instruction (the answer "unanswerable" is among the references)
@@ -56,6 +58,9 @@ VIZWIZ_SUFFIX = ("\nWhen the provided information is insufficient, respond with 
                  "Answer the question using a single word or phrase.")
 MMMU_PRO_VISION_QUESTION = "Answer the multiple-choice question shown in the image."
 _IMAGE_TAG = re.compile(r"<image\s*\d*>")
+_MMMU_IMAGE_TAG = re.compile(r"<image (\d+)>")  # MMMU's numbered tags, "<image 1>" .. "<image 7>"
+MMMU_IMAGE_COLUMNS = 7
+MULTI_IMAGE_MODES = ("all", "skip")
 
 _log = logging.getLogger(__name__)
 
@@ -69,7 +74,9 @@ class BenchItem:
       id: the row's id (or "<file>:<row>").
       question: the question text with its choices formatted in, without the prompt's
         instruction (`recap_jax.bench.prompts` adds it).
-      image: uint8 RGB array [H, W, 3].
+      image: uint8 RGB array [H, W, 3]: the first (often the only) image.
+      more_images: the second, third, ... images of a multi-image question (MMMU, MMMU-Pro),
+        uint8 [H, W, 3] each, in prompt order; empty for the usual one-image question.
       answer: the reference: an option letter, a string, a list of strings (InfoVQA, VizWiz,
         OCRBench, MMMU open) or a box (x1, y1, x2, y2) in the original image's pixels.
       choices: option texts (multiple choice), in letter order.
@@ -83,10 +90,16 @@ class BenchItem:
     answer: Any
     choices: tuple[str, ...] = ()
     meta: dict = dataclasses.field(default_factory=dict)
+    more_images: tuple[np.ndarray, ...] = ()
+
+    @property
+    def images(self) -> tuple[np.ndarray, ...]:
+        """All images in prompt order: ``(image, *more_images)``."""
+        return (self.image, *self.more_images)
 
     @property
     def image_size(self) -> tuple[int, int]:
-        """(height, width) of the image."""
+        """(height, width) of the first image."""
         return int(self.image.shape[0]), int(self.image.shape[1])
 
 
@@ -94,7 +107,8 @@ class BenchItem:
 class SuiteKind:
     """How one benchmark is read and scored.
 
-    parse_row: row dict → dict(id, question, image, answer[, choices, meta]); raises BadRecord.
+    parse_row: row dict → dict(id, question, image or images (a list, in prompt order),
+    answer[, choices, meta]); raises BadRecord.
     rule: the `recap_jax.bench.scoring.RULES` entry. split / config: defaults (config = the
     repo subdirectory, when the repo has several). layout: the published repository followed.
     reader: "hf" (parquet / arrow / save_to_disk / cache) or "json" (VLM-R1 rec json).
@@ -103,6 +117,8 @@ class SuiteKind:
     score), for suites whose published score is not the item mean (MMBench CircularEval,
     OCRBench v2's category means); None: the mean.
     circular: the suite has MMBench-style circular copies (the ``circular`` option applies).
+    multi_image: the suite has questions with several images (the ``multi_image`` option
+    applies).
     """
 
     name: str
@@ -115,6 +131,7 @@ class SuiteKind:
     multi_dir: bool = False
     aggregate: Callable[[Sequence[dict]], dict] | None = None
     circular: bool = False
+    multi_image: bool = False
 
 
 # --------------------------------------------------------------------------- row helpers
@@ -227,29 +244,60 @@ def mathvision_row(row: dict) -> dict:
                 meta=dict(multiple_choice=bool(options), num_choices=len(options) or None))
 
 
-def _single_image(row: dict, keys: Sequence[str]) -> Any:
-    """The one image among ``keys``; BadRecord "image" if none, "multi_image" if several (a
-    BenchItem holds one image: multi-image questions are skipped and counted apart)."""
-    images = [row[key] for key in keys if row.get(key) is not None]
+def mmmu_images(row: dict, texts: Sequence[str]) -> tuple[list, list[int]]:
+    """(images, the tag numbers i they were chosen by) of an MMMU / MMMU-Pro standard row.
+
+    MMMU's rule (and lmms-eval's ``mmmu_doc_to_visual``): the images of a question are those
+    its ``<image i>`` tags reference, in the question and in the options, taken from the
+    ``image_i`` columns in the order of i (each once, however often it is referenced). A row
+    with no tag at all gives its non-empty image columns in column order
+    (numbers []). BadRecord "image" when a referenced column is empty or the row has no image.
+    """
+    numbers = sorted({int(n) for text in texts for n in _MMMU_IMAGE_TAG.findall(text)})
+    if numbers:
+        images = []
+        for number in numbers:
+            value = row.get(f"image_{number}")
+            if value is None:
+                raise BadRecord(f"image: <image {number}> is referenced but image_{number} is "
+                                "empty", "image")
+            images.append(value)
+        return images, numbers
+    images = [row[f"image_{k}"] for k in range(1, MMMU_IMAGE_COLUMNS + 1)
+              if row.get(f"image_{k}") is not None]
     if not images:
         raise BadRecord("image: no image", "image")
-    if len(images) > 1:
-        raise BadRecord(f"multi_image: {len(images)} images (one per question is supported; "
-                        "multi-image questions are skipped)", "multi_image")
-    return images[0]
+    return images, []
+
+
+def _renumber_image_tags(text: str, numbers: Sequence[int]) -> str:
+    """``<image i>`` → ``<image j>``, j the 1-based position of image i among the shown ones
+    (the identity when the tags are 1..n, as in nearly every MMMU question)."""
+    position = {number: k + 1 for k, number in enumerate(numbers)}
+    return _MMMU_IMAGE_TAG.sub(lambda m: f"<image {position.get(int(m.group(1)), m.group(1))}>",
+                               text)
 
 
 def mmmu_row(row: dict) -> dict:
     """MMMU/MMMU and MMMU/MMMU_Pro (standard configs): id, question, options (the string repr
     of a list), image_1..image_7, answer (a letter; text for MMMU open questions),
     question_type (MMMU only). MMMU_Pro's vision config (id, image, options, answer): the
-    question is in the image."""
+    question is in the image.
+
+    Images: those the ``<image i>`` tags of the question and options reference, in the order
+    of i (`mmmu_images`); they are shown before the text, and the tags stay in the text,
+    renumbered to the position of their image when the referenced numbers skip one."""
     options = _string_list(row.get("options"), "options")
     if "question" not in row:  # MMMU_Pro vision
-        image, question = _single_image(row, ["image"]), MMMU_PRO_VISION_QUESTION
+        if row.get("image") is None:
+            raise BadRecord("image: no image", "image")
+        images, question = [row["image"]], MMMU_PRO_VISION_QUESTION
     else:
-        image = _single_image(row, [f"image_{k}" for k in range(1, 8)])
         question = _text(row, "question")
+        images, numbers = mmmu_images(row, [question, *options])
+        if numbers:
+            question = _renumber_image_tags(question, numbers)
+            options = [_renumber_image_tags(option, numbers) for option in options]
     multiple = row.get("question_type", "multiple-choice") == "multiple-choice" and bool(options)
     if multiple:
         if "question" in row:
@@ -259,9 +307,10 @@ def mmmu_row(row: dict) -> dict:
         answer = _string_list(row.get("answer"), "answer")
         if not answer:
             raise BadRecord("text: no answer", "text")
-    return dict(id=str(row.get("id", "")), question=question, image=image, answer=answer,
+    return dict(id=str(row.get("id", "")), question=question, images=images, answer=answer,
                 choices=tuple(options),
-                meta=dict(multiple_choice=multiple, num_choices=len(options) or None))
+                meta=dict(multiple_choice=multiple, num_choices=len(options) or None,
+                          num_images=len(images)))
 
 
 def ai2d_row(row: dict) -> dict:
@@ -425,10 +474,11 @@ SUITES: dict[str, SuiteKind] = {kind.name: kind for kind in [
     SuiteKind("mathvision", mathvision_row, "math", "test",
               "MathLLMs/MathVision: data/test-*.parquet (or testmini)"),
     SuiteKind("mmmu", mmmu_row, "mmmu", "validation",
-              "MMMU/MMMU: <Subject>/validation-*.parquet (all 30 subjects)", multi_dir=True),
+              "MMMU/MMMU: <Subject>/validation-*.parquet (all 30 subjects)", multi_dir=True,
+              multi_image=True),
     SuiteKind("mmmu_pro", mmmu_row, "choice", "test",
               "MMMU/MMMU_Pro: 'standard (10 options)'/test-*.parquet (or 'standard (4 options)', "
-              "'vision')", config="standard (10 options)"),
+              "'vision')", config="standard (10 options)", multi_image=True),
     SuiteKind("ai2d", ai2d_row, "choice", "test", "lmms-lab/ai2d: data/test-*.parquet"),
     SuiteKind("mmbench", mmbench_row, "choice", "dev",
               "lmms-lab/MMBench: en/dev-*.parquet (or lmms-lab/MMBench_EN: data/dev-*.parquet)",
@@ -593,15 +643,20 @@ class Suite:
     """One opened benchmark: its items, and `load` (item index → BenchItem).
 
     Attributes: label, kind (SuiteKind), path, image_root, skips (a SkipCounter: bad items are
-    counted under ``label``), views (None: item k is row k; else item k is row views[k][0]
-    rotated by views[k][1], MMBench's generated circular copies).
+    counted under ``label``), multi_image ("all": a question's images are all kept; "skip":
+    questions with several are skipped and counted under "multi_image"), views (None: item k
+    is row k; else item k is row views[k][0] rotated by views[k][1], MMBench's generated
+    circular copies).
     """
 
     def __init__(self, label: str, kind: SuiteKind, path: str, rows: Any, *,
                  image_root: str | None, skips: SkipCounter,
-                 views: Sequence[tuple[int, int]] | None = None):
+                 views: Sequence[tuple[int, int]] | None = None, multi_image: str = "all"):
+        if multi_image not in MULTI_IMAGE_MODES:
+            raise ValueError(f"suite {label!r}: multi_image must be one of {MULTI_IMAGE_MODES}, "
+                             f"got {multi_image!r}")
         self.label, self.kind, self.path, self._rows = label, kind, path, rows
-        self.image_root, self.skips = image_root, skips
+        self.image_root, self.skips, self.multi_image = image_root, skips, multi_image
         self.views = None if views is None else list(views)
 
     def __len__(self) -> int:
@@ -628,12 +683,19 @@ class Suite:
             raise BadRecord(f"{where}: {error}", error.kind) from None
         except (TypeError, ValueError, KeyError, AttributeError) as error:
             raise BadRecord(f"schema: {where}: {type(error).__name__}: {error}") from None
-        image = _image_array(fields["image"], self.image_root, where)
+        values = fields["images"] if "images" in fields else [fields["image"]]
+        if len(values) > 1 and self.multi_image == "skip":
+            raise BadRecord(f"multi_image: {where}: {len(values)} images (skipped: "
+                            "multi_image=skip)", "multi_image")
+        images = [_image_array(value, self.image_root,
+                               where if len(values) == 1 else f"{where} image {k + 1}")
+                  for k, value in enumerate(values)]
         if self.kind.rule == "grounding":
-            _check_box(fields["answer"], image.shape, where)
+            _check_box(fields["answer"], images[0].shape, where)
         return BenchItem(suite=self.label, id=fields.get("id") or f"{Path(self.path).name}:{index}",
-                         question=fields["question"], image=image, answer=fields["answer"],
-                         choices=tuple(fields.get("choices", ())), meta=fields.get("meta", {}))
+                         question=fields["question"], image=images[0], answer=fields["answer"],
+                         choices=tuple(fields.get("choices", ())), meta=fields.get("meta", {}),
+                         more_images=tuple(images[1:]))
 
     def load_or_skip(self, index: int) -> BenchItem | None:
         """`load`, or None with the row counted in ``skips`` (logged once)."""
@@ -651,6 +713,7 @@ def _check_box(box, shape, where: str, tolerance: float = 2.0) -> None:
 
 
 CIRCULAR_MODES = ("auto", "off", "generate")
+_SPEC_KEYS = ("split", "config", "image_root", "circular", "multi_image")
 
 
 def circular_views(indices: Sequence[Any], option_counts: Sequence[int], mode: str
@@ -680,13 +743,20 @@ def _option_counts(rows: Any) -> list[int]:
 def open_suite(label: str, path: str | os.PathLike, *, split: str | None = None,
                config: str | None = None, image_root: str | os.PathLike | None = None,
                cache_dir: str | None = None, limit: int | None = None,
-               skips: SkipCounter | None = None, circular: str = "auto") -> Suite:
+               skips: SkipCounter | None = None, circular: str = "auto",
+               multi_image: str = "all") -> Suite:
     """Opens suite ``label`` (a SUITES name, optionally "/variant", e.g. "refcoco/testA")
     from ``path``; ``split`` / ``config`` default to the suite's; ``limit`` keeps the first
     rows. Path-named images are read under ``image_root`` (default: the file's directory for
     json suites). ``circular`` ("auto", "off", "generate"; `circular_views`) applies to
-    MMBench only."""
+    MMBench only; ``multi_image`` ("all", "skip"; `Suite`) to MMMU and MMMU-Pro only."""
     kind = suite_kind(label)
+    if multi_image not in MULTI_IMAGE_MODES:
+        raise ValueError(f"suite {label!r}: multi_image must be one of {MULTI_IMAGE_MODES}, "
+                         f"got {multi_image!r}")
+    if multi_image != "all" and not kind.multi_image:
+        raise ValueError(f"suite {label!r}: the multi_image option applies to MMMU and MMMU-Pro "
+                         "only")
     path = os.fspath(path)
     if kind.reader == "json":
         rows = read_json_rows(path)
@@ -709,27 +779,33 @@ def open_suite(label: str, path: str | os.PathLike, *, split: str | None = None,
             raise ValueError(f"suite {label!r}: no original rows (index < 1e6) in {path}")
     root = None if image_root is None else os.fspath(image_root)
     return Suite(label, kind, path, rows, image_root=root,
-                 skips=SkipCounter() if skips is None else skips, views=views)
+                 skips=SkipCounter() if skips is None else skips, views=views,
+                 multi_image=multi_image)
 
 
 def parse_suite_spec(text: str) -> dict:
     """``LABEL=PATH[;key=value...]`` → dict(label, path, **options); keys: split, config,
-    image_root, circular (MMBench: auto | off | generate). E.g.
+    image_root, circular (MMBench: auto | off | generate), multi_image (MMMU, MMMU-Pro: all |
+    skip). E.g.
     ``refcoco/testA=/d/rec/refcoco_testA.json;image_root=/d/coco``."""
     label, sep, rest = text.partition("=")
     if not sep or not label.strip() or not rest.strip():
         raise ValueError(f"benchmark spec {text!r}: expected NAME=PATH[;split=..][;config=..]"
-                         "[;image_root=..][;circular=..]")
+                         "[;image_root=..][;circular=..][;multi_image=..]")
     path, *options = rest.split(";")
     spec = {"label": label.strip(), "path": path.strip()}
     for option in options:
         key, sep, value = option.partition("=")
-        if not sep or key.strip() not in ("split", "config", "image_root", "circular"):
+        if not sep or key.strip() not in _SPEC_KEYS:
             raise ValueError(f"benchmark spec {text!r}: cannot read option {option!r} (keys: "
-                             "split, config, image_root, circular)")
+                             f"{', '.join(_SPEC_KEYS)})")
         spec[key.strip()] = value.strip()
     kind = suite_kind(spec["label"])
     if "circular" in spec and (not kind.circular or spec["circular"] not in CIRCULAR_MODES):
         raise ValueError(f"benchmark spec {text!r}: circular={spec['circular']!r} (MMBench only; "
                          f"one of {CIRCULAR_MODES})")
+    if "multi_image" in spec and (not kind.multi_image
+                                  or spec["multi_image"] not in MULTI_IMAGE_MODES):
+        raise ValueError(f"benchmark spec {text!r}: multi_image={spec['multi_image']!r} (MMMU and "
+                         f"MMMU-Pro only; one of {MULTI_IMAGE_MODES})")
     return spec

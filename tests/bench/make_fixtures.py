@@ -19,7 +19,9 @@ Layouts (the published repositories'; columns as in their dataset cards):
   OCRBench_v2/data/test-*.parquet                         ling99/OCRBench_v2
   rec_jsons_processed/{refcoco_testA,lisa_test}.json + coco/train2014/, lisa/   VLM-R1
 
-Bad rows, on purpose: MMMU one question with two images; ScienceQA one text-only question;
+Multi-image rows: MMMU Accounting_2 (two images, "<image 2>" named before "<image 1>") and
+Art_2 (images referenced by its options; image_2 empty, image_5 not referenced).
+Bad rows, on purpose: ScienceQA one text-only question;
 OCRBench one corrupt image; OCRBench v2 two rows of unscored task types; RefCOCO one missing
 image file and one malformed box. MMBench question 241 (4 options) has its 3 circular copies
 (index + k * 1e6, options rotated by k), question 242 (2 options) its 1, question 243 none.
@@ -168,12 +170,16 @@ def _mmmu_rows(ids, questions, options, images, answers, types):
 def mmmu(root: str) -> str:
     features = _mmmu_features()
     _write(_mmmu_rows(["validation_Accounting_1", "validation_Accounting_2"],
-                      ["<image 1> What is the total?", "Compare <image 1> and <image 2>."],
-                      ["['$10', '$20', '$30']", "['x', 'y']"], [[image(0)], [image(1), image(2)]],
+                      ["<image 1> What is the total?", "Is <image 2> darker than <image 1>?"],
+                      ["['$10', '$20', '$30']", "['yes', 'no']"], [[image(0)], [image(1), image(2, (96, 48))]],
                       ["B", "A"], ["multiple-choice", "multiple-choice"]),
            features, f"{root}/MMMU/Accounting/validation-00000-of-00001.parquet")
-    _write(_mmmu_rows(["validation_Art_1"], ["<image 1> In which year?"], ["[]"], [[image(3)]],
-                      ["['1889', '1890']"], ["open"]),
+    # Art_2: options reference images; image_2 is empty and image_5 is not referenced
+    _write(_mmmu_rows(["validation_Art_1", "validation_Art_2"],
+                      ["<image 1> In which year?", "Which option has the colour of <image 1>?"],
+                      ["[]", "['<image 4>', '<image 3>']"],
+                      [[image(3)], [image(4), None, image(5), image(4), image(0)]],
+                      ["['1889', '1890']", "A"], ["open", "multiple-choice"]),
            features, f"{root}/MMMU/Art/validation-00000-of-00001.parquet")
     return f"mmmu={root}/MMMU"
 

@@ -3,6 +3,7 @@ its tokenizer) and the fixture suites, and its small helpers on hand-worked case
 
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -128,9 +129,16 @@ def test_cli_reports_circular_and_ocrbench_v2_metrics_and_skip_reasons(setup, tm
     assert (v2["n"], v2["skipped"], v2["skip_reasons"]) == (7, 2, {"unscored": 2})
     assert set(v2["metrics"]["overall"]) == {"en", "cn"}
     assert v2["score"] == v2["metrics"]["overall"]["en"]
-    assert summary["mmmu"]["skip_reasons"] == {"multi_image": 1}
+    # MMMU's multi-image questions (Accounting_2: 2 images, Art_2: 3) are scored, not skipped
+    assert (summary["mmmu"]["n"], summary["mmmu"]["skipped"]) == (4, 0)
+    mmmu = {r["id"]: r for r in json.loads((tmp_path / "out" / "mmmu.json").read_text())["items"]}
+    two = mmmu["validation_Accounting_2"]
+    assert two["meta"]["num_images"] == 2 and two["reference"] == "A"
+    assert two["score"] == scoring.score("mmmu", two["completion"], types.SimpleNamespace(
+        answer="A", choices=("yes", "no"), meta=two["meta"]))
+    assert 1 <= two["length"] <= 2 and mmmu["validation_Art_2"]["meta"]["num_images"] == 3
     table = (tmp_path / "out" / "summary.md").read_text()
-    assert "| mmmu | mmmu | 2 |" in table and "| 1 (multi_image 1) |" in table
+    assert "| mmmu | mmmu | 4 |" in table
     assert "(3 questions)" in table and "| 2 (unscored 2) |" in table
 
 
@@ -148,3 +156,51 @@ def test_summary_table_details_and_skips():
         "| mmbench | choice | 8 | 50.00 | 3 (multi_image 2, image 1) | 12.2 | circular 50.00, "
         "vanilla 75.00 (4 questions) |",
         "| infovqa | anls | 0 | - | 0 | - |  |"]
+
+
+def test_cli_multi_image_skip_option_skips_and_counts(setup, tmp_path):
+    model, specs, root = setup
+    out = tmp_path / "out"
+    argv = ["--model", model, "--out", str(out), "--max-new-tokens", "2", "--batch-size", "2",
+            "--cache-dir", os.path.join(root, "cache"),
+            "--suite", specs["mmmu"] + ";multi_image=skip"]
+    assert benchmarks_eval.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())["suites"]["mmmu"]
+    assert (summary["n"], summary["skipped"], summary["skip_reasons"]) == (2, 2, {"multi_image": 2})
+    assert "| mmmu | mmmu | 2 |" in (out / "summary.md").read_text()
+    assert "| 2 (multi_image 2) |" in (out / "summary.md").read_text()
+
+
+def test_encode_item_shows_every_image_in_order(setup):
+    """A 2-image MMMU item: two vision blocks before the text, each with its own image's token
+    count, and pixel_values = the images' patches preprocessed one by one, concatenated."""
+    from recap_jax.bench.suites import open_suite
+    from recap_jax.models.qwen2_5_vl import processor as processor_lib
+
+    model, specs, root = setup
+    processor = processor_lib.Qwen2_5_VLProcessor.from_pretrained(model)
+    suite = open_suite("mmmu", specs["mmmu"].split("=", 1)[1], cache_dir=os.path.join(root, "cache"))
+    by_id = {item.id: item for item in (suite.load(k) for k in range(len(suite)))}
+    item = by_id["validation_Accounting_2"]
+    encoded = benchmarks_eval.encode_item(processor, item, "plain", 100_000)
+    separate = [processor_lib.preprocess_image(image, **processor.image_kwargs)
+                for image in item.images]
+    np.testing.assert_allclose(encoded["pixel_values"], np.concatenate([p for p, _ in separate]))
+    assert encoded["image_grids"].tolist() == [list(g) for _, g in separate]
+    assert encoded["image_grids"][0].tolist() != encoded["image_grids"][1].tolist()
+    merge = processor.image_kwargs["merge_size"]
+    text = processor.tokenizer.decode(encoded["input_ids"].tolist())
+    blocks = text.split("<|vision_start|>")[1:]
+    assert len(blocks) == 2
+    assert [block.count("<|image_pad|>") for block in blocks] == [
+        processor_lib.vision_token_count(g, merge) for _, g in separate]
+    assert "Is <image 2> darker than <image 1>?" in blocks[1].split("<|vision_end|>")[1]
+    # a batch of [2-image row, 1-image row]: grids concatenated in row order
+    single = benchmarks_eval.encode_item(processor, by_id["validation_Accounting_1"], "plain",
+                                         100_000)
+    batch = benchmarks_eval.collate_prompts([encoded, single], 3, pad_id=0)
+    assert batch["num_images"].tolist() == [2, 1, 1]
+    assert batch["image_grid_thw"].tolist() == [*encoded["image_grids"].tolist(),
+                                                single["image_grid_thw"].tolist(),
+                                                single["image_grid_thw"].tolist()]
+    assert len(batch["pixel_values"]) == len(encoded["pixel_values"]) + 2 * len(single["pixel_values"])

@@ -61,14 +61,61 @@ def test_mathvision_from_the_datasets_cache(opened):
     assert free.question == "How long is the side?" and free.answer == "2\\sqrt{2}"
 
 
-def test_mmmu_subjects_options_and_multi_image_skip(opened):
+RED, GREEN, BLUE, PURPLE, ORANGE = (255, 0, 0), (0, 128, 0), (0, 0, 255), (128, 0, 128), (255, 165, 0)
+
+
+def colours(item):
+    return [tuple(int(v) for v in image[0, 0]) for image in item.images]
+
+
+def test_mmmu_subjects_options_and_multi_image_questions(opened):
     suite = opened["mmmu"]
-    first, open_question = items(suite)
+    first, two_images, open_question, by_options = items(suite)
     assert first.question == "<image 1> What is the total?\n(A) $10\n(B) $20\n(C) $30"
     assert first.answer == "B" and first.choices == ("$10", "$20", "$30")
+    assert colours(first) == [RED] and first.more_images == ()
     assert open_question.answer == ["1889", "1890"] and not open_question.meta["multiple_choice"]
-    # the two-image question: skipped by default, counted under its own reason
-    assert suite.skips.reasons("mmmu") == {"multi_image": 1}
+    # two images: image_1 then image_2 (the order of i, not of mention); tags kept as they are
+    assert colours(two_images) == [GREEN, BLUE] and two_images.meta["num_images"] == 2
+    assert two_images.image.shape == (48, 64, 3) and two_images.more_images[0].shape == (48, 96, 3)
+    assert two_images.question == "Is <image 2> darker than <image 1>?\n(A) yes\n(B) no"
+    # tags in the options count; image_2 is empty and image_5 unreferenced, so images 1, 3, 4
+    # are shown and the tags renumbered to their positions
+    assert colours(by_options) == [PURPLE, ORANGE, PURPLE]
+    assert by_options.choices == ("<image 3>", "<image 2>")
+    assert by_options.question == ("Which option has the colour of <image 1>?\n(A) <image 3>"
+                                   "\n(B) <image 2>")
+    assert suite.skips.count("mmmu") == 0
+
+
+def test_mmmu_multi_image_skip_option_restores_the_skip(fixtures):
+    root, specs = fixtures
+    (suite,) = open_suites([specs["mmmu"] + ";multi_image=skip"], cache_dir=f"{root}/cache")
+    kept = items(suite)
+    assert [item.id for item in kept] == ["validation_Accounting_1", "validation_Art_1"]
+    assert suite.skips.reasons("mmmu") == {"multi_image": 2}
+
+
+def test_mmmu_images_rule_and_bad_rows():
+    """Hand-worked rows of `mmmu_images`: tags in index order, each image once; no tag: the
+    filled columns; a referenced empty column is a bad row."""
+    row = {"image_1": "a", "image_2": "b", "image_3": "c"}
+    assert suites.mmmu_images(row, ["<image 3> vs <image 1> vs <image 3>"]) == (["a", "c"], [1, 3])
+    assert suites.mmmu_images(row, ["no tags"]) == (["a", "b", "c"], [])
+    with pytest.raises(suites.BadRecord, match="image_4 is empty"):
+        suites.mmmu_images(row, ["<image 4>"])
+    with pytest.raises(suites.BadRecord, match="no image"):
+        suites.mmmu_images({}, ["question"])
+
+
+def test_multi_image_option_is_for_mmmu_only(fixtures):
+    root, specs = fixtures
+    with pytest.raises(ValueError, match="MMMU and MMMU-Pro only"):
+        suites.parse_suite_spec("ai2d=/x;multi_image=skip")
+    with pytest.raises(ValueError, match="MMMU and MMMU-Pro only"):
+        suites.parse_suite_spec("mmmu=/x;multi_image=first")
+    with pytest.raises(ValueError, match="multi_image must be one of"):
+        suites.open_suite("mmmu", f"{root}/MMMU", multi_image="first")
 
 
 def test_mmmu_pro_config_selects_the_subdirectory(fixtures):
