@@ -309,7 +309,7 @@ def evaluate_suites(graphdef, params, processor, model_config, suites: Sequence[
 
 def open_suites(specs: Sequence[str] | str, *, limit: int | None = None,
                 cache_dir: str | None = None) -> list[Suite]:
-    """Suites from ``LABEL=PATH[;split=..][;config=..][;image_root=..]`` specs (a list, or one
+    """Suites from ``LABEL=PATH[;key=value...]`` specs (`parse_suite_spec`) (a list, or one
     string of comma-separated specs, the form of a config field)."""
     if isinstance(specs, str):
         specs = [s for s in (part.strip() for part in specs.split(",")) if s]
@@ -394,7 +394,8 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Hugging Face Qwen2.5-VL directory")
     parser.add_argument("--suite", action="append", required=True,
-                        help="LABEL=PATH[;split=..][;config=..][;image_root=..] (repeatable)")
+                        help="LABEL=PATH[;split=..][;config=..][;image_root=..][;circular=..]"
+                             "[;multi_image=all|skip] (repeatable)")
     parser.add_argument("--prompt", choices=sorted(prompts_lib.PROMPTS), default="plain")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--batch-size", type=int, default=8)
