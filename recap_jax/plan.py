@@ -420,6 +420,12 @@ def _source_plan(reader: _Reader, key: str, name: str) -> SourcePlan:
     return _make(SourcePlan, f"data.sources.{key}", name=name, **values)
 
 
+def mesh_plan(config) -> MeshConfig | None:
+    """The run's mesh alone, from ``config.mesh`` (what must start before anything touches
+    the devices: jax.distributed on a multi-host run)."""
+    return _mesh(_Reader(config))
+
+
 def _mesh(reader: _Reader) -> MeshConfig | None:
     fields = reader.section("mesh")
     spec = fields.pop("spec")

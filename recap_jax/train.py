@@ -609,6 +609,7 @@ def rehearse(config, workdir: str) -> dict[str, Any]:
     # update has learning rate 0 (train_state.make_lr_schedule), a third of a 4-step run. A
     # small entropy bonus gives every RL step a gradient: a random model's rewards are all
     # equal (0), so without it an RL-only config would never apply an update
+    parallel.initialize_distributed(plan_lib.mesh_plan(config))  # before jax.devices()
     overrides = rehearsal.write_fixtures(fixtures, config, steps=4,
                                          cpu_lengths=jax.devices()[0].platform == "cpu")
     for stage in ("sft", "rl"):
