@@ -225,15 +225,6 @@ def _restore_args(abstract: Any) -> Any:
                         abstract)
 
 
-def _undonated(state: Any) -> Any:
-    """``state`` with its CPU arrays copied. orbax's host "copy" of a CPU array is a view of
-    its buffer, which it keeps while it writes in the background; the next train step donates
-    that buffer (PJRT then aborts the process, or the file gets the next step's values).
-    Accelerator arrays are really copied to the host and are kept as they are."""
-    return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) and
-                        any(d.platform == "cpu" for d in x.devices()) else x, state)
-
-
 class RunCheckpoints:
     """Orbax CheckpointManager of (state, meta), ``keep`` most recent kept, saved in the
     background (``async_save``; see the module docstring)."""
@@ -265,8 +256,6 @@ class RunCheckpoints:
         devices (``state`` may then be donated); the files are final when the next save,
         restore or `close` returns (or at once with ``async_save=False``)."""
         self.wait_until_finished()  # one save in flight at a time; its error surfaces here
-        if self.async_save:
-            state = _undonated(state)
         flat = flat_named(state)
         meta = dict(meta, layout=LAYOUT, leaves=describe_leaves(state), checksums=checksums(flat))
         self._manager.save(step, args=ocp.args.Composite(
