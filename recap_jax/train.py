@@ -587,6 +587,7 @@ def _train(plan, config, workdir: str, on_step, preemption) -> Any:
 
 
 REHEARSAL_ENTROPY_COEF = 1e-3
+SIMULATED_COLLECTIVE_TIMEOUT = "--xla_cpu_collective_call_terminate_timeout_seconds=900"
 
 
 def rehearse(config, workdir: str) -> dict[str, Any]:
@@ -700,6 +701,11 @@ def main(argv=None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         if flags.FLAGS.simulate_devices:
             jax.config.update("jax_num_cpu_devices", flags.FLAGS.simulate_devices)
+            # simulated devices share the host's cores: XLA's CPU all-reduce aborts the process
+            # when one device thread arrives 40 s after the first (read at backend start)
+            xla_flags = os.environ.get("XLA_FLAGS", "")
+            if "collective_call_terminate_timeout" not in xla_flags:
+                os.environ["XLA_FLAGS"] = f"{xla_flags} {SIMULATED_COLLECTIVE_TIMEOUT}".strip()
         try:
             if flags.FLAGS.rehearse:
                 summary = rehearse(flags.FLAGS.config, flags.FLAGS.workdir)

@@ -4,7 +4,10 @@ and a deterministic hypothesis profile sized for a 2-core CI machine."""
 import os
 
 # Must be set before jax is imported anywhere.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# 8 simulated devices share 2 cores: XLA's CPU collectives abort the process when one of the
+# 8 device threads reaches an all-reduce more than 40 s after the first (its default)
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      "--xla_cpu_collective_call_terminate_timeout_seconds=900")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

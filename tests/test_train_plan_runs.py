@@ -127,7 +127,8 @@ COMPARED = ("loss", "grad_norm", "update_norm", "param_norm")
 
 def _launch(workdir, devices, extra, process_id=None):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+                         "--xla_cpu_collective_call_terminate_timeout_seconds=900")
     command = [sys.executable, "-m", "recap_jax.train", "--config", str(ROOT / "configs/demo.py"),
                "--workdir", str(workdir)] + cli_overrides(dict(DISTRIBUTED, **extra))
     return subprocess.Popen(command, env=env, cwd=str(ROOT), stdout=subprocess.PIPE,
