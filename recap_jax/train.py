@@ -69,11 +69,10 @@ from recap_jax.data.replay import make_replay
 from recap_jax.data.run_sources import WarmStartTargets, open_sources
 from recap_jax.data.tasks import get_task
 from recap_jax.evaluator import Evaluator
-from recap_jax.metrics_log import MetricsLog, read_jsonl
+from recap_jax.metrics_log import MetricsLog
 from recap_jax.preemption import Preempted, PreemptionHandler
 from recap_jax.reward_pool import RewardPool
-from recap_jax.rollout import gather
-from recap_jax.tools import memory, rehearsal
+from recap_jax.tools import memory
 from recap_jax.train_state import TrainState
 from recap_jax.train_step import make_train_step
 from recap_jax.workdir_lock import WorkdirBusy, WorkdirLock
@@ -583,105 +582,6 @@ def _train(plan, config, workdir: str, on_step, preemption) -> Any:
         run.checkpoints.close()
 
 
-# --------------------------------------------------------------------------- rehearsal
-
-
-REHEARSAL_ENTROPY_COEF = 1e-3
-SIMULATED_COLLECTIVE_TIMEOUT = "--xla_cpu_collective_call_terminate_timeout_seconds=900"
-
-
-def rehearse(config, workdir: str) -> dict[str, Any]:
-    """The config run end to end on a tiny random model of the same architecture and a few
-    rows of every dataset in its published format (tools.rehearsal.write_fixtures, written
-    under WORKDIR/rehearsal_fixtures), cut to a few steps; everything else (precision, remat,
-    logits chunk, mesh, method, RECAP, replay, checkpoints, eval, export) as configured.
-    Returns the checks of `rehearsal_summary`."""
-    # one fixture directory per process: the processes of a multi-host rehearsal write the
-    # same rows, never into each other's files
-    process = "0"
-    if config.mesh.distributed:  # an environment-driven launch names no process id here
-        process = str(config.mesh.process_id) if config.mesh.process_id >= 0 else f"pid{os.getpid()}"
-    fixtures = os.path.join(workdir, "rehearsal_fixtures", f"process_{process}")
-    # 4 steps: two optimizer updates even with rl.sources_per_update=2; on a CPU the lengths
-    # are cut (a 7B config's 2,048-token completions for 64 rows do not fit a CPU host's
-    # memory even on the tiny model); learning rates raised so that a few bf16 updates of a
-    # random model are visible in update_norm (at 1e-6 they round away, as they would in the
-    # first steps of the real run without the float32 master copy), and no warm-up: its first
-    # update has learning rate 0 (train_state.make_lr_schedule), a third of a 4-step run. A
-    # small entropy bonus gives every RL step a gradient: a random model's rewards are all
-    # equal (0), so without it an RL-only config would never apply an update
-    parallel.initialize_distributed(plan_lib.mesh_plan(config))  # before jax.devices()
-    overrides = rehearsal.write_fixtures(fixtures, config, steps=4,
-                                         cpu_lengths=jax.devices()[0].platform == "cpu")
-    for stage in ("sft", "rl"):
-        overrides[f"{stage}.learning_rate"] = max(config[stage].learning_rate, 1e-3)
-        overrides[f"{stage}.warmup_fraction"] = 0.0
-    if not config.rl.entropy_coef:
-        overrides["rl.entropy_coef"] = REHEARSAL_ENTROPY_COEF
-    with config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext():
-        rehearsal.apply_overrides(config, overrides)
-    train(config, workdir)
-    return rehearsal_summary(config, workdir)
-
-
-def rehearsal_summary(config, workdir: str) -> dict[str, Any]:
-    """What a rehearsal must show before the real launch: {check: (ok, detail)}."""
-    plan = plan_lib.build_plan(config)
-    lines, _ = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    steps = {stage.name: [r for r in lines if r["stage"] == stage.name] for stage in plan.stages}
-    trained = [r for stage_lines in steps.values() for r in stage_lines]
-    objectives = plan.stage("rl").objectives.names if plan.stage("rl") else ()
-    missing = [o for o in objectives if any(f"weight/{o}" not in r for r in steps.get("rl", []))]
-    run = build_run(plan, workdir)
-    try:  # the newest checkpoint re-read (params only) and compared with the exported policy
-        step = run.checkpoints.steps()[-1]
-        restored = load_checkpoint_params(run, step)
-        exported = load_final_params(run)
-        same = all(np.array_equal(np.asarray(gather(a)), np.asarray(gather(b))) for a, b in
-                   zip(jax.tree.leaves(restored), jax.tree.leaves(exported)))
-    finally:
-        run.log.close()
-        run.checkpoints.close()
-    rounded_away, with_gradient = [], 0
-    for stage in plan.stages:
-        accumulate = config.rl.sources_per_update if stage.is_rl else 1
-        lost, gradients = _updates_rounded_away(steps[stage.name], accumulate)
-        rounded_away += [f"{stage.name} {step}" for step in lost]
-        with_gradient += gradients
-    return {
-        "steps run": (all(len(steps[s.name]) == s.steps for s in plan.stages),
-                      ", ".join(f"{name} {len(v)}" for name, v in steps.items())),
-        "finite losses": (bool(trained) and all(np.isfinite(r["loss"]) for r in trained),
-                          f"{len(trained)} steps"),
-        "update_norm > 0 wherever there is a gradient": (
-            not rounded_away, f"{with_gradient} of {len(trained)} steps had a gradient"
-            + (f"; updates rounded away at steps {rounded_away}" if rounded_away else "")),
-        "every objective's lambda logged": (not missing, f"{len(objectives)} objectives"
-                                            + (f", missing {missing}" if missing else "")),
-        "checkpoint re-read, equal to the exported final/": (same, f"checkpoint {step}"),
-    }
-
-
-def _updates_rounded_away(lines: list[dict], accumulate: int) -> tuple[list[int], int]:
-    """(the steps that should have moved the parameters and did not, the steps with a
-    gradient). Each window of ``accumulate`` steps (optax.MultiSteps) applies one update at its
-    last step, which must move the stored parameters when any step of the window had a
-    gradient (a random model's RL steps have none when every group's rewards are equal)."""
-    lost, gradients = [], 0
-    for start in range(0, len(lines) - accumulate + 1, accumulate):
-        window = lines[start:start + accumulate]
-        had_gradient = sum(r.get("grad_norm", 0.0) > 0 for r in window)
-        gradients += had_gradient
-        if had_gradient and not window[-1].get("update_norm", 0.0) > 0:
-            lost.append(window[-1]["step"])
-    return lost, gradients
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    return "\n".join(["rehearsal"] + [f"  [{'ok' if ok else 'FAIL'}] {check}: {detail}"
-                                        for check, (ok, detail) in summary.items()])
-
-
 def main(argv=None) -> int:
     from absl import app, flags
     from ml_collections import config_flags
@@ -705,9 +605,12 @@ def main(argv=None) -> int:
             # when one device thread arrives 40 s after the first (read at backend start)
             xla_flags = os.environ.get("XLA_FLAGS", "")
             if "collective_call_terminate_timeout" not in xla_flags:
-                os.environ["XLA_FLAGS"] = f"{xla_flags} {SIMULATED_COLLECTIVE_TIMEOUT}".strip()
+                os.environ["XLA_FLAGS"] = (f"{xla_flags} --xla_cpu_collective_call_terminate_timeout_"
+                                           "seconds=900").strip()
         try:
             if flags.FLAGS.rehearse:
+                from recap_jax.rehearse import format_summary, rehearse
+
                 summary = rehearse(flags.FLAGS.config, flags.FLAGS.workdir)
                 print(format_summary(summary), flush=True)
                 return 0 if all(ok for ok, _ in summary.values()) else 1

@@ -142,7 +142,7 @@ def test_cpu_lengths_cut_completions_and_answer_buckets_only_downwards():
 
 
 def test_an_update_is_judged_at_the_last_step_of_its_accumulation_window():
-    from recap_jax.train import _updates_rounded_away
+    from recap_jax.rehearse import _updates_rounded_away
 
     def line(step, grad, update):
         return {"step": step, "grad_norm": grad, "update_norm": update}

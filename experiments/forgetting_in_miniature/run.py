@@ -66,12 +66,8 @@ SHARED = {
 # we tried (OCR a third of the batch for 1500 steps, or 60 %) OCR stayed on a plateau at ~2.15
 # nats per token (answers independent of the character in the cell, char F1 ~0.1); OCR alone
 # leaves it after ~230 steps and reads every string by step 800 (README.md, "Pilots").
-OCR_FIRST = {
-    "rl.steps": 0,
-    "sft.steps": 800,
-    "sft.source_shares": "0,0,1",  # reasoning, grounding, ocr
-    "checkpoint.every_steps": 200,
-}
+# (the same stage builds the README demo's stored warm-start: recap_jax.demo_settings)
+from recap_jax.demo_settings import OCR_FIRST  # noqa: E402
 
 # Stage 2, the warm-start proper: the demo's mixed SFT, from stage 1's model and tokenizer
 # (model.path / tokenizer.path are added). See README.md / RESULTS.md for the pilots behind

@@ -40,7 +40,7 @@ import numpy as np
 from recap_jax import run_config
 from recap_jax.data.tasks import GROUNDING_QUESTION, get_task, styled_task_name
 from recap_jax.models.qwen2_5_vl import config as config_lib
-from recap_jax.run_config import apply_overrides  # noqa: F401 - this module's API (train.rehearse)
+from recap_jax.run_config import apply_overrides  # noqa: F401 - this module's API (recap_jax.rehearse)
 
 __all__ = ["CPU_LENGTHS", "FIXTURE_KINDS", "apply_overrides", "cpu_length_cuts", "write_fixtures",
            "write_tiny_model"]
