@@ -240,7 +240,10 @@ def base_config() -> ml_collections.ConfigDict:
     # variant: released | paper (recap-method.md) | dwa (Liu et al. 2019) | static (lambda = 1)
     # paper_sigma (paper variant): "window" (Eq. 1, sigma about the current window's mean) |
     # "2w" (Algorithm 2's pseudocode, about the 2W mean)
-    c.recap = dict(variant="released", window=10, temperature=5.0, alpha=0.5, paper_sigma="window")
+    # alpha: a number in [0, 1] or "anneal" (1 - step / rl.steps); typed `object` so that
+    # --config.recap.alpha=anneal parses (a float field would reject it) as --config.recap.alpha=0.25 does
+    c.recap = dict(variant="released", window=10, temperature=5.0,
+                   alpha=ml_collections.FieldReference(0.5, field_type=object), paper_sigma="window")
     # ignore_memory_plan: start on accelerators even when the memory plan printed at the start
     # (recap_jax.tools.memory.preflight) says the run does not fit
     c.run = dict(ignore_memory_plan=False)

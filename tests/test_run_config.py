@@ -136,3 +136,19 @@ def test_an_sft_only_mix_is_fine_for_a_warm_start_and_refused_for_rl(tmp_path):
     assert (tmp_path / "run" / "warmstart" / "model.safetensors").is_file()
     with pytest.raises(ConfigError, match="data.primary.*RL task"):
         run_config.validate(override(config, {"rl.steps": 3}))
+
+
+@pytest.mark.parametrize("argument, alpha", [("anneal", "anneal"), ("0.25", 0.25), ("1", 1.0)])
+def test_recap_alpha_takes_a_number_or_anneal_from_the_command_line(argument, alpha):
+    """The paper's alpha ablation includes "anneal": train's own flag parser must pass it
+    through to RECAP (a float-typed field rejected it before any of our code ran)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["train", "--config=configs/demo.py", f"--config.recap.alpha={argument}"]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True,
+                                    sys_argv=argv)
+    flag_values(argv)
+    recap_config = plan.build_plan(flag_values.config).stage("rl").recap
+    assert recap_config.alpha == alpha and type(recap_config.alpha) is type(alpha)
