@@ -19,13 +19,14 @@ from recap_jax import parallel, sampling
 from recap_jax import rewards as rewards_lib
 from recap_jax.data import encode as encode_lib
 from recap_jax.data.tasks import Task
-from recap_jax.dynamic_sampling import ScoredGroups, fill_batch
+from recap_jax.dynamic_sampling import ScoredGroups, fill_batch, take_groups
 from recap_jax.models.qwen2_5_vl.model import ModelInputs
 from recap_jax.stop_strings import finish_completions
 from recap_jax.train_step import TrainBatch
 
 __all__ = ["BATCH_AXES", "PATCH_BUCKET", "Placement", "decode_completions", "finish_rows",
-           "gather", "prompt_inputs", "rl_batch", "score", "sft_batch", "take_prompt_rows"]
+           "gather", "prompt_inputs", "rl_batch", "score", "sft_batch", "take_local_groups",
+           "take_prompt_rows"]
 
 PATCH_BUCKET = 256
 # the row axis of every leaf of a TrainBatch (None: the same on every process)
@@ -148,6 +149,13 @@ def take_prompt_rows(batch: dict, rows: np.ndarray) -> dict:
             for k, v in batch.items()}
 
 
+def take_local_groups(scored: ScoredGroups, placement: Placement, group_size: int) -> ScoredGroups:
+    """This process's contiguous share of the groups of a global ``scored`` (rows and rewards
+    follow their groups)."""
+    n = scored.num_groups(group_size) // placement.count
+    return take_groups(scored, np.arange(placement.index * n, (placement.index + 1) * n), group_size)
+
+
 def rl_batch(*, graphdef, params, batch: dict, task: Task, source_id: int, model_config,
              processor, sampling_params: sampling.SamplingParams, rng: jax.Array,
              num_reward_columns: int, prompt_buckets: Sequence[int],
@@ -162,17 +170,18 @@ def rl_batch(*, graphdef, params, batch: dict, task: Task, source_id: int, model
     a reward_pool.RewardPool's); ``reward_names``: the source's rewards (default the task's).
 
     ``max_new_tokens`` (0: the sampler's) and ``stop_strings`` cut each completion after
-    sampling (`finish_rows`). ``dynamic_sampling_extra_draws`` > 0 (one process only): DAPO's
-    dynamic sampling within that budget; round r > 0 resamples the same prompts with
-    ``fold_in(rng, r)``, and `dynamic_sampling.fill_batch` keeps groups whose rewards vary
-    first, then zero-variance ones, so the batch keeps B prompts x G rows; its counts are in
-    ``stats["dynamic_sampling"]``."""
+    sampling (`finish_rows`). ``dynamic_sampling_extra_draws`` > 0: DAPO's dynamic sampling
+    within that budget; round r > 0 resamples the same prompts with ``fold_in(rng, r)``, and
+    `dynamic_sampling.fill_batch` keeps groups whose rewards vary first, then zero-variance
+    ones, so the batch keeps B prompts x G rows; its counts are in ``stats["dynamic_sampling"]``.
+    On several processes the choice is made over the global batch: each process scores its own
+    rows, the rewards are all-gathered, every process makes the same choice and keeps its share
+    of the chosen groups (which may have been sampled for another process's rows)."""
     placement = Placement(None) if placement is None else placement
     scorer = score if scorer is None else scorer
     names = tuple(task.rewards if reward_names is None else reward_names)
-    if dynamic_sampling_extra_draws and placement.count > 1:
-        raise ValueError("rl.dynamic_sampling_extra_draws > 0 needs a single process (the "
-                         f"groups kept depend on every process's rewards); {placement.count} run")
+    # dynamic sampling on several processes chooses among the global batch's groups
+    global_rows = bool(dynamic_sampling_extra_draws) and placement.count > 1
     inputs = prompt_inputs(model_config, batch, prompt_buckets)
     mine = placement.local_prompts(inputs)
     device_inputs = placement.to_device(mine, BATCH_AXES.prompt)
@@ -191,15 +200,21 @@ def rl_batch(*, graphdef, params, batch: dict, task: Task, source_id: int, model
         key = rng if round_index == 0 else jax.random.fold_in(rng, round_index)
         out = gather(sampling.generate_prepared(graphdef, params, device_inputs,
                                                 sampling_params, key))
-        out = jax.tree.map(lambda x: placement.local(np.asarray(x)), out)
-        sampled_tokens.append(int(out.lengths.sum()))
+        out = jax.tree.map(np.asarray, out)
+        if not global_rows:
+            out = jax.tree.map(placement.local, out)
+        sampled_tokens.append(int(placement.local(out.lengths).sum() if global_rows
+                                  else out.lengths.sum()))
         rows = finish_rows(out.tokens, out.lengths, out.truncated, out.logprobs, decode,
                            pad_id=model_config.pad_token_id, stop=stop_strings,
                            max_new_tokens=max_new_tokens)
-        rewards = np.zeros((len(rows["text"]), num_reward_columns), np.float32)
-        rewards[:, :len(names)] = scorer(task, list(rows["text"]), repeat(batch["answer"]),
+        texts = placement.local(rows["text"]) if global_rows else rows["text"]
+        rewards = np.zeros((len(texts), num_reward_columns), np.float32)
+        rewards[:, :len(names)] = scorer(task, list(texts), repeat(batch["answer"]),
                                          repeat(batch["image_size"]),
                                          repeat(batch["input_size"]), names)
+        if global_rows:  # every process sees every row's rewards, in global row order
+            rewards = np.asarray(multihost_utils.process_allgather(rewards, tiled=True))
         prompts = np.arange(len(rows["text"]) // group)
         return ScoredGroups(rewards, rows=rows, groups={"prompt": prompts})
 
@@ -211,7 +226,10 @@ def rl_batch(*, graphdef, params, batch: dict, task: Task, source_id: int, model
         stats["dynamic_sampling"] = counts.as_metrics()
         prompts = scored.groups["prompt"]
         if not np.array_equal(prompts, np.arange(len(prompts))):
-            mine = prompt_inputs(model_config, take_prompt_rows(batch, prompts), prompt_buckets)
+            mine = placement.local_prompts(
+                prompt_inputs(model_config, take_prompt_rows(batch, prompts), prompt_buckets))
+        if global_rows:
+            scored = take_local_groups(scored, placement, group)
     else:
         scored = draw()
     rows = scored.rows

@@ -209,7 +209,8 @@ def base_config() -> ml_collections.ConfigDict:
         # DAPO's dynamic sampling (0 = off): groups whose rewards are all equal are dropped and
         # the step's prompts resampled (fresh completions) up to this many more rounds until
         # the batch of prompts_per_step groups is full of groups whose rewards vary (zero-
-        # variance groups fill what is left); shapes stay static. One process only.
+        # variance groups fill what is left); shapes stay static. Several processes choose
+        # together, over the global batch's rewards.
         dynamic_sampling_extra_draws=0,
         # rewards scored in this many worker processes with a per-call timeout (a reward that
         # hangs or crashes scores 0 and is counted); 0 = in this process, no timeout

@@ -40,3 +40,9 @@ def constant_reward(completion, reference=None, **context):
     """0.5 whatever the completion: every group's rewards are equal (dynamic sampling drops
     them all)."""
     return 0.5
+
+
+def length_parity_reward(completion, reference=None, **context):
+    """1 for a completion of odd length, else 0: a group's rewards vary about half the time
+    with G = 2, so dynamic sampling both drops and keeps groups."""
+    return float(len(completion) % 2)

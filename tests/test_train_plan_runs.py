@@ -135,16 +135,17 @@ def _launch(workdir, devices, extra, process_id=None):
                             stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.slow
-def test_two_processes_give_the_metrics_of_one_and_feed_only_their_rows(tmp_path):
+def _two_processes_and_one(tmp_path, extra=None) -> None:
+    """The same run on 2 processes x 4 devices (tmp_path/two) and 1 x 8 (tmp_path/one)."""
     from tests.test_multihost import free_port
 
+    extra = extra or {}
     port = free_port()
     coordinator = {"mesh.distributed": True, "mesh.coordinator_address": f"127.0.0.1:{port}",
                    "mesh.num_processes": 2}
-    procs = [_launch(tmp_path / "two", 4, dict(coordinator, **{"mesh.process_id": i}))
+    procs = [_launch(tmp_path / "two", 4, dict(coordinator, **extra, **{"mesh.process_id": i}))
              for i in range(2)]
-    single = _launch(tmp_path / "one", 8, {})
+    single = _launch(tmp_path / "one", 8, extra)
     try:
         logs = [p.communicate(timeout=1500)[0] for p in procs + [single]]
     finally:
@@ -153,6 +154,11 @@ def test_two_processes_give_the_metrics_of_one_and_feed_only_their_rows(tmp_path
                 p.kill()
     for p, log in zip(procs + [single], logs):
         assert p.returncode == 0, log[-5000:]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_metrics_of_one_and_feed_only_their_rows(tmp_path):
+    _two_processes_and_one(tmp_path)
     for stage in ("sft", "rl"):
         two, one = rows(tmp_path / "two", stage), rows(tmp_path / "one", stage)
         assert len(two) == len(one) > 0
@@ -169,6 +175,30 @@ def test_two_processes_give_the_metrics_of_one_and_feed_only_their_rows(tmp_path
     final = [load_file(str(tmp_path / w / "final" / "model.safetensors")) for w in ("two", "one")]
     for key in final[1]:
         np.testing.assert_allclose(final[0][key], final[1][key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_on_two_processes_keeps_the_groups_one_process_keeps(tmp_path):
+    """Dynamic sampling chooses groups by every process's rewards: 2 x 4 devices must keep
+    (and resample) exactly what 1 x 8 keeps, so the counts, the rewards and the step agree.
+    A reward of the completion's length parity makes about half of the G = 2 groups
+    zero-variance, so groups are both dropped and kept."""
+    extra = {"sft.steps": 0, "rl.steps": 2, "rl.method": "reasoning_only",
+             "rl.dynamic_sampling_extra_draws": 2,
+             "data.sources.reasoning.rewards": "tests.reward_fixtures:length_parity_reward"}
+    _two_processes_and_one(tmp_path, extra)
+    two, one = rows(tmp_path / "two", "rl"), rows(tmp_path / "one", "rl")
+    assert len(two) == len(one) == 2
+    counted = [k for k in one[0] if k.startswith("dynamic_sampling/")]
+    assert len(counted) == 5
+    for a, b in zip(two, one):
+        assert {k: a[k] for k in counted} == {k: b[k] for k in counted}, b["step"]
+        for key in ("loss", "grad_norm", "update_norm", "reward/reasoning/tests.reward_fixtures:"
+                    "length_parity_reward"):
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
+        assert (a["process_rows"], b["process_rows"]) == (8, 16)
+    kept_informative = [8 - b["dynamic_sampling/filled_zero_variance"] for b in one]
+    assert sum(b["dynamic_sampling/dropped"] for b in one) > 0 and sum(kept_informative) > 0
 
 
 def test_eval_benchmarks_run_at_every_evaluation_of_a_training_run(tmp_path):
