@@ -337,7 +337,8 @@ def _rule_ocrbench_v2(completion, item, context):
     meta = item.meta
     return ocrbench_v2.score_item(meta["type"], answer_text(completion), item.answer,
                                   method=meta.get("eval") or "", box=meta.get("bbox"),
-                                  question=getattr(item, "question", ""))
+                                  question=getattr(item, "question", ""),
+                                  boxes=meta.get("bbox_list"), contents=meta.get("content"))
 
 
 def _rule_grounding(completion, item, context):
