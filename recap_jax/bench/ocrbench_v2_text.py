@@ -11,11 +11,12 @@ edit_dist)) / 4``).
   brevity penalty, no smoothing (an n-gram order without matches counts as precision
   ``sys.float_info.min``, so such a BLEU is about 1e-77, not exactly 0; no unigram match: 0).
 - METEOR: NLTK's ``meteor_score`` (alpha 0.9, beta 3, gamma 0.5, words lower-cased):
-  exact matches, then Porter-stem matches (NLTK's PorterStemmer), then WordNet synonyms. The
-  WordNet stage needs NLTK's wordnet data, which is never downloaded here: it is used only
-  when ``nltk.corpus.wordnet`` already loads locally (`meteor_form` says which). Without it
-  a hypothesis word that is only a synonym of a reference word is unmatched, so METEOR (and
-  the item score) can be lower than the published one; exact and stem matches are the same.
+  exact matches, then Porter-stem matches (NLTK's PorterStemmer), then WordNet synonyms of
+  the stems still unmatched (NLTK's order). The WordNet stage needs NLTK's wordnet data,
+  which is never downloaded here: it runs only when ``nltk.corpus.wordnet`` already loads
+  locally (`meteor_form` says which form is in use). Without it a hypothesis word that is
+  only a synonym of a reference word stays unmatched, so METEOR (and the item score) can be
+  lower than the published one; exact and stem matches are the same.
 - F-measure: of the sets of words (NLTK's ``f_measure``, alpha 0.5); empty sets: 0.
 - Edit distance: character Levenshtein / the longer length.
 """
