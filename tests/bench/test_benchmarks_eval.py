@@ -152,6 +152,8 @@ def test_summary_table_details_and_skips():
     assert benchmarks_eval.details_text(result) == "circular 50.00, vanilla 75.00 (4 questions)"
     v2 = {"metrics": {"overall": {"en": 0.5, "cn": 0.25}, "missing_types": ["a", "b"]}}
     assert benchmarks_eval.details_text(v2) == "en 50.00; cn 25.00; partial: 2 task types unscored"
+    full = {"metrics": {"overall": {"en": 0.5}, "missing_types": [], "meteor": "exact+stem"}}
+    assert benchmarks_eval.details_text(full) == "en 50.00; METEOR exact+stem"
     empty = {"rule": "anls", "n": 0, "score": float("nan"), "skipped": 0,
              "mean_length": float("nan")}
     assert benchmarks_eval.summary_table({"mmbench": result, "infovqa": empty}).splitlines()[2:] == [
