@@ -73,6 +73,9 @@ def tree_edit_distance(a: Node, b: Node, children: Callable[[Node], Sequence[Nod
     for i in _key_roots(left_a):
         for j in _key_roots(left_b):
             li, lj = left_a[i], left_b[j]
+            if li == i and lj == j:          # two leaves: rename, or delete and insert
+                tree[i][j] = min(2.0, rename(i, j))
+                continue
             rows, cols = i - li + 2, j - lj + 2
             forest = [[0.0] * cols for _ in range(rows)]
             for x in range(1, rows):
@@ -83,14 +86,20 @@ def tree_edit_distance(a: Node, b: Node, children: Callable[[Node], Sequence[Nod
                 node_a = li + x - 1
                 whole_a = left_a[node_a] == li
                 previous, current = forest[x - 1], forest[x]
+                tree_a, before_row = tree[node_a], forest[left_a[node_a] - li]
                 for y in range(1, cols):
                     node_b = lj + y - 1
-                    delete_insert = min(previous[y] + 1.0, current[y - 1] + 1.0)
+                    value = previous[y] + 1.0
+                    if current[y - 1] + 1.0 < value:
+                        value = current[y - 1] + 1.0
                     if whole_a and left_b[node_b] == lj:
-                        value = min(delete_insert, previous[y - 1] + rename(node_a, node_b))
-                        tree[node_a][node_b] = value
+                        candidate = previous[y - 1] + rename(node_a, node_b)
+                        if candidate < value:
+                            value = candidate
+                        tree_a[node_b] = value
                     else:
-                        before = forest[left_a[node_a] - li][left_b[node_b] - lj]
-                        value = min(delete_insert, before + tree[node_a][node_b])
+                        candidate = before_row[left_b[node_b] - lj] + tree_a[node_b]
+                        if candidate < value:
+                            value = candidate
                     current[y] = value
     return tree[-1][-1] if nodes_a and nodes_b else float(len(nodes_a) + len(nodes_b))
