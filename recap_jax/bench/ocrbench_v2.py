@@ -55,9 +55,10 @@ from typing import Any
 from recap_jax.bench import ocrbench_v2_text, spotting, teds
 from recap_jax.bench.scoring import levenshtein
 
-__all__ = ["CATEGORIES", "CONTAINMENT_TYPES", "EVAL_METHODS", "SCORED_TYPES", "UNSCORED_TYPES", "aggregate",
-           "calculate_iou", "check_method", "cn_vqa_score", "counting_score", "extract_coordinates", "formula_score",
-           "check_reference", "handwritten_score", "is_ignored", "is_scored", "kie_combinations", "kie_f1", "kie_score",
+__all__ = ["CATEGORIES", "CONTAINMENT_TYPES", "EVAL_METHODS", "SCORED_TYPES", "TEXT_METRIC_TYPES",
+           "UNSCORED_TYPES", "aggregate", "calculate_iou", "check_method", "check_reference",
+           "cn_vqa_score", "counting_score", "extract_coordinates", "formula_score",
+           "handwritten_score", "is_ignored", "is_scored", "kie_combinations", "kie_f1", "kie_score",
            "language", "parse_prediction_dict", "score_item", "uses_text_metric", "vqa_score",
            "vqa_with_position_score"]
 
@@ -139,8 +140,9 @@ def check_method(task_type: str, method: str) -> None:
 
 
 def is_scored(task_type: str, question: str = "") -> bool:
-    """Whether items of ``task_type`` (and, for handwritten answer extraction cn, this
-    question) are scored here."""
+    """Whether items of ``task_type`` are scored here (not in `UNSCORED_TYPES`); ValueError
+    for a type OCRBench v2 does not have. ``question`` is accepted for callers that name one:
+    every question of a scored type is scored."""
     language(task_type)
     return task_type not in UNSCORED_TYPES
 
