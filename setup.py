@@ -28,6 +28,11 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",
     # transformers renders chat templates with jinja2 but does not require it.
     "jinja2>=3.1",
+    # OCRBench v2's text metric (recap_jax.bench.ocrbench_v2_text): NLTK's Porter stemmer for
+    # METEOR (its WordNet data is never downloaded) and jieba's word cutting for Chinese, as
+    # the published evaluation does
+    "nltk==3.10.4",
+    "jieba==0.42.1",
     # the main job (recap_jax.demo) plots lambda and the rewards; 3.11 needs Python 3.11
     "matplotlib==3.11.2; python_version >= '3.11'",
     "matplotlib==3.10.9; python_version < '3.11'",
@@ -44,6 +49,10 @@ TEST_REQUIRES = [
     "nbformat>=5",
     "nbclient>=0.10",
     "ipykernel>=6",
+    # independent references for our tree edit distance (recap_jax.bench.tree_edit): zss is
+    # what OCRBench v2's STEDS runs, apted what its TEDS runs
+    "zss==1.2.0",
+    "apted==1.0.3",
     # the linter .ci/run runs (configuration: ruff.toml)
     "ruff==0.14.9",
 ]

@@ -340,7 +340,8 @@ def skipped_text(result: dict) -> str:
 
 def details_text(result: dict) -> str:
     """The suite's extra metrics in a few words: MMBench's vanilla and circular accuracy,
-    OCRBench v2's English / Chinese overall and its unscored types; "" for other suites."""
+    OCRBench v2's English / Chinese overall, its METEOR form and its unscored types; "" for
+    other suites."""
     metrics = result.get("metrics") or {}
     parts = []
     if "circular" in metrics:
@@ -348,6 +349,8 @@ def details_text(result: dict) -> str:
                      f"{_percent(metrics['vanilla'])} ({metrics['questions']} questions)")
     for lang, value in (metrics.get("overall") or {}).items():
         parts.append(f"{lang} {_percent(value)}")
+    if metrics.get("meteor"):
+        parts.append(f"METEOR {metrics['meteor']}")
     if metrics.get("missing_types"):
         parts.append(f"partial: {len(metrics['missing_types'])} task types unscored")
     return "; ".join(parts)

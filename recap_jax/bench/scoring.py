@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from recap_jax import rewards as rewards_lib
@@ -60,18 +60,36 @@ def answer_text(completion: str) -> str:
     return completion.strip() if answer is None else answer
 
 
-def levenshtein(a: str, b: str) -> int:
-    """Edit distance (insertions, deletions, substitutions of one character each)."""
+def levenshtein(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
+    """Edit distance (insertions, deletions, substitutions of one element each) of two
+    strings or token sequences; Myers' bit-parallel algorithm (Hyyrö's form), one pass over
+    the longer sequence with the shorter one's positions as the bits of Python integers, so
+    a page of OCR text or a large table is scored in milliseconds."""
     if len(a) < len(b):
         a, b = b, a
-    previous = list(range(len(b) + 1))
-    for i, char_a in enumerate(a, 1):
-        current = [i]
-        for j, char_b in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1,
-                               previous[j - 1] + (char_a != char_b)))
-        previous = current
-    return previous[-1]
+    m = len(b)
+    if m == 0:
+        return len(a)
+    positions: dict[Hashable, int] = {}
+    for i, token in enumerate(b):
+        positions[token] = positions.get(token, 0) | (1 << i)
+    full, top = (1 << m) - 1, 1 << (m - 1)
+    plus, minus, score = full, 0, m     # vertical +1 / -1 deltas of the current column
+    for token in a:
+        equal = positions.get(token, 0)
+        vertical = equal | minus
+        horizontal = (((equal & plus) + plus) ^ plus) | equal
+        h_plus = minus | ~(horizontal | plus)
+        h_minus = plus & horizontal
+        if h_plus & top:
+            score += 1
+        elif h_minus & top:
+            score -= 1
+        h_plus = (h_plus << 1) | 1      # the first row grows by one per element of a
+        h_minus <<= 1
+        plus = (h_minus | ~(vertical | h_plus)) & full
+        minus = h_plus & vertical & full
+    return score
 
 
 def _norm(text: str) -> str:
@@ -337,7 +355,8 @@ def _rule_ocrbench_v2(completion, item, context):
     meta = item.meta
     return ocrbench_v2.score_item(meta["type"], answer_text(completion), item.answer,
                                   method=meta.get("eval") or "", box=meta.get("bbox"),
-                                  question=getattr(item, "question", ""))
+                                  question=getattr(item, "question", ""),
+                                  boxes=meta.get("bbox_list"), contents=meta.get("content"))
 
 
 def _rule_grounding(completion, item, context):

@@ -19,8 +19,9 @@ undecodable image, or missing fields are skipped and counted (`Suite.skips`), ea
 file and row. Questions with several images (MMMU, MMMU-Pro) carry all the images their
 ``<image i>`` tags reference, in the order of i (`mmmu_images`); the suite option
 ``multi_image="skip"`` restores the old behaviour, skipping them and counting them under their
-own reason, "multi_image". OCRBench v2 rows
-of the task types whose metric is not implemented are skipped under "unscored".
+own reason, "multi_image". OCRBench v2 rows of a task type whose metric is not implemented
+(none at present) are skipped under "unscored", text translation rows with an empty answer
+under "ignored" (as the published evaluation does).
 
 MMBench's circular copies (``index % 1e6`` shared) are read as they are in the file
 (``circular="auto"``), or dropped (``"off"``), or made from the original rows by rotating the
@@ -43,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from recap_jax.bench import circular as circular_lib
-from recap_jax.bench import ocrbench_v2
+from recap_jax.bench import ocrbench_v2, ocrbench_v2_text
 from recap_jax.data import files as files_lib
 from recap_jax.data.records import BadRecord, SkipCounter, decode_image
 from recap_jax.data.tasks import GROUNDING_QUESTION
@@ -154,8 +155,9 @@ def _optional_text(row: dict, key: str) -> str:
     return str(value).strip() if value is not None and str(value).strip().lower() != "nan" else ""
 
 
-def _string_list(value: Any, what: str) -> list[str]:
-    """A list of strings from a list, or from the string repr of a Python list (MMMU)."""
+def _string_list(value: Any, what: str, strip: bool = True) -> list[str]:
+    """A list of strings from a list, or from the string repr of a Python list (MMMU);
+    each stripped unless ``strip`` is False."""
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
@@ -169,7 +171,7 @@ def _string_list(value: Any, what: str) -> list[str]:
         return []
     if not isinstance(value, (list, tuple)):
         raise BadRecord(f"schema: {what} is a {type(value).__name__}, not a list")
-    return [str(v).strip() for v in value if v is not None]
+    return [str(v).strip() if strip else str(v) for v in value if v is not None]
 
 
 def format_options(choices: Sequence[str], style: str = "A. ") -> str:
@@ -402,14 +404,29 @@ def ocrbench_row(row: dict) -> dict:
                           question_type=_optional_text(row, "question_type")))
 
 
+def _spotting_reference(row: dict) -> tuple[list[list[int]], list[str]]:
+    """An OCRBench v2 row's bbox_list (integer boxes) and content (transcriptions as written)."""
+    raw_boxes, raw_content = row.get("bbox_list"), row.get("content")
+    try:
+        boxes = [] if raw_boxes is None else [[int(v) for v in box] for box in raw_boxes]
+    except (TypeError, ValueError):
+        raise BadRecord(f"schema: bbox_list is not a list of integer boxes: {str(raw_boxes)[:80]}") from None
+    contents = [] if raw_content is None else _string_list(list(raw_content), "content", strip=False)
+    return boxes, contents
+
+
 def ocrbench_v2_row(row: dict) -> dict:
     """ling99/OCRBench_v2: id, dataset_name, question, type (the task type), answers (list),
-    image, eval (None, "multiple choice", "case sensitive", "exact match", "regression"),
-    bbox (VQA with position), bbox_list, content. Rows of a type not scored here
-    (`ocrbench_v2.UNSCORED_TYPES`) are BadRecord "unscored"."""
+    image, eval (None / "None", "multiple choice", "case sensitive", "exact match",
+    "regression"), bbox (VQA with position), bbox_list and content (text spotting's boxes
+    and transcriptions, which are its reference). Rows of a type not scored here
+    (`ocrbench_v2.UNSCORED_TYPES`) are BadRecord "unscored"; a text translation row with an
+    empty answer is "ignored" (the published evaluation leaves it out); a reference its
+    type's rule cannot use (`ocrbench_v2.check_reference`) is "schema"."""
     task_type = _text(row, "type", what="type")
     question = _text(row, "question")
     method = _optional_text(row, "eval")
+    method = "" if method == "None" else method     # the upload script wrote str(None)
     try:
         scored = ocrbench_v2.is_scored(task_type, question)
         ocrbench_v2.check_method(task_type, method)
@@ -418,15 +435,28 @@ def ocrbench_v2_row(row: dict) -> dict:
     if not scored:
         raise BadRecord(f"unscored: OCRBench v2 type {task_type!r} needs a metric not "
                         "implemented here", "unscored")
-    answers = _string_list(row.get("answers"), "answers")
+    boxes, contents = _spotting_reference(row)
+    # the text, parsing and spotting metrics see the reference as written (spaces count)
+    as_written = task_type not in ocrbench_v2.CONTAINMENT_TYPES
+    answers = contents if task_type == "text spotting en" else \
+        _string_list(row.get("answers"), "answers", strip=not as_written)
+    if ocrbench_v2.is_ignored(task_type, answers):
+        raise BadRecord("ignored: text translation cn with an empty answer", "ignored")
     if not answers:
         raise BadRecord("text: no answers", "text")
+    try:
+        ocrbench_v2.check_reference(task_type, answers, question, boxes, contents)
+    except ValueError as error:
+        raise BadRecord(f"schema: {error}") from None
     box = row.get("bbox")
+    meta = dict(type=task_type, eval=method, dataset=_optional_text(row, "dataset_name"),
+                bbox=None if box is None else [int(v) for v in box])
+    if task_type == "text spotting en":
+        meta.update(bbox_list=boxes, content=contents)
+    if ocrbench_v2.uses_text_metric(task_type, question):
+        meta["meteor"] = ocrbench_v2_text.meteor_form()
     return dict(id=str(row.get("id", "")), question=question, image=row.get("image"),
-                answer=answers,
-                meta=dict(type=task_type, eval=method,
-                          dataset=_optional_text(row, "dataset_name"),
-                          bbox=None if box is None else [int(v) for v in box]))
+                answer=answers, meta=meta)
 
 
 def _conversation(row: dict) -> tuple[str | None, str | None]:

@@ -22,7 +22,8 @@ Layouts (the published repositories'; columns as in their dataset cards):
 Multi-image rows: MMMU Accounting_2 (two images, "<image 2>" named before "<image 1>") and
 Art_2 (images referenced by its options; image_2 empty, image_5 not referenced).
 Bad rows, on purpose: ScienceQA one text-only question;
-OCRBench one corrupt image; OCRBench v2 two rows of unscored task types; RefCOCO one missing
+OCRBench one corrupt image; OCRBench v2 a text translation row with an empty answer
+(ignored, as published); RefCOCO one missing
 image file and one malformed box. MMBench question 241 (4 options) has its 3 circular copies
 (index + k * 1e6, options rotated by k), question 242 (2 options) its 1, question 243 none.
 `write_fixtures` returns the ``LABEL=PATH[;...]`` spec of each suite.
@@ -310,13 +311,17 @@ def ocrbench(root: str) -> str:
 
 
 def ocrbench_v2(root: str) -> str:
-    """ling99/OCRBench_v2 rows: one per scored task type family, and two unscored ones."""
+    """ling99/OCRBench_v2 rows: every one of the 30 task types (table parsing en twice, HTML
+    and markdown; handwritten answer extraction cn twice, choice and short answer), one row
+    whose eval is the string "None" (as the upload script writes a missing eval), and one
+    text translation row with an empty answer (the published "ignore")."""
     from datasets import Sequence, Value
 
     features = _features({"id": Value("int32"), "dataset_name": "str", "question": "str",
                           "type": "str", "answers": "strs", "image": "image", "eval": "str",
                           "bbox": Sequence(Value("int32")),
                           "bbox_list": Sequence(Sequence(Value("int32"))), "content": "strs"})
+    # (id, dataset_name, question, type, answers, eval, bbox, bbox_list, content)
     rows = [
         (0, "IIIT5K", "What is written in the image?", "text recognition en", ["STOP"], None, None),
         (1, "textcount", "How many times does the word 'the' appear?", "text counting en", ["10"],
@@ -329,15 +334,52 @@ def ocrbench_v2(root: str) -> str:
          "text grounding en", ["100", "200", "300", "400"], None, None),
         (5, "cn_vqa", "图中写的是什么？", "cognition VQA cn", ["你好"], None, None),
         (6, "formula", "Write the formula in LaTeX.", "formula recognition en", ["x^{2}"], None, None),
-        (7, "docs", "Read all the text in the image.", "full-page OCR en", ["a page"], None, None),
+        (7, "docs", "Read all the text in the image.", "full-page OCR en", ["a page "], None, None),
         (8, "hw", "请提取简答题的答案。", "handwritten answer extraction cn", ["答案"], None, None),
+        (9, "fine", "What is written in the red box?", "fine-grained text recognition en",
+         ["EXIT ONLY"], None, None),
+        (10, "cn_page", "请识别图中所有文字。", "full-page OCR cn", ["你好世界"], None, None),
+        (11, "translate", "请把图中的英文翻译成中文。", "text translation cn", ["出口"], None, None),
+        (12, "pubtabnet", "Convert the table into HTML.", "table parsing en",
+         ["<table><tr><td>a</td><td>1</td></tr></table>"], None, None),
+        (13, "wtq", "Write the table in markdown.", "table parsing en",
+         ["| a | b |\n| --- | --- |\n| 1 | 2 |"], None, None),
+        (14, "cn_table", "请用HTML输出表格。", "table parsing cn", ["<table><tr><td>名称</td></tr></table>"],
+         None, None),
+        (15, "chart", "Convert the chart into a Python dict.", "chart parsing en",
+         ['{"title": "Sales", "2020": 12}'], None, None),
+        (16, "doc_en", "Convert the page to markdown.", "document parsing en",
+         ["# Title\nSome text"], None, None),
+        (17, "doc_cn", "请把文档转成markdown。", "document parsing cn", ["# 标题\n正文"], None, None),
+        (18, "spotting", "Spot all the text: [x1, y1, x2, y2, text] in 0-1000.", "text spotting en",
+         [], None, None, [[10, 10, 100, 10, 100, 40, 10, 40], [200, 200, 300, 200, 300, 240, 200, 240]],
+         ["STOP", "###"]),
+        (19, "kim", "Map the keys to values.", "key information mapping en", ['{"name": "Ann"}'],
+         None, None),
+        (20, "kie_cn", "提取总金额。", "key information extraction cn", ["{'总金额': '12'}"], None, None),
+        (21, "formula_cn", "写出公式。", "formula recognition cn", ["\\text{面积}=3"], None, None),
+        (22, "mathqa", "What is 2 + 3?", "math QA en", ["5"], "None", None),
+        (23, "reasoning", "Which sign is red?", "reasoning VQA en", ["stop sign"], None, None),
+        (24, "science", "Which is a mammal? A. fish B. dog", "science QA en", ["B"],
+         "multiple choice", None),
+        (25, "app", "Which button saves the file?", "APP agent en", ["save"], None, None),
+        (26, "ascii", "What animal does the ASCII art show?", "ASCII art classification en",
+         ["cat"], None, None),
+        (27, "doccls", "What kind of document is this?", "document classification en",
+         ["letter"], None, None),
+        (28, "cogvqa", "What is the brand?", "cognition VQA en", ["ACME"], "case sensitive", None),
+        (29, "diagram", "Which stage comes first?", "diagram QA en", ["egg"], None, None),
+        (30, "reason_cn", "哪个更大？", "reasoning VQA cn", ["苹果"], None, None),
+        (31, "hw_choice", "请提取选择题的答案。", "handwritten answer extraction cn", ["AB"], None, None),
+        (32, "translate", "请翻译。", "text translation cn", [""], None, None),
     ]
     columns = {"id": [], "dataset_name": [], "question": [], "type": [], "answers": [],
                "image": [], "eval": [], "bbox": [], "bbox_list": [], "content": []}
-    for k, (id_, name, question, task, answers, method, box) in enumerate(rows):
+    for k, (id_, name, question, task, answers, method, box, *spotting) in enumerate(rows):
+        boxes, content = spotting or (None, None)
         for key, value in (("id", id_), ("dataset_name", name), ("question", question),
                            ("type", task), ("answers", answers), ("image", image(k)),
-                           ("eval", method), ("bbox", box), ("bbox_list", None), ("content", None)):
+                           ("eval", method), ("bbox", box), ("bbox_list", boxes), ("content", content)):
             columns[key].append(value)
     _write(columns, features, f"{root}/OCRBench_v2/data/test-00000-of-00001.parquet")
     return f"ocrbench_v2={root}/OCRBench_v2"

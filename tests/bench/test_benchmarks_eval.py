@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from recap_jax import benchmarks_eval
-from recap_jax.bench import scoring
+from recap_jax.bench import ocrbench_v2_text, scoring
 from recap_jax.tools.tiny_example import build_checkpoint
 from tests.bench.make_fixtures import write_fixtures
 
@@ -126,8 +126,10 @@ def test_cli_reports_circular_and_ocrbench_v2_metrics_and_skip_reasons(setup, tm
     assert mmbench["metrics"]["vanilla"] == pytest.approx(
         np.mean([r["score"] for r in items if r["meta"]["rotation"] == 0]))
     v2 = summary["ocrbench_v2"]
-    assert (v2["n"], v2["skipped"], v2["skip_reasons"]) == (7, 2, {"unscored": 2})
-    assert set(v2["metrics"]["overall"]) == {"en", "cn"}
+    # every task type scored; the empty-answer translation row left out, as published
+    assert (v2["n"], v2["skipped"], v2["skip_reasons"]) == (32, 1, {"ignored": 1})
+    assert set(v2["metrics"]["overall"]) == {"en", "cn"} and v2["metrics"]["missing_types"] == []
+    assert v2["metrics"]["meteor"] == ocrbench_v2_text.meteor_form()
     assert v2["score"] == v2["metrics"]["overall"]["en"]
     # MMMU's multi-image questions (Accounting_2: 2 images, Art_2: 3) are scored, not skipped
     assert (summary["mmmu"]["n"], summary["mmmu"]["skipped"]) == (4, 0)
@@ -139,7 +141,7 @@ def test_cli_reports_circular_and_ocrbench_v2_metrics_and_skip_reasons(setup, tm
     assert mmmu["validation_Art_2"]["meta"]["num_images"] == 3  # images named by its options
     table = (tmp_path / "out" / "summary.md").read_text()
     assert "| mmmu | mmmu | 4 |" in table
-    assert "(3 questions)" in table and "| 2 (unscored 2) |" in table
+    assert "(3 questions)" in table and "| 1 (ignored 1) |" in table
 
 
 def test_summary_table_details_and_skips():
@@ -150,6 +152,8 @@ def test_summary_table_details_and_skips():
     assert benchmarks_eval.details_text(result) == "circular 50.00, vanilla 75.00 (4 questions)"
     v2 = {"metrics": {"overall": {"en": 0.5, "cn": 0.25}, "missing_types": ["a", "b"]}}
     assert benchmarks_eval.details_text(v2) == "en 50.00; cn 25.00; partial: 2 task types unscored"
+    full = {"metrics": {"overall": {"en": 0.5}, "missing_types": [], "meteor": "exact+stem"}}
+    assert benchmarks_eval.details_text(full) == "en 50.00; METEOR exact+stem"
     empty = {"rule": "anls", "n": 0, "score": float("nan"), "skipped": 0,
              "mean_length": float("nan")}
     assert benchmarks_eval.summary_table({"mmbench": result, "infovqa": empty}).splitlines()[2:] == [

@@ -77,8 +77,10 @@ def test_handwritten_answers_joined_by_any_published_separator():
     assert v2.handwritten_score("A; B; D", ["ABD"]) == 1.0
     assert v2.handwritten_score("A, B, C", ["ABD"]) == 0.0
     assert v2.handwritten_score("选C", ["C"]) == 1.0
-    assert not v2.is_scored("handwritten answer extraction cn", "请回答简答题")
-    assert v2.is_scored("handwritten answer extraction cn", "选择题")
+    # short-answer ("简答") questions are scored too, by the text metric
+    assert v2.is_scored("handwritten answer extraction cn", "请回答简答题")
+    assert v2.uses_text_metric("handwritten answer extraction cn", "请回答简答题")
+    assert not v2.uses_text_metric("handwritten answer extraction cn", "选择题")
 
 
 # --------------------------------------------------------------------------- KIE
@@ -139,9 +141,12 @@ def test_grounding_and_vqa_with_position():
     assert v2.vqa_with_position_score("hello", ["hello"], [10, 10, 50, 50]) == 0.0
 
 
-def test_score_item_refuses_unscored_and_unknown_types():
+def test_score_item_refuses_unscored_and_unknown_types(monkeypatch):
+    # every type has a metric now; the mechanism for leaving one out stays
+    monkeypatch.setattr(v2, "UNSCORED_TYPES", frozenset({"table parsing en"}))
     with pytest.raises(ValueError, match="not scored here"):
         v2.score_item("table parsing en", "<table></table>", ["<table></table>"])
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="unknown OCRBench v2 task type"):
         v2.score_item("poetry en", "x", ["x"])
     with pytest.raises(ValueError, match="unknown eval"):

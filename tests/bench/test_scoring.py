@@ -4,6 +4,8 @@ the published rules, not computed by the code under test)."""
 import types
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from recap_jax.bench import scoring
 
@@ -21,6 +23,25 @@ def item(answer, choices=(), **meta):
 def test_levenshtein(a, b, distance):
     assert scoring.levenshtein(a, b) == distance
     assert scoring.levenshtein(b, a) == distance
+
+
+def dynamic_programming_distance(a, b):
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i]
+        for j, y in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text("abc ", max_size=70), st.text("abc ", max_size=70))
+def test_bit_parallel_levenshtein_equals_the_textbook_table(a, b):
+    # 70 characters cross the 64-bit word size that bit-parallel code often gets wrong
+    assert scoring.levenshtein(a, b) == dynamic_programming_distance(a, b)
+    tokens_a, tokens_b = [f"<{c}>" for c in a], [f"<{c}>" for c in b]   # token lists too
+    assert scoring.levenshtein(tokens_a, tokens_b) == dynamic_programming_distance(a, b)
 
 
 def test_answer_text_takes_the_last_answer_pair_or_the_whole_completion():

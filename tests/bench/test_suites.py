@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from recap_jax.bench import suites
+from recap_jax.bench import ocrbench_v2, ocrbench_v2_text, suites
 from recap_jax.benchmarks_eval import open_suites
 from tests.bench.make_fixtures import write_fixtures
 
@@ -208,18 +208,28 @@ def test_ocrbench_skips_a_corrupt_image_and_names_the_row(opened, caplog):
     assert suite.skips.reasons("ocrbench") == {"image": 1}
 
 
-def test_ocrbench_v2_reads_types_and_skips_unscored_ones(opened):
+def test_ocrbench_v2_reads_every_type_and_skips_only_the_ignored_row(opened):
     suite = opened["ocrbench_v2"]
     loaded = items(suite)
-    assert [i.meta["type"] for i in loaded] == [
-        "text recognition en", "text counting en", "key information extraction en",
-        "VQA with position en", "text grounding en", "cognition VQA cn", "formula recognition en"]
-    counting, position, grounding = loaded[1], loaded[3], loaded[4]
+    assert {i.meta["type"] for i in loaded} == set(ocrbench_v2.CATEGORIES)   # all 30 types
+    assert len(loaded) == 32
+    by_id = {i.id: i for i in loaded}
+    counting, position, grounding = by_id["1"], by_id["3"], by_id["4"]
     assert (counting.meta["eval"], counting.answer) == ("regression", ["10"])
     assert position.meta["bbox"] == [10, 10, 50, 50] and position.meta["eval"] == ""
-    assert grounding.answer == ["100", "200", "300", "400"] and grounding.id == "4"
-    # full-page OCR en and a short-answer handwritten question have no metric here
-    assert suite.skips.reasons("ocrbench_v2") == {"unscored": 2}
+    assert grounding.answer == ["100", "200", "300", "400"]
+    assert by_id["22"].meta["eval"] == ""              # the string "None" is no eval
+    # the text metric sees the reference as written (a trailing space counts); VQA's is stripped
+    assert by_id["7"].answer == ["a page "] and by_id["0"].answer == ["STOP"]
+    assert by_id["7"].meta["meteor"] == ocrbench_v2_text.meteor_form()
+    assert by_id["8"].meta["meteor"] and "meteor" not in by_id["31"].meta   # short answer vs choice
+    spotting = by_id["18"]
+    assert spotting.meta["bbox_list"] == [[10, 10, 100, 10, 100, 40, 10, 40],
+                                          [200, 200, 300, 200, 300, 240, 200, 240]]
+    assert spotting.meta["content"] == spotting.answer == ["STOP", "###"]
+    assert by_id["13"].answer == ["| a | b |\n| --- | --- |\n| 1 | 2 |"]
+    # the text translation row with an empty answer is left out, as published
+    assert suite.skips.reasons("ocrbench_v2") == {"ignored": 1}
 
 
 def test_ocrbench_v2_rows_with_unknown_types_or_eval_are_schema_errors():
@@ -231,6 +241,21 @@ def test_ocrbench_v2_rows_with_unknown_types_or_eval_are_schema_errors():
         suites.ocrbench_v2_row(dict(row, type="poetry en", eval=None))
     with pytest.raises(suites.BadRecord, match="no answers"):
         suites.ocrbench_v2_row(dict(row, eval=None, answers=[]))
+    with pytest.raises(suites.BadRecord, match="neither HTML nor markdown") as error:
+        suites.ocrbench_v2_row(dict(row, type="table parsing en", eval=None, answers=["<table>"]))
+    assert error.value.kind == "schema"
+    with pytest.raises(suites.BadRecord, match="chart parsing: the answer is not a dict"):
+        suites.ocrbench_v2_row(dict(row, type="chart parsing en", eval=None, answers=["[1, 2]"]))
+    spotting = dict(row, type="text spotting en", eval=None, answers=[])
+    with pytest.raises(suites.BadRecord, match="1 and 2"):
+        suites.ocrbench_v2_row(dict(spotting, bbox_list=[[0, 0, 9, 9]], content=["a", "b"]))
+    with pytest.raises(suites.BadRecord, match="x, y pairs"):
+        suites.ocrbench_v2_row(dict(spotting, bbox_list=[[0, 0, 9]], content=["a"]))
+    with pytest.raises(suites.BadRecord, match="not a list of integer boxes"):
+        suites.ocrbench_v2_row(dict(spotting, bbox_list=[["a", 0, 9, 9]], content=["a"]))
+    with pytest.raises(suites.BadRecord, match="ignored") as error:
+        suites.ocrbench_v2_row(dict(row, type="text translation cn", eval=None, answers=[""]))
+    assert error.value.kind == "ignored"
 
 
 def test_rec_suites_boxes_images_and_bad_rows(opened):
