@@ -111,9 +111,52 @@ METHODS = {
     "coreset": {"rl.method": "coreset"},
     "lwf": {"rl.method": "lwf"},
     "modomodo": {"rl.method": "modomodo", "data.modomodo_shares": "0.5,0.25,0.25"},
-    "recap": {"rl.method": "recap", "recap.variant": "released"},
-    "recap_paper": {"rl.method": "recap", "recap.variant": "paper"},
+    # rl.log_lambda_effect: the cosine between the update's gradient and the one lambda = 1
+    # would give, logged per step (one more backward pass; the update itself is unchanged)
+    "recap": {"rl.method": "recap", "recap.variant": "released", "rl.log_lambda_effect": True},
+    "recap_paper": {"rl.method": "recap", "recap.variant": "paper", "rl.log_lambda_effect": True},
 }
+
+# The paper's ablations (recap-method.md; the released recipes sweep alpha, T and W), each a
+# table of RESULTS.md: {name: (what varies, {label: (setting shown, overrides)})}. Every row
+# changes one setting of the base run `recap` (variant released, alpha 0.5, T 5, W 5,
+# weighting reward), which appears in each table under its own setting. W is scaled to the
+# run's length like RL["recap.window"] (the recipes' 10 / 25 / 50 over a few hundred steps;
+# here 150 steps, a source every third step).
+_RECAP = METHODS["recap"]
+ABLATIONS = {
+    "alpha": ("alpha (share of convergence c against instability i; anneal: 1 - step / 150)", {
+        "recap_alpha0.25": ("0.25", {**_RECAP, "recap.alpha": 0.25}),
+        "recap": ("0.5 (base)", _RECAP),
+        "recap_alpha0.75": ("0.75", {**_RECAP, "recap.alpha": 0.75}),
+        "recap_alpha1": ("1", {**_RECAP, "recap.alpha": 1.0}),
+        "recap_alpha_anneal": ("anneal", {**_RECAP, "recap.alpha": "anneal"}),
+    }),
+    "temperature": ("softmax temperature T", {
+        "recap_T1": ("1", {**_RECAP, "recap.temperature": 1.0}),
+        "recap": ("5 (base)", _RECAP),
+        "recap_T50": ("50", {**_RECAP, "recap.temperature": 50.0}),
+    }),
+    "window": ("window W (values per objective per window)", {
+        "recap": ("5 (base)", _RECAP),
+        "recap_W12": ("12", {**_RECAP, "recap.window": 12}),
+        "recap_W25": ("25", {**_RECAP, "recap.window": 25}),
+    }),
+    "weighting": ("how lambda weights a reward objective (rl.weighting) in both variants", {
+        "recap": ("released, reward (base)", _RECAP),
+        "recap_loss": ("released, loss", {**_RECAP, "rl.weighting": "loss"}),
+        "recap_paper": ("paper, reward", METHODS["recap_paper"]),
+        "recap_paper_loss": ("paper, loss", {**METHODS["recap_paper"], "rl.weighting": "loss"}),
+    }),
+    "dwa": ("the update rule: RECAP against DWA (Liu et al. 2019, T 2) and lambda = 1", {
+        "uniform": ("lambda = 1 (uniform)", METHODS["uniform"]),
+        "recap": ("RECAP released (base)", _RECAP),
+        "dwa": ("DWA", {"rl.method": "recap", "recap.variant": "dwa", "rl.log_lambda_effect": True}),
+    }),
+}
+# every runnable label: the methods, then the ablation rows that are not methods
+RUNS = {**METHODS, **{label: overrides for _, rows in ABLATIONS.values()
+                      for label, (_, overrides) in rows.items()}}
 DEFAULT_SEEDS = (0, 1, 2)
 TASK_METRICS = (("reasoning", "accuracy"), ("reasoning", "format_think"), ("grounding", "iou"),
                 ("grounding", "format_answer"), ("ocr", "ocr_char_f1"), ("ocr", "ocr_exact"))
@@ -222,7 +265,7 @@ def warmstart_overrides(out: Path) -> dict:
 def rl_overrides(out: Path, method: str, seed: int) -> dict:
     warm = out / "warmstart_run" / "warmstart"
     return {**SHARED, **RL, "model.path": str(warm), "tokenizer.path": str(warm),
-            **METHODS[method], "seed": seed}
+            **RUNS[method], "seed": seed}
 
 
 # --------------------------------------------------------------------------- reading runs
@@ -273,10 +316,39 @@ def summarise_run(workdir: Path) -> dict | None:
                                                  for x in reasoning_steps]),
         "rl_completion_length_reasoning_last20pct": _mean([x["completion_length_mean"]
                                                            for x in tail]),
+        "lambda_range": lambda_ranges(rl, weights),
+        "lambda_span": {"min": min((r["min"] for r in lambda_ranges(rl, weights).values()), default=1.0),
+                        "max": max((r["max"] for r in lambda_ranges(rl, weights).values()), default=1.0)},
+        "lambda_effect": lambda_effect(rl),
         "reward_first_half": {k: _mean(v[:len(v) // 2]) for k, v in rewards.items()},
         "reward_second_half": {k: _mean(v[len(v) // 2:]) for k, v in rewards.items()},
         "wall_s": json.loads(done.read_text())["wall_s"] if done.exists() else None,
     }
+
+
+def lambda_ranges(rl: list[dict], weight_keys: list[str]) -> dict:
+    """{objective: {"min", "max"}} of the lambda that weighted the steps of the run."""
+    ranges = {}
+    for key in weight_keys:
+        values = [line[key] for line in rl if key in line and math.isfinite(line[key])]
+        if values:
+            ranges[key.split("/", 1)[1]] = {"min": min(values), "max": max(values)}
+    return ranges
+
+
+def lambda_effect(rl: list[dict]) -> dict:
+    """What lambda changed in the update (issue: "why RECAP does or does not act"), over the
+    RL-objective steps (those with a reward; on an SFT step lambda only scales the loss):
+    ``advantage_change`` = ||A(lambda) - A(1)|| / ||A(1)|| and ``lambda_gradient_cosine``, the
+    cosine between the gradient with the step's lambda and with lambda = 1 (logged with
+    rl.log_lambda_effect). Mean, and the extreme (max change / min cosine)."""
+    reward_steps = [line for line in rl if any(k.startswith("reward/") for k in line)]
+    out = {}
+    for key, extreme in (("advantage_change", max), ("lambda_gradient_cosine", min)):
+        values = [line[key] for line in reward_steps if key in line and math.isfinite(line[key])]
+        if values:
+            out[key] = {"mean": _mean(values), "extreme": extreme(values)}
+    return out
 
 
 def _mean(values) -> float:
@@ -328,7 +400,7 @@ def _metric_label(task: str, metric: str) -> str:
 
 def render_markdown(results: dict) -> str:
     warm = results["warmstart"]
-    methods = results["methods"]
+    methods = {label: entry for label, entry in results["methods"].items() if label in METHODS}
     out = ["# Forgetting in miniature: results", "",
            (f"Generated by `{results['command']}` on {results['generated']} "
            f"(machine: {results['machine']})."), "",
@@ -427,7 +499,73 @@ def render_markdown(results: dict) -> str:
     seconds = lambda key: warm.get(key) and round(warm[key])  # noqa: E731
     out += ["", f"Warm-start: stage 1 (OCR only) {seconds('ocr_first_wall_s')} s, stage 2 (mixed) "
                 f"{seconds('wall_s')} s.", ""]
+    out += render_ablations(results)
     return "\n".join(out)
+
+
+ABLATION_METRICS = (("reasoning", "accuracy"), ("grounding", "iou"), ("ocr", "ocr_exact"),
+                    ("grounding", "image_reliance"), ("ocr", "image_reliance"))
+
+
+def _ablation_row(setting: str, entry: dict | None, before: dict) -> str:
+    agg = entry.get("aggregate") if entry else None
+    if not agg:
+        return f"| {setting} | - | not run |" + " |" * (len(ABLATION_METRICS) + 2)
+    cells = [f"{_fmt(agg['after'].get(f'eval/{t}/{m}'))} "
+             f"({_delta(agg['after'].get(f'eval/{t}/{m}'), before.get(f'eval/{t}/{m}'))})"
+             for t, m in ABLATION_METRICS]
+    span = agg.get("lambda_span")
+    cells.append(f"{span['min']['mean']:.3f} – {span['max']['mean']:.3f}" if span else "-")
+    effect = agg.get("lambda_effect", {})
+    cosine, change = effect.get("lambda_gradient_cosine"), effect.get("advantage_change")
+    cells.append(f"{cosine['mean']['mean']:.4f} ({cosine['extreme']['mean']:.3f})" if cosine else "-")
+    cells.append(f"{change['mean']['mean']:.3f} ({change['extreme']['mean']:.3f})" if change else "-")
+    return f"| {setting} | {','.join(map(str, entry['seeds']))} | " + " | ".join(cells) + " |"
+
+
+def render_ablations(results: dict) -> list[str]:
+    """One table per ablation of ABLATIONS that has a finished run, then the lambda range of
+    every objective in every RECAP row."""
+    methods, before = results["methods"], results["warmstart"].get("eval", {})
+    if not any(methods.get(label, {}).get("aggregate") for _, rows in ABLATIONS.values()
+               for label in rows if label not in METHODS):
+        return []
+    out = ["## Ablations", "",
+           ("Each row changes one setting of `recap` (variant released, alpha 0.5, T 5, W 5, "
+            "rl.weighting reward; all else as the methods above) and runs the same seeds from the "
+            "same warm-start. Metrics after RL, mean ± std over seeds (change from the warm-start "
+            "in brackets). lambda: the lowest and the highest weight any objective had at any "
+            "step (mean over seeds). Gradient cosine: between the update's gradient with the "
+            "step's lambda and with lambda = 1, mean over the RL-objective steps (the lowest in "
+            "brackets); advantage change: ||A(lambda) - A(1)|| / ||A(1)||, mean (the highest)."),
+           ""]
+    header = (["setting", "seeds"] + [f"{t} {METRIC_LABELS.get(m, m)}" for t, m in ABLATION_METRICS]
+              + ["lambda min – max", "gradient cosine", "advantage change"])
+    for name, (varies, rows) in ABLATIONS.items():
+        out += [f"### {name}: {varies}", "", "| " + " | ".join(header) + " |",
+                "|" + "---|" * len(header)]
+        out.append(_ablation_row("reasoning_only (reference)", methods.get("reasoning_only"), before))
+        for label, (setting, _) in rows.items():
+            out.append(_ablation_row(f"{setting} (`{label}`)", methods.get(label), before))
+        out.append("")
+    recap_rows = [label for label in RUNS if RUNS[label].get("rl.method") == "recap"
+                  and (methods.get(label) or {}).get("aggregate")]
+    objectives = list(methods[recap_rows[0]]["aggregate"]["lambda_range"]) if recap_rows else []
+    out += ["### lambda reached per objective (min – max over the run, mean over seeds)", "",
+            "| run | " + " | ".join(objectives) + " |", "|---|" + "---|" * len(objectives)]
+    for label in recap_rows:
+        ranges = methods[label]["aggregate"]["lambda_range"]
+        out.append(f"| {label} | " + " | ".join(
+            f"{ranges[o]['min']['mean']:.3f} – {ranges[o]['max']['mean']:.3f}" if o in ranges else "-"
+            for o in objectives) + " |")
+    out += ["", "### Settings of every run (beyond `configs/demo.py`, SHARED and RL of run.py)", "",
+            "| run | overrides |", "|---|---|"]
+    labels = dict.fromkeys(["reasoning_only"] + [lb for _, rows in ABLATIONS.values() for lb in rows])
+    for label in labels:
+        if label in methods:
+            out.append(f"| {label} | " + ", ".join(f"`{k}={v}`" for k, v in RUNS[label].items()) + " |")
+    out.append("")
+    return out
 
 
 RELIANCE_METRICS = (("grounding", "image_reliance"), ("ocr", "image_reliance"),
@@ -447,7 +585,7 @@ def collect(out: Path, methods: list[str], seeds: list[int], command: str) -> di
         "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "machine": f"CPU, {os.cpu_count()} cores, shared with other jobs",
         "overrides": {"shared": SHARED, "ocr_first": OCR_FIRST, "warmstart": WARMSTART, "rl": RL,
-                      "methods": METHODS},
+                      "runs": RUNS},
         "warmstart": {"eval": {**teacher_forced_evals(warm_dir),
                                **{k: v for k, v in warm_eval.items() if k.startswith("eval/")}},
                       "wall_s": wall("warmstart_run"), "ocr_first_wall_s": wall("ocr_first_run")},
@@ -468,16 +606,24 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="workdirs go here (not the repo)")
     parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)))
     parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma-separated subset of {', '.join(METHODS)}")
+                        help=f"comma-separated subset of {', '.join(METHODS)} (or of any ablation row)")
+    parser.add_argument("--ablations", default="",
+                        help=f"also run these ablations' rows: comma-separated subset of "
+                             f"{', '.join(ABLATIONS)}, or 'all'")
     parser.add_argument("--results-dir", type=Path, default=HERE,
                         help="where RESULTS.md and results.json go")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in RUNS]
     if unknown:
-        parser.error(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+        parser.error(f"--methods: unknown {unknown}; known: {', '.join(RUNS)}")
+    ablations = list(ABLATIONS) if args.ablations == "all" else [
+        a.strip() for a in args.ablations.split(",") if a.strip()]
+    if any(a not in ABLATIONS for a in ablations):
+        parser.error(f"--ablations: unknown {ablations}; known: {', '.join(ABLATIONS)}, all")
+    methods += [label for a in ablations for label in ABLATIONS[a][1] if label not in methods]
     out = args.out.resolve()
     if REPO in out.parents or out == REPO:
         parser.error(f"--out {out} is inside the repository; use a path outside it (e.g. /tmp)")
