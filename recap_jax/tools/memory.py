@@ -165,7 +165,8 @@ def compile_step_plan(model_config: config_lib.Qwen2_5_VLConfig, mesh, workload:
         logprob_fn = lora_lib.wrap_logprob_fn(logprob_fn, lora, precision.model_kwargs()["dtype"])
     step = make_train_step(grpo_config, logprob_fn, optimizer, recap=recap,
                            measure_lambda_effect=measure_lambda_effect,
-                           frozen_key="base" if lora is not None else None)
+                           frozen_key="base" if lora is not None else None,
+                           logprob_rng=lora is not None and lora.dropout > 0)
     start = time.perf_counter()
     with parallel.use_mesh(mesh, rules):
         compiled = step.lower(state, batch, weights, reference_params).compile()
