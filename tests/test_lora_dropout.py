@@ -8,6 +8,11 @@ p = 0 and forwards without a key are the merged path bit for bit; the train step
 state gives the same masks, the next state's key other masks; the mean adapter output over
 many masks approaches the undropped one (and not (1 - p) times it: inverted dropout)."""
 
+import json
+import shutil
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +20,8 @@ import optax
 import pytest
 from flax import nnx
 
-from recap_jax import lora, sampling
+from recap_jax import lora, policy, sampling
+from recap_jax import plan as plan_lib
 from recap_jax.grpo import GRPOConfig
 from recap_jax.models.qwen2_5_vl import config as C
 from recap_jax.models.qwen2_5_vl import layers
@@ -23,6 +29,7 @@ from recap_jax.models.qwen2_5_vl import model as M
 from recap_jax.tools import memory
 from recap_jax.train_state import TrainState
 from recap_jax.train_step import TrainBatch, make_train_step
+from tests.short_run import ROOT, cli_overrides, short_config
 
 GROUP = 2
 CFG = C.tiny(vocab_size=256, text_layers=1, vision_depth=2, fullatt_block_indexes=(1,))
@@ -275,3 +282,57 @@ def test_p_zero_steps_identically_with_or_without_a_forward_key(model):
     (plain, plain_metrics), (keyed, keyed_metrics) = results
     np.testing.assert_array_equal(keyed_metrics["loss"], plain_metrics["loss"])
     jax.tree.map(np.testing.assert_array_equal, keyed.params["adapters"], plain.params["adapters"])
+
+
+# ----------------------------------------------------------------------------- the run
+
+RUN = {"model.lora.rank": 4, "model.lora.alpha": 8.0, "model.lora.dropout": 0.1,
+       "sft.steps": 4, "rl.steps": 2, "checkpoint.every_steps": 2, "eval.num_examples": 0}
+
+
+def launch(workdir, **extra) -> None:
+    """``python -m recap_jax.train`` on the short demo run with LoRA (rank 4, dropout 0.1)."""
+    command = [sys.executable, "-m", "recap_jax.train", "--config", str(ROOT / "configs" / "demo.py"),
+               "--workdir", str(workdir), *cli_overrides({**RUN, **extra})]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def restart_from_step_2(source, target) -> None:
+    """A copy of a finished run's workdir that resumes from its SFT step-2 checkpoint."""
+    shutil.copytree(source, target)
+    for name in ("warmstart", "final", "checkpoints/4", "checkpoints/6"):
+        shutil.rmtree(target / name)
+
+
+@pytest.mark.slow
+def test_a_lora_dropout_run_trains_only_the_adapters_and_resumes_to_the_same_weights(tmp_path):
+    """The CLI run (SFT 4 steps, then RL 2 steps) with model.lora.dropout=0.1: warmstart/ and
+    final/ move only the targeted kernels; restarted from the step-2 checkpoint it ends with
+    the same warmstart/ and final/ bit for bit (the masks come from the checkpointed key);
+    restarted with dropout 0 the SFT steps 3 and 4 end elsewhere (dropout was on in the run)."""
+    from tests.test_lora_run import assert_only_targets_moved, initial_params, leaves_by_path
+
+    run = tmp_path / "run"
+    launch(run)
+    config = short_config(**{k.replace(".", "__"): v for k, v in RUN.items()})
+    plan = plan_lib.build_plan(config)
+    warmstart = policy.load_params(plan, str(run / "warmstart"))
+    final = policy.load_params(plan, str(run / "final"))
+    assert_only_targets_moved(initial_params(plan), warmstart, plan.model.lora)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(m["loss"]) for m in metrics if "loss" in m)
+
+    resumed = tmp_path / "resumed"
+    restart_from_step_2(run, resumed)
+    launch(resumed)
+    for name, value in leaves_by_path(policy.load_params(plan, str(resumed / "warmstart"))).items():
+        np.testing.assert_array_equal(value, leaves_by_path(warmstart)[name], err_msg=name)
+    for name, value in leaves_by_path(policy.load_params(plan, str(resumed / "final"))).items():
+        np.testing.assert_array_equal(value, leaves_by_path(final)[name], err_msg=name)
+
+    undropped = tmp_path / "undropped"
+    restart_from_step_2(run, undropped)
+    launch(undropped, **{"model.lora.dropout": 0.0, "rl.steps": 0})
+    other = leaves_by_path(policy.load_params(plan, str(undropped / "warmstart")))
+    assert any(not np.array_equal(value, other[name]) for name, value in leaves_by_path(warmstart).items())
