@@ -64,7 +64,7 @@ import optax
 from flax import nnx
 
 from recap_jax.freeze import param_path
-from recap_jax.models.qwen2_5_vl.layers import AdaptedKernel
+from recap_jax.models.qwen2_5_vl import layers
 
 __all__ = ["DECODER_TARGETS", "TARGET_GROUPS", "VISION_TARGETS", "LoraConfig", "adapter_optimizer", "count_params",
            "init_adapters", "merge", "merge_into_base", "target_kernels", "target_patterns",
@@ -282,8 +282,9 @@ def merge_into_base(base: Any, adapters: dict, config: LoraConfig) -> Any:
 def with_dropout(base: Any, adapters: dict, config: LoraConfig, rng: jax.Array) -> Any:
     """The base params with each targeted kernel's value a `layers.AdaptedKernel` (W, A, B and
     the keys of its dropout masks: one per layer of a stacked kernel), for a training forward
-    with dropout ``config.dropout`` > 0. Kernels are numbered in sorted path order and the
-    k-th gets ``fold_in(rng, k)`` (split over the layers when stacked)."""
+    with dropout ``config.dropout`` > 0, run inside `layers.adapter_scope`. Kernels are
+    numbered in sorted path order and the k-th gets ``fold_in(rng, k)`` (split over the layers
+    when stacked); its n-th use in the forward folds in n."""
     if not config.dropout > 0:
         raise ValueError(f"lora.with_dropout: model.lora.dropout={config.dropout}; the x A B "
                          "form is for dropout > 0 (use merge)")
@@ -296,7 +297,7 @@ def with_dropout(base: Any, adapters: dict, config: LoraConfig, rng: jax.Array) 
             return leaf
         target = targets[name]
         key = jax.random.split(keys[name], target.shape[0]) if target.stacked else keys[name]
-        kernel = AdaptedKernel(_value(leaf), _value(adapters[name]["a"]), _value(adapters[name]["b"]),
+        kernel = layers.AdaptedKernel(_value(leaf), _value(adapters[name]["a"]), _value(adapters[name]["b"]),
                                key, config.scale, config.dropout)
         return leaf.replace(kernel) if _is_variable(leaf) else kernel
 
@@ -312,7 +313,8 @@ def wrap_logprob_fn(logprob_fn: Callable, config: LoraConfig, dtype: Any = None)
     def lora_logprob_fn(params, batch, rng=None):
         base = jax.lax.stop_gradient(params["base"])
         if rng is not None and config.dropout > 0:
-            return logprob_fn(with_dropout(base, params["adapters"], config, rng), batch)
+            with layers.adapter_scope():  # the n-th use of a kernel draws mask n
+                return logprob_fn(with_dropout(base, params["adapters"], config, rng), batch)
         return logprob_fn(merge(base, params["adapters"], config, dtype), batch)
 
     return lora_logprob_fn

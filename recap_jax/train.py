@@ -312,8 +312,9 @@ class _StageSteps:
             if self.stage.freeze_vision:  # no backward pass through the vision tower
                 logprob_fn = freeze.freeze_vision(logprob_fn)
             lora_config = self.run.plan.model.lora
-            if lora_config is not None:  # params {"base", "adapters"}: merged inside, or x A B
-                logprob_fn = lora.wrap_logprob_fn(logprob_fn, lora_config,  # with dropout
+            if lora_config is not None:  # params {"base", "adapters"}: merged inside the loss,
+                # or x W + s (dropout(x) A) B with dropout > 0 (a key per update: logprob_rng)
+                logprob_fn = lora.wrap_logprob_fn(logprob_fn, lora_config,
                                                   policy.DTYPES[self.run.plan.model.compute_dtype])
             self._steps[grpo_config] = make_train_step(
                 grpo_config, logprob_fn, self.stage.optimizer, recap=self.stage.recap,

@@ -52,6 +52,15 @@ LAYOUTS = [  # (K, N, contract): an MLP kernel, q/k/v (heads on the output), o (
     ((6,), (5,), 1), ((6,), (2, 3), 1), ((2, 3), (6,), 2)]
 
 
+def scoped(fn):
+    """``fn`` traced inside `layers.adapter_scope` (as lora.wrap_logprob_fn traces the forward)."""
+    def in_scope(*args):
+        with layers.adapter_scope():
+            return fn(*args)
+
+    return in_scope
+
+
 def probe_mask(x_shape, k_shape, key, rate) -> np.ndarray:
     """The keep mask x's matmul with a kernel of ``key`` draws, read off a kernel with W = 0,
     A = I, B = I and scale 1 (whose output is dropout(x) itself): 1 kept, 0 dropped."""
@@ -59,7 +68,7 @@ def probe_mask(x_shape, k_shape, key, rate) -> np.ndarray:
     eye = np.eye(k, dtype=np.float32)
     probe = layers.AdaptedKernel(jnp.zeros(k_shape + k_shape), jnp.asarray(eye.reshape(k_shape + (k,))),
                                  jnp.asarray(eye.reshape((k,) + k_shape)), key, 1.0, rate)
-    dropped = np.asarray(jax.jit(lambda kernel: layers.matmul(jnp.ones(x_shape), kernel, len(k_shape)))(probe))
+    dropped = np.asarray(jax.jit(scoped(lambda kernel: layers.matmul(jnp.ones(x_shape), kernel, len(k_shape))))(probe))
     kept = dropped != 0
     np.testing.assert_allclose(dropped[kept], 1.0 / (1.0 - rate), rtol=1e-6)  # inverted dropout
     return kept.astype(np.float64)
@@ -77,7 +86,7 @@ def test_one_kernel_equals_numpy_with_the_mask_on_the_adapter_input(k_shape, n_s
     mask = probe_mask(x.shape, k_shape, key, rate)
     assert 0.25 < 1 - mask.mean() < 0.55  # about p of 84 elements dropped
     kernel = layers.AdaptedKernel(jnp.asarray(w), jnp.asarray(a), jnp.asarray(b), key, scale, rate)
-    y = jax.jit(lambda kernel: layers.matmul(jnp.asarray(x), kernel, contract))(kernel)
+    y = jax.jit(scoped(lambda kernel: layers.matmul(jnp.asarray(x), kernel, contract)))(kernel)
     dropped = x * mask / (1 - rate)
     expected = tensordot(x, w, contract) + scale * tensordot(tensordot(dropped, a, contract), b, 1)
     np.testing.assert_allclose(np.asarray(y), expected, rtol=2e-5, atol=2e-5)
@@ -87,7 +96,8 @@ def test_one_kernel_equals_numpy_with_the_mask_on_the_adapter_input(k_shape, n_s
 
 def test_each_use_draws_its_own_mask_from_fold_in_of_the_key():
     """The n-th matmul with one kernel keeps bernoulli(fold_in(key, n), 1 - p) (the documented
-    schedule: the prompts' and the completions' projections get different masks)."""
+    schedule: the prompts' and the completions' projections get different masks); outside an
+    adapter_scope a matmul is an error, not a silently repeated mask."""
     rate, key, shape = 0.5, jax.random.key(9), (4, 8)
     eye = jnp.eye(8)
     kernel = layers.AdaptedKernel(jnp.zeros((8, 8)), eye, eye, key, 1.0, rate)
@@ -96,11 +106,13 @@ def test_each_use_draws_its_own_mask_from_fold_in_of_the_key():
         x = jnp.ones(shape)
         return layers.matmul(x, kernel), layers.matmul(x, kernel)
 
-    first, second = (np.asarray(y) != 0 for y in jax.jit(twice)(kernel))
+    first, second = (np.asarray(y) != 0 for y in jax.jit(scoped(twice))(kernel))
     assert (first != second).any()
     for use, kept in enumerate((first, second)):
         drawn = jax.random.bernoulli(jax.random.fold_in(key, use), 1 - rate, shape)
         np.testing.assert_array_equal(kept, np.asarray(drawn))
+    with pytest.raises(RuntimeError, match="outside layers.adapter_scope"):
+        jax.jit(twice)(kernel)
 
 
 def test_a_stacked_swiglu_under_scan_equals_numpy_with_per_layer_per_kernel_masks():
@@ -122,7 +134,7 @@ def test_a_stacked_swiglu_under_scan_equals_numpy_with_per_layer_per_kernel_mask
         adapted = nnx.merge(graphdef, lora.with_dropout(base, adapters, config, rng))
         return layers.scan_layers(adapted, lambda layer, h, _: (layer(h, jnp.float32), None), jnp.asarray(x))[0]
 
-    y = np.asarray(jax.jit(run)(adapters, rng))
+    y = np.asarray(jax.jit(scoped(run))(adapters, rng))
     names = sorted(adapters)  # down, gate, up
     weights = {n.split("/")[0]: (np.asarray(base[n.split("/")[0]]["kernel"][...]),
                                  np.asarray(adapters[n]["a"][...]), np.asarray(adapters[n]["b"][...]), k)
@@ -139,7 +151,7 @@ def test_a_stacked_swiglu_under_scan_equals_numpy_with_per_layer_per_kernel_mask
         gate, up = adapted_matmul(h, "gate_proj", layer), adapted_matmul(h, "up_proj", layer)
         h = adapted_matmul(gate / (1 + np.exp(-gate)) * up, "down_proj", layer)
     np.testing.assert_allclose(y, h, rtol=1e-4, atol=1e-5)
-    other = np.asarray(jax.jit(run)(adapters, jax.random.key(8)))
+    other = np.asarray(jax.jit(scoped(run))(adapters, jax.random.key(8)))
     assert np.abs(other - y).max() > 1e-3  # another key, other masks
 
 
@@ -157,7 +169,7 @@ def test_the_mean_over_masks_approaches_the_undropped_adapter_output():
         kernel = layers.AdaptedKernel(jnp.zeros((6, 5)), jnp.asarray(a), jnp.asarray(b), key, scale, rate)
         return layers.matmul(jnp.asarray(x), kernel)
 
-    outputs = np.asarray(jax.jit(jax.vmap(adapter_output))(jax.random.split(jax.random.key(0), n)), np.float64)
+    outputs = np.asarray(jax.jit(jax.vmap(scoped(adapter_output)))(jax.random.split(jax.random.key(0), n)), np.float64)
     mean = outputs.mean(axis=0)
     undropped = scale * x.astype(np.float64) @ a @ b
     ab = a.astype(np.float64) @ b
@@ -214,6 +226,20 @@ def test_whole_model_dropout_path_against_the_merged_form(model, batch):
     assert float(jnp.abs(dropped - merged).max()) > 1e-3
     np.testing.assert_array_equal(half(params, batch, key)[0], dropped)
     assert float(jnp.abs(half(params, batch, jax.random.key(12))[0] - dropped).max()) > 1e-3
+
+
+def test_the_decoder_draws_two_masks_per_kernel_the_vision_tower_one(model, batch):
+    """The decoder runs each projection on the prompts, then on the completions
+    (`with_shared_prefix`), a module reads a fresh copy of its kernel at every access: the
+    scope still counts two uses of each decoder kernel (masks 0 and 1), one of each vision
+    kernel, so no two calls share a mask."""
+    graphdef, base = model
+    config = lora_config(0.5)
+    adapters = lora.init_adapters(base, config, jax.random.key(0))
+    forward = sampling.make_logprob_fn(graphdef, GROUP)
+    with layers.adapter_scope() as uses:
+        jax.eval_shape(lambda p: forward(lora.with_dropout(p, adapters, config, jax.random.key(1)), batch), base)
+    assert sorted(count for _, count in uses.values()) == [1] * 5 + [2] * 7
 
 
 def test_without_a_key_or_with_p_zero_it_is_the_merged_path_bit_for_bit(model, batch):

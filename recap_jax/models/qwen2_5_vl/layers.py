@@ -16,8 +16,10 @@ Conventions
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -176,6 +178,38 @@ def matmul(x: jax.Array, kernel: Any, contract: int = 1, preferred_element_type:
     return y.reshape(*lead, *n_shape)
 
 
+_ADAPTER_SCOPES = threading.local()  # .tables: the stack of `adapter_scope` use tables
+
+
+@contextlib.contextmanager
+def adapter_scope():
+    """Where a forward with `AdaptedKernel`s is traced (``lora.wrap_logprob_fn`` opens it):
+    inside, the n-th matmul with one kernel (n = 0, 1, ... in trace order, counted per key)
+    draws its dropout mask from ``fold_in(key, n)``, as linen's ``make_rng`` counts its calls.
+
+    Why count: the decoder's `with_shared_prefix` applies each projection twice (prompts,
+    then completions) and a module reads a fresh copy of its kernel at every access, so only
+    the key itself (the same array object in every copy) identifies the kernel. Tracing is
+    deterministic, so the numbers, and the masks, are a function of the key.
+    """
+    tables = _ADAPTER_SCOPES.__dict__.setdefault("tables", [])
+    tables.append({})
+    try:
+        yield tables[-1]
+    finally:
+        tables.pop()
+
+
+def _next_use(key: jax.Array) -> int:
+    tables = getattr(_ADAPTER_SCOPES, "tables", None)
+    if not tables:
+        raise RuntimeError("AdaptedKernel: a matmul outside layers.adapter_scope() (open it around "
+                           "the forward, as lora.wrap_logprob_fn does)")
+    entry = tables[-1].setdefault(id(key), [key, 0])  # holding the key keeps its id unique
+    entry[1] += 1
+    return entry[1] - 1
+
+
 @jax.tree_util.register_pytree_node_class
 class AdaptedKernel:
     """A kernel W [*K, *N] with a LoRA adapter kept apart, for a training forward with dropout
@@ -186,21 +220,16 @@ class AdaptedKernel:
     where dropout zeroes each element of x with probability ``rate`` and scales the others by
     1 / (1 - rate) (inverted dropout, as PyTorch's and PEFT's). W, A, B may carry a leading
     ``layers`` axis and ``key`` then holds one PRNG key per layer, so `scan_layers` slices
-    them all like any stacked parameter.
-
-    Each use of one kernel draws its own mask: the n-th `matmul` with it (in trace order)
-    folds n into its key. The decoder's `with_shared_prefix` applies q, k, v, o, gate, up,
-    down once to the prompts and once to the completions; they get independent masks, and the
-    masks are a function of the key alone (deterministic given it, e.g. across a resume).
+    them all like any stacked parameter. Each use of the kernel draws its own mask
+    (`adapter_scope`): the prompts' and the completions' projections get independent ones.
     """
 
     def __init__(self, w: jax.Array, a: jax.Array, b: jax.Array, key: jax.Array, scale: float,
-                 rate: float, _uses: list | None = None):
+                 rate: float):
         if not 0 < rate < 1:
             raise ValueError(f"AdaptedKernel: dropout rate={rate!r}; need 0 < rate < 1")
         self.w, self.a, self.b, self.key = w, a, b, key
         self.scale, self.rate = float(scale), float(rate)
-        self._uses = [0] if _uses is None else _uses  # shared by the astype copies
 
     def tree_flatten(self):
         return (self.w, self.a, self.b, self.key), (self.scale, self.rate)
@@ -219,19 +248,14 @@ class AdaptedKernel:
         return self
 
     def astype(self, dtype: Any) -> AdaptedKernel:
-        """W, A, B in ``dtype`` (the compute dtype); the same key and use counter."""
+        """W, A, B in ``dtype`` (the compute dtype); the same key."""
         return AdaptedKernel(self.w.astype(dtype), self.a.astype(dtype), self.b.astype(dtype),
-                             self.key, self.scale, self.rate, self._uses)
-
-    def dropout_mask(self, shape: tuple[int, ...], use: int) -> jax.Array:
-        """The keep mask (True = kept) of this kernel's ``use``-th input, of ``shape``."""
-        return jax.random.bernoulli(jax.random.fold_in(self.key, use), 1.0 - self.rate, shape)
+                             self.key, self.scale, self.rate)
 
     def apply(self, x: jax.Array, contract: int, preferred_element_type: Any = None) -> jax.Array:
         """x W + scale * (dropout(x) A) B (see the class docstring); x's dtype throughout."""
-        use = self._uses[0]
-        self._uses[0] += 1
-        keep = self.dropout_mask(x.shape, use)
+        keep = jax.random.bernoulli(jax.random.fold_in(self.key, _next_use(self.key)), 1.0 - self.rate,
+                                    x.shape)
         dropped = jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - self.rate), x.dtype), jnp.zeros((), x.dtype))
         adapter = matmul(matmul(dropped, self.a, contract), self.b)
         y = matmul(x, self.w, contract, preferred_element_type)
