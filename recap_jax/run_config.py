@@ -147,10 +147,12 @@ def base_config() -> ml_collections.ConfigDict:
         # are frozen and W' = W + (alpha / r) A B trains in the targeted kernels; only A, B
         # (float32) and their optimizer state are trained and checkpointed. targets: comma-
         # separated attention (decoder q, k, v, o), mlp (decoder gate, up, down), vision (the
-        # vision blocks' qkv, proj, mlp). dropout must be 0 (the adapter is merged into the
-        # kernel inside the loss). merge_on_export: final/ (and warmstart/) hold W + (alpha/r)
-        # A B as a Hugging Face directory; False: final/ holds only the adapters
-        # (adapters.safetensors + lora.json naming the base directory)
+        # vision blocks' qkv, proj, mlp). dropout: p in [0, 1) on the adapter branch's input
+        # in training (x W + (alpha/r) (dropout(x) A) B, masks from the state's key; off in
+        # sampling, eval and export; 0 keeps the merged W + (alpha/r) A B in the loss).
+        # merge_on_export: final/ (and warmstart/) hold W + (alpha/r) A B as a Hugging Face
+        # directory; False: final/ holds only the adapters (adapters.safetensors + lora.json
+        # naming the base directory)
         lora=dict(rank=0, alpha=16.0, targets="attention,mlp", dropout=0.0,
                   merge_on_export=True),
     )

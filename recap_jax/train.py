@@ -311,13 +311,16 @@ class _StageSteps:
                                                   entropy_gradient=grpo_config.entropy_coef > 0)
             if self.stage.freeze_vision:  # no backward pass through the vision tower
                 logprob_fn = freeze.freeze_vision(logprob_fn)
-            if self.run.plan.model.lora is not None:  # params {"base", "adapters"}: merged inside
-                logprob_fn = lora.wrap_logprob_fn(logprob_fn, self.run.plan.model.lora,
+            lora_config = self.run.plan.model.lora
+            if lora_config is not None:  # params {"base", "adapters"}: merged inside the loss,
+                # or x W + s (dropout(x) A) B with dropout > 0 (a key per update: logprob_rng)
+                logprob_fn = lora.wrap_logprob_fn(logprob_fn, lora_config,
                                                   policy.DTYPES[self.run.plan.model.compute_dtype])
             self._steps[grpo_config] = make_train_step(
                 grpo_config, logprob_fn, self.stage.optimizer, recap=self.stage.recap,
                 measure_lambda_effect=self.stage.log_lambda_effect,
-                frozen_key="base" if self.run.plan.model.lora is not None else None)
+                frozen_key="base" if lora_config is not None else None,
+                logprob_rng=lora_config is not None and lora_config.dropout > 0)
         return self._steps[grpo_config]
 
     def batch(self, replay_batch: dict, step: int, params):

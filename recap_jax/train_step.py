@@ -9,7 +9,10 @@
 `logprob_fn(params, batch) -> (token_logprobs [B, T], token_entropy [B, T] or None)` is the
 policy: for the VLM, a forward over prompt + completion that gathers the completion tokens'
 log-probs (at the sampler's temperature). It receives the batch dict (or a mini-batch of it)
-as given, so it may read any extra fields (input ids, pixels, positions, ...).
+as given, so it may read any extra fields (input ids, pixels, positions, ...). With
+``make_train_step(..., logprob_rng=True)`` it also takes a PRNG key, ``logprob_fn(params,
+batch, rng)``, for a stochastic training forward (LoRA dropout): each update's forward gets a
+fresh key derived from the state's key; the pre-update and reference forwards get none.
 
 Inside one jit, with the state donated:
   0. with ``recap``: this batch's per-objective signals are appended to RECAP's history
@@ -292,12 +295,14 @@ def _make_update(config: GRPOConfig, logprob_fn: LogprobFn,
     Without precomputed weights (RECAP with one update per step), lambda and the advantages
     are computed in `head` from this forward's NTP losses (stop_gradient).
     ``frozen`` = (key, value): the carried params lack that entry; the forward sees it added.
+    A mini-batch with a ``forward_key`` passes it to ``logprob_fn`` (``logprob_rng``).
     """
 
     def forward(params, minibatch):
         if frozen is not None:
             params = {**params, frozen[0]: frozen[1]}
-        logprobs, entropy = logprob_fn(params, minibatch["batch"])
+        rng = (minibatch["forward_key"],) if "forward_key" in minibatch else ()
+        logprobs, entropy = logprob_fn(params, minibatch["batch"], *rng)
         expected = tuple(np.shape(minibatch["loss_mask"]))
         for name, value in (("token_logprobs", logprobs), ("token_entropy", entropy)):
             if value is not None and tuple(value.shape) != expected:
@@ -397,7 +402,7 @@ def make_train_step(config: GRPOConfig, logprob_fn: LogprobFn,
                     optimizer: optax.GradientTransformation, *,
                     recap: recap_lib.RecapConfig | None = None,
                     measure_lambda_effect: bool = False, donate_state: bool = True,
-                    frozen_key: str | None = None):
+                    frozen_key: str | None = None, logprob_rng: bool = False):
     """The jitted step(state, batch, weights=None, reference_params=None) -> (state, metrics).
 
     weights: lambda [K] float32, or None for 1 (baselines); with ``recap`` it must be None:
@@ -413,6 +418,11 @@ def make_train_step(config: GRPOConfig, logprob_fn: LogprobFn,
       the step: neither differentiated nor carried through the updates (no gradient, update
       or copy of it is formed); ``optimizer`` then sees the params without it
       (`lora.adapter_optimizer` takes both forms).
+    logprob_rng: ``logprob_fn(params, batch, rng)`` takes a PRNG key (LoRA dropout): the step
+      splits the state's key into three (next state, mini-batch shuffling, forwards) and the
+      forward of update (epoch e, mini-batch m) gets key [e, m] of a split of the third; the
+      pre-update and reference log-probs are computed without a key (no dropout). A step is
+      a function of the state, so a resume draws the same keys.
     Compiles once per batch shape / dtype structure. The state is donated.
     """
     single_update = config.num_iterations * config.num_minibatches == 1
@@ -426,7 +436,10 @@ def make_train_step(config: GRPOConfig, logprob_fn: LogprobFn,
         fixed = jnp.ones((k,), jnp.float32) if weights is None else jnp.asarray(weights,
                                                                                  jnp.float32)
         rows = np.shape(batch["completion_mask"])[0]
-        rng, shuffle_key = jax.random.split(state.rng)
+        if logprob_rng:
+            rng, shuffle_key, forward_key = jax.random.split(state.rng, 3)
+        else:
+            rng, shuffle_key = jax.random.split(state.rng)
         _, reward_stats = grpo.rollout_advantages(config, batch, fixed)
         weighting = _Weighting(config, recap, state.recap_state, fixed, reward_stats)
         loss_mask = grpo.completion_loss_mask(config, batch)
@@ -463,16 +476,22 @@ def make_train_step(config: GRPOConfig, logprob_fn: LogprobFn,
         update = _make_update(config, logprob_fn, optimizer, weighting, batch, shared,
                               measure_lambda_effect, frozen)
 
-        def epoch(carry, key):
+        epochs = {"shuffle": jax.random.split(shuffle_key, config.num_iterations)}
+        if logprob_rng:  # one key per update, [num_iterations, num_minibatches]
+            epochs["forward"] = jax.random.split(
+                forward_key, (config.num_iterations, config.num_minibatches))
+
+        def epoch(carry, keys):
             rows_of = split_samples
             if config.shuffle_minibatches:
-                rows_of = _split_rows(_shuffle_groups(samples, key, config.group_size, rows),
-                                      config.num_minibatches)[0]
+                rows_of = _split_rows(_shuffle_groups(samples, keys["shuffle"], config.group_size,
+                                                      rows), config.num_minibatches)[0]
+            if "forward" in keys:
+                rows_of = dict(rows_of, forward_key=keys["forward"])
             return jax.lax.scan(update, carry, rows_of)
 
         (params, opt_state, recap_state), per_update = jax.lax.scan(
-            epoch, (carried, state.opt_state, recap_state),
-            jax.random.split(shuffle_key, config.num_iterations))
+            epoch, (carried, state.opt_state, recap_state), epochs)
         if frozen is not None:
             params = {**params, frozen_key: frozen[1]}
         used = per_update["weights"][0, 0]

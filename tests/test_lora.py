@@ -187,7 +187,8 @@ def test_a_frozen_base_key_gives_the_same_update_without_carrying_the_base(model
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(rank=0), r"model\.lora\.rank=0"), (dict(alpha=-1.0), r"model\.lora\.alpha=-1\.0"),
-    (dict(dropout=0.1), r"model\.lora\.dropout=0\.1.*x A B inside the model"),
+    (dict(dropout=1.0), r"model\.lora\.dropout=1\.0.*\[0, 1\)"),
+    (dict(dropout=-0.1), r"model\.lora\.dropout=-0\.1"),
     (dict(targets="q_proj"), r"model\.lora\.targets='q_proj'"),
     (dict(targets=("(",)), r"model\.lora\.targets='\('"),
 ])

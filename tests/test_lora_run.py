@@ -180,7 +180,7 @@ def test_a_lora_warm_start_exports_the_merged_base_rl_adapts(tmp_path, varied_re
 
 @pytest.mark.parametrize("extra,match", [
     (dict(model__lora__targets="attention,ffn"), r"config\.model\.lora\.targets='attention,ffn'"),
-    (dict(model__lora__dropout=0.1), r"config\.model\.lora\.dropout=0\.1"),
+    (dict(model__lora__dropout=1.5), r"config\.model\.lora\.dropout=1\.5.*\[0, 1\)"),
     (dict(model__lora__alpha=0.0), r"config\.model\.lora\.alpha=0\.0"),
     (dict(model__lora__rank=-2), r"config\.model\.lora\.rank=-2"),
     (dict(model__lora__targets="attention,vision", model__freeze_vision=True),

@@ -148,7 +148,9 @@ def compile_step_plan(model_config: config_lib.Qwen2_5_VLConfig, mesh, workload:
                       strict: bool = True, lora: lora_lib.LoraConfig | None = None) -> MemoryPlan:
     """The memory plan of `train_step.make_train_step` with exactly these settings (the loss
     config, optimizer, RECAP config and state, reference policy, logits chunk, LoRA adapters on
-    a frozen base), compiled for abstract inputs of ``workload``'s sizes on ``mesh``."""
+    a frozen base), compiled for abstract inputs of ``workload``'s sizes on ``mesh``. With
+    ``lora.dropout`` > 0 the step compiled is the x W + s (dropout(x) A) B one (masks and
+    masked inputs in its temporaries, no merged kernel copy), as the run compiles it."""
     from recap_jax.train_step import make_train_step
 
     workload.check(model_config)
@@ -165,7 +167,8 @@ def compile_step_plan(model_config: config_lib.Qwen2_5_VLConfig, mesh, workload:
         logprob_fn = lora_lib.wrap_logprob_fn(logprob_fn, lora, precision.model_kwargs()["dtype"])
     step = make_train_step(grpo_config, logprob_fn, optimizer, recap=recap,
                            measure_lambda_effect=measure_lambda_effect,
-                           frozen_key="base" if lora is not None else None)
+                           frozen_key="base" if lora is not None else None,
+                           logprob_rng=lora is not None and lora.dropout > 0)
     start = time.perf_counter()
     with parallel.use_mesh(mesh, rules):
         compiled = step.lower(state, batch, weights, reference_params).compile()

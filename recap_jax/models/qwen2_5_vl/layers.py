@@ -9,12 +9,17 @@ Conventions
   (one compiled body, whatever the depth).
 * ``dtype`` is the compute dtype; parameters keep their own dtype and are cast on use.
   Normalisation statistics and softmax are always computed in float32.
+* A kernel's value may be an `AdaptedKernel` instead of an array (LoRA with dropout, built by
+  ``recap_jax.lora`` for the training forward only): modules read it as they read an array
+  (``self.kernel[...].astype(dtype)``) and `matmul` applies it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -148,15 +153,18 @@ def _einsum_f32_bwd(spec, residuals, cotangent):
 einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
 
 
-def matmul(x: jax.Array, kernel: jax.Array, contract: int = 1, preferred_element_type: Any = None) -> jax.Array:
+def matmul(x: jax.Array, kernel: Any, contract: int = 1, preferred_element_type: Any = None) -> jax.Array:
     """x [..., *K] times kernel [*K, *N] -> [..., *N], contracting x's last ``contract`` axes with
     kernel's first ``contract``, as ONE 2-D matmul [rows, prod K] x [prod K, prod N].
+    ``kernel`` may be an `AdaptedKernel` (LoRA with dropout on the adapter's input).
 
     Why 2-D: with extra leading (batch, sequence) or trailing (heads, head_dim) axes, XLA:CPU
     lowers the backward's kernel gradient (a contraction over several axes) to a generic dot
     behind a transposing copy; flattened, every matmul of forward and backward takes its fast
     path (a text MLP's forward + backward: ~25% faster on a 2-core AVX2 host).
     """
+    if isinstance(kernel, AdaptedKernel):
+        return kernel.apply(x, contract, preferred_element_type)
     k_shape, n_shape = kernel.shape[:contract], kernel.shape[contract:]
     lead = x.shape[:x.ndim - contract]
     if x.shape[x.ndim - contract:] != k_shape:
@@ -168,6 +176,90 @@ def matmul(x: jax.Array, kernel: jax.Array, contract: int = 1, preferred_element
     else:
         y = jnp.dot(x2, kernel2, preferred_element_type=preferred_element_type)
     return y.reshape(*lead, *n_shape)
+
+
+_ADAPTER_SCOPES = threading.local()  # .tables: the stack of `adapter_scope` use tables
+
+
+@contextlib.contextmanager
+def adapter_scope():
+    """Where a forward with `AdaptedKernel`s is traced (``lora.wrap_logprob_fn`` opens it):
+    inside, the n-th matmul with one kernel (n = 0, 1, ... in trace order, counted per key)
+    draws its dropout mask from ``fold_in(key, n)``, as linen's ``make_rng`` counts its calls.
+
+    Why count: the decoder's `with_shared_prefix` applies each projection twice (prompts,
+    then completions) and a module reads a fresh copy of its kernel at every access, so only
+    the key itself (the same array object in every copy) identifies the kernel. Tracing is
+    deterministic, so the numbers, and the masks, are a function of the key.
+    """
+    tables = _ADAPTER_SCOPES.__dict__.setdefault("tables", [])
+    tables.append({})
+    try:
+        yield tables[-1]
+    finally:
+        tables.pop()
+
+
+def _next_use(key: jax.Array) -> int:
+    tables = getattr(_ADAPTER_SCOPES, "tables", None)
+    if not tables:
+        raise RuntimeError("AdaptedKernel: a matmul outside layers.adapter_scope() (open it around "
+                           "the forward, as lora.wrap_logprob_fn does)")
+    entry = tables[-1].setdefault(id(key), [key, 0])  # holding the key keeps its id unique
+    entry[1] += 1
+    return entry[1] - 1
+
+
+@jax.tree_util.register_pytree_node_class
+class AdaptedKernel:
+    """A kernel W [*K, *N] with a LoRA adapter kept apart, for a training forward with dropout
+    on the adapter's input: `matmul` computes
+
+        y = x W + scale * (dropout(x) A) B        A [*K, r], B [r, *N]
+
+    where dropout zeroes each element of x with probability ``rate`` and scales the others by
+    1 / (1 - rate) (inverted dropout, as PyTorch's and PEFT's). W, A, B may carry a leading
+    ``layers`` axis and ``key`` then holds one PRNG key per layer, so `scan_layers` slices
+    them all like any stacked parameter. Each use of the kernel draws its own mask
+    (`adapter_scope`): the prompts' and the completions' projections get independent ones.
+    """
+
+    def __init__(self, w: jax.Array, a: jax.Array, b: jax.Array, key: jax.Array, scale: float,
+                 rate: float):
+        if not 0 < rate < 1:
+            raise ValueError(f"AdaptedKernel: dropout rate={rate!r}; need 0 < rate < 1")
+        self.w, self.a, self.b, self.key = w, a, b, key
+        self.scale, self.rate = float(scale), float(rate)
+
+    def tree_flatten(self):
+        return (self.w, self.a, self.b, self.key), (self.scale, self.rate)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.w.shape
+
+    def __getitem__(self, index):  # ``variable[...]`` reads the whole value, as of an array
+        if index is not Ellipsis:
+            raise TypeError(f"AdaptedKernel: only [...] reads are supported, got [{index!r}]")
+        return self
+
+    def astype(self, dtype: Any) -> AdaptedKernel:
+        """W, A, B in ``dtype`` (the compute dtype); the same key."""
+        return AdaptedKernel(self.w.astype(dtype), self.a.astype(dtype), self.b.astype(dtype),
+                             self.key, self.scale, self.rate)
+
+    def apply(self, x: jax.Array, contract: int, preferred_element_type: Any = None) -> jax.Array:
+        """x W + scale * (dropout(x) A) B (see the class docstring); x's dtype throughout."""
+        keep = jax.random.bernoulli(jax.random.fold_in(self.key, _next_use(self.key)), 1.0 - self.rate,
+                                    x.shape)
+        dropped = jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - self.rate), x.dtype), jnp.zeros((), x.dtype))
+        adapter = matmul(matmul(dropped, self.a, contract), self.b)
+        y = matmul(x, self.w, contract, preferred_element_type)
+        return y + (adapter * jnp.asarray(self.scale, adapter.dtype)).astype(y.dtype)
 
 
 class Linear(nnx.Module):
