@@ -32,24 +32,36 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-import jieba
-from nltk.stem.porter import PorterStemmer
-
 from recap_jax.bench.scoring import levenshtein
 
 __all__ = ["bleu", "edit_distance_ratio", "meteor", "meteor_form", "ocr_text_metrics",
            "ocr_text_score", "set_f_measure", "words"]
 
 _CJK = re.compile(r"[\u4e00-\u9fa5]")
-_STEMMER = PorterStemmer()
-jieba.setLogLevel(logging.WARNING)   # no "Building prefix dict ..." lines in evaluation logs
+
+
+# jieba and nltk are imported on first use: `import nltk` alone takes ~1.3 s, which every
+# `python -m recap_jax.train` would pay through the benchmark suites' import
+@functools.cache
+def _jieba():
+    import jieba
+
+    jieba.setLogLevel(logging.WARNING)   # no "Building prefix dict ..." lines in evaluation logs
+    return jieba
+
+
+@functools.cache
+def _stemmer():
+    from nltk.stem.porter import PorterStemmer
+
+    return PorterStemmer()
 
 
 def words(prediction: str, reference: str) -> tuple[list[str], list[str]]:
     """(prediction words, reference words): jieba's cut when either text has a CJK
     character, else whitespace splitting."""
     if _CJK.search(reference) or _CJK.search(prediction):
-        return jieba.lcut(prediction), jieba.lcut(reference)
+        return _jieba().lcut(prediction), _jieba().lcut(reference)
     return prediction.split(), reference.split()
 
 
@@ -144,8 +156,8 @@ def meteor(hypothesis: Sequence[str], reference: Sequence[str], *, wordnet: Any 
     hyp = [(i, w.lower()) for i, w in enumerate(hypothesis)]
     ref = [(j, w.lower()) for j, w in enumerate(reference)]
     exact, hyp, ref = _align(hyp, ref)
-    hyp = [(i, _STEMMER.stem(w)) for i, w in hyp]
-    ref = [(j, _STEMMER.stem(w)) for j, w in ref]
+    hyp = [(i, _stemmer().stem(w)) for i, w in hyp]
+    ref = [(j, _stemmer().stem(w)) for j, w in ref]
     stem, hyp, ref = _align(hyp, ref)
     synonym: list[tuple[int, int]] = []
     if wordnet is not None:
