@@ -46,7 +46,7 @@ def test_ablation_rows_report_lambda_range_and_effect(tmp_path, runner):
     weights = [  # (reasoning, ocr) lambda per step
         {"reasoning/r": 1.0, "ocr/ntp": 1.0}, {"reasoning/r": 0.8, "ocr/ntp": 1.5},
         {"reasoning/r": 0.6, "ocr/ntp": 2.5}]
-    for seed, (cos, change) in enumerate([(0.9, 0.2), (0.7, 0.4)]):
+    for seed, (cos, change) in enumerate([(0.9, 0.2), (0.7, 1.0)]):
         lines = [_eval(0, 0.40, 0.24, 1.0, 14.0),
                  _rl(1, "reasoning", weights[0], lambda_gradient_cosine=1.0, advantage_change=0.0),
                  _rl(2, "ocr", weights[1], lambda_gradient_cosine=0.1, advantage_change=9.0),
@@ -61,6 +61,7 @@ def test_ablation_rows_report_lambda_range_and_effect(tmp_path, runner):
     assert summary["lambda_effect"]["lambda_gradient_cosine"] == {"mean": pytest.approx(0.95),
                                                                   "extreme": 0.9}
     assert summary["lambda_effect"]["advantage_change"] == {"mean": pytest.approx(0.1), "extreme": 0.2}
+    assert summary["lambda_effect"]["erased_fraction"] == 0.0
 
     results = runner.collect(tmp_path, ["recap_T1"], [0, 1], "test")
     table = runner.render_markdown(results)
@@ -73,5 +74,8 @@ def test_ablation_rows_report_lambda_range_and_effect(tmp_path, runner):
     assert cells[7] == "0.600 – 2.500"
     # cosine: per-seed means 0.95 and 0.85 -> 0.9000, lowest 0.9 and 0.7 -> 0.800
     assert cells[8] == "0.9000 (0.800)"
-    assert cells[9] == "0.150 (0.300)"
+    # advantage change: per-seed means 0.1 and 0.5 -> 0.300, highest 0.2 and 1.0 -> 0.600;
+    # erased (> 0.99): 0 of 2 and 1 of 2 steps -> 0.25
+    assert cells[9] == "0.300 (0.600)"
+    assert cells[10] == "0.25"
     assert "| recap_T1 | `rl.method=recap`, `recap.variant=released`" in table

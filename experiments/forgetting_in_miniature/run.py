@@ -348,7 +348,15 @@ def lambda_effect(rl: list[dict]) -> dict:
         values = [line[key] for line in reward_steps if key in line and math.isfinite(line[key])]
         if values:
             out[key] = {"mean": _mean(values), "extreme": extreme(values)}
+    changes = [line["advantage_change"] for line in reward_steps if "advantage_change" in line]
+    if changes:  # A(lambda) = 0 while A(1) != 0: lambda removed the step's whole policy gradient
+        out["erased_fraction"] = sum(c > ERASED for c in changes) / len(changes)
     return out
+
+
+# an advantage change above this is A(lambda) ~ 0: the lambdas left only objectives whose rewards
+# are equal within every group (the gradient cosine reads 1 then: one gradient is 0)
+ERASED = 0.99
 
 
 def _mean(values) -> float:
@@ -510,7 +518,7 @@ ABLATION_METRICS = (("reasoning", "accuracy"), ("grounding", "iou"), ("ocr", "oc
 def _ablation_row(setting: str, entry: dict | None, before: dict) -> str:
     agg = entry.get("aggregate") if entry else None
     if not agg:
-        return f"| {setting} | - | not run |" + " |" * (len(ABLATION_METRICS) + 2)
+        return f"| {setting} | - | not run |" + " |" * (len(ABLATION_METRICS) + 3)
     cells = [f"{_fmt(agg['after'].get(f'eval/{t}/{m}'))} "
              f"({_delta(agg['after'].get(f'eval/{t}/{m}'), before.get(f'eval/{t}/{m}'))})"
              for t, m in ABLATION_METRICS]
@@ -520,6 +528,8 @@ def _ablation_row(setting: str, entry: dict | None, before: dict) -> str:
     cosine, change = effect.get("lambda_gradient_cosine"), effect.get("advantage_change")
     cells.append(f"{cosine['mean']['mean']:.4f} ({cosine['extreme']['mean']:.3f})" if cosine else "-")
     cells.append(f"{change['mean']['mean']:.3f} ({change['extreme']['mean']:.3f})" if change else "-")
+    erased = effect.get("erased_fraction")
+    cells.append(f"{erased['mean']:.2f}" if erased else "-")
     return f"| {setting} | {','.join(map(str, entry['seeds']))} | " + " | ".join(cells) + " |"
 
 
@@ -537,10 +547,14 @@ def render_ablations(results: dict) -> list[str]:
             "in brackets). lambda: the lowest and the highest weight any objective had at any "
             "step (mean over seeds). Gradient cosine: between the update's gradient with the "
             "step's lambda and with lambda = 1, mean over the RL-objective steps (the lowest in "
-            "brackets); advantage change: ||A(lambda) - A(1)|| / ||A(1)||, mean (the highest)."),
+            "brackets; 1 also when one of the two gradients is 0); advantage change: "
+            "||A(lambda) - A(1)|| / ||A(1)||, mean (the highest); updates erased: the fraction "
+            f"of RL-objective steps with an advantage change above {ERASED}, where lambda left "
+            "only objectives whose rewards are equal within every group, so A(lambda) ~ 0 and the "
+            "step had no policy gradient."),
            ""]
     header = (["setting", "seeds"] + [f"{t} {METRIC_LABELS.get(m, m)}" for t, m in ABLATION_METRICS]
-              + ["lambda min – max", "gradient cosine", "advantage change"])
+              + ["lambda min – max", "gradient cosine", "advantage change", "updates erased"])
     for name, (varies, rows) in ABLATIONS.items():
         out += [f"### {name}: {varies}", "", "| " + " | ".join(header) + " |",
                 "|" + "---|" * len(header)]
