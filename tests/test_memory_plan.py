@@ -102,6 +102,28 @@ def test_the_image_budget_respects_the_prompt_and_the_patch_buckets():
     assert memory.image_side(100, 28) == 28
 
 
+def test_multi_image_prompts_share_the_prompt_and_patch_budget():
+    """--images 3 with a run config: three images per prompt, each shrunk until all three fit
+    the largest patch bucket and the prompt (3 x (tokens + 2 delimiters) + 1 text token)."""
+    plan, _ = run_plan_of("demo", overrides({"data.patch_buckets": "(64, 192)"}))
+    model_config = policy.build_model_config(plan.model)
+    one = memory.stage_workload(plan, plan.stages[0], model_config)
+    three = memory.stage_workload(plan, plan.stages[0], model_config, images=3)
+    # one image: 168 px (12 x 12 = 144 patches <= 192); three of them (432) do not fit, three of
+    # 112 px (3 x 64 = 192) do
+    assert (one.images, one.image_size, three.images, three.image_size) == (1, 168, 3, 112)
+    plan, _ = run_plan_of("demo", overrides({"data.patch_buckets": "(64, 100)"}))
+    three = memory.stage_workload(plan, plan.stages[0], model_config, images=3)
+    # 3 x 36 patches (84 px) = 108 > 100; 3 x 16 (56 px) = 48 fits
+    assert three.image_size == 56 and 3 * three.patches_per_image(model_config) <= 100
+
+
+def test_images_flag_reaches_the_plan_of_a_run_config(capsys):
+    memory.main(["--config", str(ROOT / "configs" / "demo.py"), "--mesh", "fsdp=8", "--images", "3",
+                 *overrides({"data.patch_buckets": "(64, 192)"})])
+    assert "3 image(s) of 112x112 px per prompt" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- the compiled plans
 
 

@@ -14,7 +14,8 @@ of the run is planned with its own train step (`plan_run_memory`: the stage's lo
 optimizer with the float32 master copy and accumulation, RECAP inside the step, the reference
 policy of a KL term, logits chunk, dtypes, remat) on the batch it feeds: B = prompts per step,
 G, prompts padded to the largest prompt bucket, completions of rl.max_new_tokens, one image per
-prompt of the largest square under tokenizer.max_pixels (`stage_workload`). The preset flags
+prompt (``--images N`` for sources with multi-image records) of the largest square under
+tokenizer.max_pixels that fits the prompt and patch buckets (`stage_workload`). The preset flags
 describe a one-stage GRPO run (`preset_run_config`) planned the same way. Any bad argument ends
 the program with one line on stderr (exit status 2), never a traceback.
 
@@ -231,21 +232,21 @@ def image_side(max_pixels: int, unit: int) -> int:
     return max(unit, int(math.isqrt(max_pixels) // unit) * unit)
 
 
-def stage_workload(run_plan, stage, model_config: config_lib.Qwen2_5_VLConfig) -> Workload:
+def stage_workload(run_plan, stage, model_config: config_lib.Qwen2_5_VLConfig, images: int = 1) -> Workload:
     """The largest batch a stage of ``run_plan`` feeds its train step: B prompts (RL:
     prompts_per_step, SFT: batch_size), G rows each, prompts padded to the largest prompt bucket,
-    completions of rl.max_new_tokens (SFT: the largest answer bucket), one image per prompt (every
-    adapter's records hold one) of the largest square under tokenizer.max_pixels, shrunk while its
-    patches exceed the largest patch bucket (the replay skips such records) or its tokens would not
-    fit the prompt."""
+    completions of rl.max_new_tokens (SFT: the largest answer bucket), ``images`` per prompt (1:
+    the paper's sources hold one; more for multi-image records, docs/multimodal_records.md), each
+    the largest square under tokenizer.max_pixels, shrunk while the prompt's patches exceed the
+    largest patch bucket (the replay skips such records) or its tokens would not fit the prompt."""
     prompt_len = max(run_plan.data.prompt_buckets)
     completion_len = stage.max_new_tokens if stage.is_rl else max(run_plan.data.answer_buckets)
     unit = model_config.vision.patch_size * model_config.vision.spatial_merge_size
     side = image_side(run_plan.tokenizer.max_pixels, unit)
-    workload = Workload(stage.replay.batch_size, stage.grpo.group_size, prompt_len, completion_len, 1, side)
+    workload = Workload(stage.replay.batch_size, stage.grpo.group_size, prompt_len, completion_len, images, side)
     max_patches = max(run_plan.data.patch_buckets)
-    while side > unit and (workload.tokens_per_image(model_config) + 3 > prompt_len
-                           or workload.patches_per_image(model_config) > max_patches):
+    while side > unit and (images * (workload.tokens_per_image(model_config) + 2) + 1 > prompt_len
+                           or images * workload.patches_per_image(model_config) > max_patches):
         side -= unit
         workload = dataclasses.replace(workload, image_size=side)
     return workload
@@ -320,20 +321,21 @@ class RunMemoryReport:
 
 def plan_run_memory(run_plan, mesh, *, model_config: config_lib.Qwen2_5_VLConfig | None = None,
                     workloads: dict[str, Workload] | None = None, rules=None,
-                    notes: Sequence[str] = ()) -> RunMemoryReport:
+                    notes: Sequence[str] = (), images: int = 1) -> RunMemoryReport:
     """The per-device memory plan of every stage of ``run_plan`` (a `recap_jax.plan.RunPlan`) on
     ``mesh``, each from its real train step compiled for abstract inputs (nothing is allocated).
 
     model_config: the model's dimensions (default: `policy.build_model_config(run_plan.model)`:
       model.path's config.json, the preset, or the tiny model's sizes).
     workloads: per stage name, sizes replacing `stage_workload`'s.
+    images: images per prompt in `stage_workload` (sources with multi-image records).
     """
     from recap_jax import policy
 
     model_config = model_config or policy.build_model_config(run_plan.model)
     stages = []
     for stage in run_plan.stages:
-        workload = (workloads or {}).get(stage.name) or stage_workload(run_plan, stage, model_config)
+        workload = (workloads or {}).get(stage.name) or stage_workload(run_plan, stage, model_config, images)
         stages.append(StageMemory(stage.name, workload,
                                   plan_stage_memory(run_plan, stage, mesh, model_config, workload, rules)))
     if not stages:
@@ -523,7 +525,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     p.add_argument("--group-size", type=int, default=w.group_size, help="completions per prompt (G)")
     p.add_argument("--prompt-len", type=int, default=w.prompt_len, help="padded prompt tokens, images included")
     p.add_argument("--completion-len", type=int, default=w.completion_len, help="padded completion tokens (T)")
-    p.add_argument("--images", type=int, default=w.images, help="images per prompt")
+    p.add_argument("--images", type=int, default=w.images,
+                   help="images per prompt (with --config too: sources with multi-image records)")
     p.add_argument("--image-size", type=int, default=w.image_size, help="image side in pixels (multiple of 28)")
     p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
@@ -540,7 +543,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     if rest and not is_run_config(args.config):
         p.error(f"{rest[0]}: --config.<field> overrides need a configs/*.py run config as --config")
     workload_flags = [f"--{n.replace('_', '-')}" for n in ("batch", "group_size", "prompt_len", "completion_len",
-                                                          "images", "image_size", "param_dtype", "compute_dtype",
+                                                          "image_size", "param_dtype", "compute_dtype",
                                                           "remat", "logits_chunk")
                       if getattr(args, n) != p.get_default(n)]
     if is_run_config(args.config) and workload_flags:
@@ -585,7 +588,8 @@ def build_report(args: argparse.Namespace, overrides: Sequence[str]) -> RunMemor
             from recap_jax import policy
 
             model_config = policy.build_model_config(run_plan.model)
-        return plan_run_memory(run_plan, mesh, model_config=model_config, workloads=workloads, notes=notes)
+        return plan_run_memory(run_plan, mesh, model_config=model_config, workloads=workloads, notes=notes,
+                               images=args.images)
     except config_lib.ConfigError as error:  # the model's config.json
         where = "--config" if preset_mode else "--config.model.path"
         raise UsageError(f"{where}: {error}") from None
