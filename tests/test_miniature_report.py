@@ -27,6 +27,7 @@ def _eval(step, acc, iou, exact, reliance):
 
 def _rl(step, source, weights, **extra):
     line = {"stage": "rl", "step": step, "source": source, "completion_length_mean": 6.0,
+            "grad_norm": 0.0 if step == 1 else 0.3,
             **{f"weight/{k}": v for k, v in weights.items()}, **extra}
     if source == "ocr":
         line["ntp_loss/ocr/ntp"] = 0.1
@@ -61,7 +62,7 @@ def test_ablation_rows_report_lambda_range_and_effect(tmp_path, runner):
     assert summary["lambda_effect"]["lambda_gradient_cosine"] == {"mean": pytest.approx(0.95),
                                                                   "extreme": 0.9}
     assert summary["lambda_effect"]["advantage_change"] == {"mean": pytest.approx(0.1), "extreme": 0.2}
-    assert summary["lambda_effect"]["erased_fraction"] == 0.0
+    assert summary["lambda_effect"]["no_gradient_fraction"] == 0.5  # step 1's grad_norm is 0
 
     results = runner.collect(tmp_path, ["recap_T1"], [0, 1], "test")
     table = runner.render_markdown(results)
@@ -74,8 +75,7 @@ def test_ablation_rows_report_lambda_range_and_effect(tmp_path, runner):
     assert cells[7] == "0.600 – 2.500"
     # cosine: per-seed means 0.95 and 0.85 -> 0.9000, lowest 0.9 and 0.7 -> 0.800
     assert cells[8] == "0.9000 (0.800)"
-    # advantage change: per-seed means 0.1 and 0.5 -> 0.300, highest 0.2 and 1.0 -> 0.600;
-    # erased (> 0.99): 0 of 2 and 1 of 2 steps -> 0.25
+    # advantage change: per-seed means 0.1 and 0.5 -> 0.300, highest 0.2 and 1.0 -> 0.600
     assert cells[9] == "0.300 (0.600)"
-    assert cells[10] == "0.25"
+    assert cells[10] == "0.50"
     assert "| recap_T1 | `rl.method=recap`, `recap.variant=released`" in table

@@ -348,15 +348,10 @@ def lambda_effect(rl: list[dict]) -> dict:
         values = [line[key] for line in reward_steps if key in line and math.isfinite(line[key])]
         if values:
             out[key] = {"mean": _mean(values), "extreme": extreme(values)}
-    changes = [line["advantage_change"] for line in reward_steps if "advantage_change" in line]
-    if changes:  # A(lambda) = 0 while A(1) != 0: lambda removed the step's whole policy gradient
-        out["erased_fraction"] = sum(c > ERASED for c in changes) / len(changes)
+    norms = [line["grad_norm"] for line in reward_steps if "grad_norm" in line]
+    if norms:  # lambda = 0 on every objective that varies within a group leaves no gradient
+        out["no_gradient_fraction"] = sum(n == 0 for n in norms) / len(norms)
     return out
-
-
-# an advantage change above this is A(lambda) ~ 0: the lambdas left only objectives whose rewards
-# are equal within every group (the gradient cosine reads 1 then: one gradient is 0)
-ERASED = 0.99
 
 
 def _mean(values) -> float:
@@ -528,8 +523,8 @@ def _ablation_row(setting: str, entry: dict | None, before: dict) -> str:
     cosine, change = effect.get("lambda_gradient_cosine"), effect.get("advantage_change")
     cells.append(f"{cosine['mean']['mean']:.4f} ({cosine['extreme']['mean']:.3f})" if cosine else "-")
     cells.append(f"{change['mean']['mean']:.3f} ({change['extreme']['mean']:.3f})" if change else "-")
-    erased = effect.get("erased_fraction")
-    cells.append(f"{erased['mean']:.2f}" if erased else "-")
+    no_gradient = effect.get("no_gradient_fraction")
+    cells.append(f"{no_gradient['mean']:.2f}" if no_gradient else "-")
     return f"| {setting} | {','.join(map(str, entry['seeds']))} | " + " | ".join(cells) + " |"
 
 
@@ -548,13 +543,14 @@ def render_ablations(results: dict) -> list[str]:
             "step (mean over seeds). Gradient cosine: between the update's gradient with the "
             "step's lambda and with lambda = 1, mean over the RL-objective steps (the lowest in "
             "brackets; 1 also when one of the two gradients is 0); advantage change: "
-            "||A(lambda) - A(1)|| / ||A(1)||, mean (the highest); updates erased: the fraction "
-            f"of RL-objective steps with an advantage change above {ERASED}, where lambda left "
-            "only objectives whose rewards are equal within every group, so A(lambda) ~ 0 and the "
-            "step had no policy gradient."),
+            "||A(lambda) - A(1)|| / ||A(1)||, mean (the highest; 0 under `loss` weighting, where "
+            "lambda weights the objectives' losses, not the advantages); steps without gradient: "
+            "the fraction of RL-objective steps whose gradient was exactly 0 (lambda = 0 on every "
+            "objective whose rewards vary within a group, or, also at lambda = 1, no group with "
+            "varying rewards)."),
            ""]
     header = (["setting", "seeds"] + [f"{t} {METRIC_LABELS.get(m, m)}" for t, m in ABLATION_METRICS]
-              + ["lambda min – max", "gradient cosine", "advantage change", "updates erased"])
+              + ["lambda min – max", "gradient cosine", "advantage change", "steps without gradient"])
     for name, (varies, rows) in ABLATIONS.items():
         out += [f"### {name}: {varies}", "", "| " + " | ".join(header) + " |",
                 "|" + "---|" * len(header)]
