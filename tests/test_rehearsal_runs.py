@@ -50,8 +50,8 @@ def _report(log: str) -> str:
     and the log's tail."""
     if "rehearsal\n" in log:
         return log[log.rfind("rehearsal\n"):]
-    fatal = log.find("Fatal Python error")
-    return (log[fatal:fatal + 4000] + "\n...\n" if fatal >= 0 else "") + log[-3000:]
+    fatal = log.find("Fatal Python error")  # XLA's own message is printed just before it
+    return (log[max(0, fatal - 2000):fatal + 2000] + "\n...\n" if fatal >= 0 else "") + log[-3000:]
 
 
 def _finish(launch, timeout: int = 1800) -> list[str]:
@@ -67,9 +67,9 @@ def _finish(launch, timeout: int = 1800) -> list[str]:
                 if p.poll() is None:
                     p.kill()
         if attempt == 0 and any(p.returncode == ABORTED for p in procs):
-            aborted = next(log for p, log in zip(procs, logs) if p.returncode == ABORTED)
-            warnings.warn(f"rehearsal aborted (SIGABRT), running it again:\n{_report(aborted)[:4000]}",
-                          stacklevel=2)
+            reports = "\n".join(f"--- process {i} (exit {p.returncode}):\n{_report(log)[:5000]}"
+                                for i, (p, log) in enumerate(zip(procs, logs)))
+            warnings.warn(f"rehearsal aborted (SIGABRT), running it again:\n{reports}", stacklevel=2)
             continue
         break
     for p, log in zip(procs, logs):
