@@ -15,31 +15,23 @@ from flax import nnx
 
 from recap_jax import freeze, lora, parallel, sampling
 from recap_jax.grpo import GRPOConfig
-from recap_jax.models.qwen2_5_vl import config as C
 from recap_jax.models.qwen2_5_vl import model as M
 from recap_jax.tools import memory
 from recap_jax.train_state import TrainState
 from recap_jax.train_step import TrainBatch, make_train_step
+from tests.tiny_vlm import CFG, GROUP, WORKLOAD, graphdef_and_params, prompt_and_completions
 
-GROUP = 2
-CFG = C.tiny(vocab_size=256, text_layers=1, vision_depth=2, fullatt_block_indexes=(1,))
-WORKLOAD = memory.Workload(batch=2, group_size=GROUP, prompt_len=12, completion_len=6, images=1,
-                           image_size=56)
 LORA = lora.LoraConfig(rank=4, alpha=8.0, vision=True)
 
 
 @pytest.fixture(scope="module")
 def model():
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: M.init_model(CFG, seed=0)))
-    params = jax.jit(lambda: nnx.state(M.init_model(CFG, seed=0)))()
-    return graphdef, params
+    return graphdef_and_params()
 
 
 @pytest.fixture(scope="module")
 def batch():
-    b = memory.example_batch(CFG, WORKLOAD, seed=1)
-    return jax.tree.map(jnp.asarray, {"prompt": b["prompt"], "completions": b["completions"],
-                                      "completion_mask": b["completion_mask"]})
+    return prompt_and_completions()
 
 
 def randomise_b(adapters, seed=0):

@@ -23,18 +23,12 @@ from flax import nnx
 from recap_jax import lora, policy, sampling
 from recap_jax import plan as plan_lib
 from recap_jax.grpo import GRPOConfig
-from recap_jax.models.qwen2_5_vl import config as C
 from recap_jax.models.qwen2_5_vl import layers
-from recap_jax.models.qwen2_5_vl import model as M
 from recap_jax.tools import memory
 from recap_jax.train_state import TrainState
 from recap_jax.train_step import TrainBatch, make_train_step
 from tests.short_run import ROOT, cli_overrides, short_config
-
-GROUP = 2
-CFG = C.tiny(vocab_size=256, text_layers=1, vision_depth=2, fullatt_block_indexes=(1,))
-WORKLOAD = memory.Workload(batch=2, group_size=GROUP, prompt_len=12, completion_len=6, images=1,
-                           image_size=56)
+from tests.tiny_vlm import CFG, GROUP, WORKLOAD, graphdef_and_params, prompt_and_completions
 
 
 def lora_config(dropout: float) -> lora.LoraConfig:
@@ -185,16 +179,12 @@ def test_the_mean_over_masks_approaches_the_undropped_adapter_output():
 
 @pytest.fixture(scope="module")
 def model():
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: M.init_model(CFG, seed=0)))
-    params = jax.jit(lambda: nnx.state(M.init_model(CFG, seed=0)))()
-    return graphdef, params
+    return graphdef_and_params()
 
 
 @pytest.fixture(scope="module")
 def batch():
-    b = memory.example_batch(CFG, WORKLOAD, seed=1)
-    return jax.tree.map(jnp.asarray, {"prompt": b["prompt"], "completions": b["completions"],
-                                      "completion_mask": b["completion_mask"]})
+    return prompt_and_completions()
 
 
 def randomise_b(adapters, seed=0):
