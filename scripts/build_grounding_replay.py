@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from recap_jax.bench.suites import read_json_rows  # noqa: E402
+from recap_jax.bench.readers import read_json_rows  # noqa: E402
 from recap_jax.data import files as files_lib  # noqa: E402
 from recap_jax.data.records import BadRecord  # noqa: E402
 from recap_jax.data.tasks import GROUNDING_QUESTION  # noqa: E402

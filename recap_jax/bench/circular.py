@@ -18,7 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["CIRCULAR_OFFSET", "aggregate", "group_of", "rotate_row"]
+__all__ = ["CIRCULAR_MODES", "CIRCULAR_OFFSET", "aggregate", "circular_views", "group_of", "row_option_counts",
+           "rotate_row"]
 
 CIRCULAR_OFFSET = 1_000_000
 OPTION_LETTERS = "ABCD"
@@ -84,3 +85,31 @@ def aggregate(records: Sequence[Mapping[str, Any]]) -> dict:
             "vanilla": sum(originals) / len(originals) if originals else float("nan"),
             "questions": len(groups), "copies": len(records),
             "circular_by_category": {c: sum(v) / len(v) for c, v in sorted(by_category.items())}}
+
+
+CIRCULAR_MODES = ("auto", "off", "generate")
+
+
+def circular_views(indices: Sequence[Any], option_counts: Sequence[int], mode: str
+                   ) -> list[tuple[int, int]] | None:
+    """The (row, rotation) items of an MMBench-style suite: "auto" None (every row as it is),
+    "off" the original rows (index < 1e6), "generate" each original row once per rotation of
+    its options (the file's own copies dropped)."""
+    if mode not in CIRCULAR_MODES:
+        raise ValueError(f"circular must be one of {CIRCULAR_MODES}, got {mode!r}")
+    if mode == "auto":
+        return None
+    originals = [row for row, index in enumerate(indices)
+                 if index is not None and int(index) < CIRCULAR_OFFSET]
+    if mode == "off":
+        return [(row, 0) for row in originals]
+    return [(row, k) for row in originals for k in range(max(option_counts[row], 1))]
+
+
+def row_option_counts(rows: Any) -> list[int]:
+    """The number of options of every row of a table (columns A, B, ...) of an MMBench file."""
+    letters = [letter for letter in OPTION_LETTERS
+               if letter in getattr(rows, "column_names", ())]
+    columns = {letter: list(rows[letter]) for letter in letters}
+    return [option_count({letter: columns[letter][k] for letter in letters})
+            for k in range(len(rows))]

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import json
-import logging
 import math
 import os
 import re
@@ -45,6 +43,8 @@ import numpy as np
 
 from recap_jax.bench import circular as circular_lib
 from recap_jax.bench import ocrbench_v2, ocrbench_v2_text
+from recap_jax.bench.circular import CIRCULAR_MODES, circular_views
+from recap_jax.bench.readers import read_hf_split, read_json_rows
 from recap_jax.data import files as files_lib
 from recap_jax.data.records import BadRecord, SkipCounter, decode_image
 from recap_jax.data.tasks import GROUNDING_QUESTION
@@ -62,8 +62,8 @@ _IMAGE_TAG = re.compile(r"<image\s*\d*>")
 _MMMU_IMAGE_TAG = re.compile(r"<image (\d+)>")  # MMMU's numbered tags, "<image 1>" .. "<image 7>"
 MMMU_IMAGE_COLUMNS = 7
 MULTI_IMAGE_MODES = ("all", "skip")
+_SPEC_KEYS = ("split", "config", "image_root", "circular", "multi_image")
 
-_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -540,112 +540,6 @@ def suite_kind(label: str) -> SuiteKind:
     return SUITES[name]
 
 
-# --------------------------------------------------------------------------- readers
-
-
-def _split_pattern(split: str, extension: str) -> re.Pattern:
-    return re.compile(rf"^{re.escape(split)}(?:-[^/]*)?\.{extension}$")
-
-
-def _visible(path: Path, root: Path) -> bool:
-    return not any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
-def split_files(root: Path, split: str, config: str | None, extension: str = "parquet",
-                multi_dir: bool = False) -> list[Path]:
-    """The split's files in a dataset-repository snapshot: ``<split>.<ext>`` or
-    ``<split>-*.<ext>`` under ``root/config`` (when that subdirectory exists) or ``root``.
-    ValueError if they span several directories and the suite does not allow it."""
-    base = root / config if config and (root / config).is_dir() else root
-    pattern = _split_pattern(split, extension)
-    files = sorted(f for f in base.rglob(f"*.{extension}")
-                   if pattern.match(f.name) and _visible(f, base))
-    directories = sorted({str(f.parent.relative_to(base)) for f in files})
-    if len(directories) > 1 and not multi_dir:
-        raise ValueError(f"{root}: the {split!r} split has files in several directories "
-                         f"{directories}; name one with config=<subdirectory>")
-    return files
-
-
-def cache_arrow_files(root: Path, split: str) -> list[Path]:
-    """The split's arrow files in a ``datasets`` cache directory
-    (``<builder>-<split>[-NNNNN-of-NNNNN].arrow``); of several builds, the newest."""
-    pattern = re.compile(rf"^.+-{re.escape(split)}(?:-\d{{5}}-of-\d{{5}})?\.arrow$")
-    builds: dict[Path, list[Path]] = {}
-    for file in root.rglob("*.arrow"):
-        if pattern.match(file.name) and (file.parent / "dataset_info.json").exists():
-            builds.setdefault(file.parent, []).append(file)
-    if not builds:
-        return []
-    newest = max(builds, key=lambda d: (d / "dataset_info.json").stat().st_mtime)
-    if len(builds) > 1:
-        _log.info("%s: %d cached builds of split %r; reading the newest, %s", root, len(builds),
-                  split, newest)
-    return sorted(builds[newest])
-
-
-def read_hf_split(path: str | os.PathLike, split: str, config: str | None = None, *,
-                  cache_dir: str | None = None, multi_dir: bool = False):
-    """A ``datasets.Dataset`` of one split from a local copy (see the module docstring)."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    root = Path(path)
-    if not root.exists():
-        raise FileNotFoundError(f"benchmark data not found: {root}")
-    if root.is_file():
-        if root.suffix not in (".parquet", ".arrow"):
-            raise ValueError(f"{root}: expected a .parquet or .arrow file, or a directory")
-        return datasets.load_dataset(root.suffix[1:], data_files=[str(root)], split="train",
-                                     cache_dir=cache_dir)
-    if (root / "dataset_dict.json").exists() or (root / "state.json").exists():
-        loaded = datasets.load_from_disk(str(root))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"{root}: no split {split!r} in the saved DatasetDict "
-                                 f"(splits: {sorted(loaded)})")
-            loaded = loaded[split]
-        return loaded
-    for extension in ("parquet", "arrow"):
-        files = split_files(root, split, config, extension, multi_dir)
-        if files:
-            return datasets.load_dataset(extension, data_files=[str(f) for f in files],
-                                         split="train", cache_dir=cache_dir)
-    arrows = cache_arrow_files(root, split)
-    if arrows:
-        return datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in arrows])
-    raise FileNotFoundError(
-        f"{root}: no {split!r} split found (looked for {split}.parquet / {split}-*.parquet"
-        f"{' under ' + repr(config) if config else ''}, a save_to_disk directory, and cached "
-        f"*-{split}.arrow files)")
-
-
-def read_json_rows(path: str | os.PathLike) -> list[Any]:
-    """Rows of a json file (a list of objects) or a jsonl file; a line that is not valid JSON
-    becomes a BadRecord in its place."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"benchmark data not found: {path}")
-    if path.suffix == ".json":
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from None
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
-        return rows
-    rows: list[Any] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                rows.append(BadRecord(f"schema: line {number + 1} is not valid JSON ({error.msg})"))
-    return rows
-
-
 # --------------------------------------------------------------------------- opened suites
 
 
@@ -742,34 +636,6 @@ def _check_box(box, shape, where: str, tolerance: float = 2.0) -> None:
         raise BadRecord(f"box: {where}: {list(box)} outside the {shape[1]}x{shape[0]} image", "box")
 
 
-CIRCULAR_MODES = ("auto", "off", "generate")
-_SPEC_KEYS = ("split", "config", "image_root", "circular", "multi_image")
-
-
-def circular_views(indices: Sequence[Any], option_counts: Sequence[int], mode: str
-                   ) -> list[tuple[int, int]] | None:
-    """The (row, rotation) items of an MMBench-style suite: "auto" None (every row as it is),
-    "off" the original rows (index < 1e6), "generate" each original row once per rotation of
-    its options (the file's own copies dropped)."""
-    if mode not in CIRCULAR_MODES:
-        raise ValueError(f"circular must be one of {CIRCULAR_MODES}, got {mode!r}")
-    if mode == "auto":
-        return None
-    originals = [row for row, index in enumerate(indices)
-                 if index is not None and int(index) < circular_lib.CIRCULAR_OFFSET]
-    if mode == "off":
-        return [(row, 0) for row in originals]
-    return [(row, k) for row in originals for k in range(max(option_counts[row], 1))]
-
-
-def _option_counts(rows: Any) -> list[int]:
-    letters = [letter for letter in circular_lib.OPTION_LETTERS
-               if letter in getattr(rows, "column_names", ())]
-    columns = {letter: list(rows[letter]) for letter in letters}
-    return [circular_lib.option_count({letter: columns[letter][k] for letter in letters})
-            for k in range(len(rows))]
-
-
 def open_suite(label: str, path: str | os.PathLike, *, split: str | None = None,
                config: str | None = None, image_root: str | os.PathLike | None = None,
                cache_dir: str | None = None, limit: int | None = None,
@@ -804,7 +670,7 @@ def open_suite(label: str, path: str | os.PathLike, *, split: str | None = None,
             raise ValueError(f"suite {label!r}: the circular option applies to MMBench only")
         if "index" not in getattr(rows, "column_names", ()):
             raise ValueError(f"suite {label!r}: {path} has no 'index' column (needed for circular)")
-        views = circular_views(list(rows["index"]), _option_counts(rows), circular)
+        views = circular_views(list(rows["index"]), circular_lib.row_option_counts(rows), circular)
         if not views:
             raise ValueError(f"suite {label!r}: no original rows (index < 1e6) in {path}")
     root = None if image_root is None else os.fspath(image_root)
