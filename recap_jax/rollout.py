@@ -203,6 +203,8 @@ def rl_batch(*, graphdef, params, batch: dict, task: Task, source_id: int, model
         out = jax.tree.map(np.asarray, out)
         if not global_rows:
             out = jax.tree.map(placement.local, out)
+        # (global rows: every process cuts every row by its stop strings, a host decode per row,
+        # so that all hold the same rows to choose from; each still scores only its own)
         sampled_tokens.append(int(placement.local(out.lengths).sum() if global_rows
                                   else out.lengths.sum()))
         rows = finish_rows(out.tokens, out.lengths, out.truncated, out.logprobs, decode,
