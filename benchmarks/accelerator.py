@@ -23,8 +23,16 @@ run goes on), skipped once ``--budget-s`` is spent:
   (sdpa, bf16, the same dimensions, its own random weights) on the same device: a TRL-style
   forward + backward + AdamW on the same batch (prompt repeated per completion, logits at the
   completion positions), and ``generate`` with ``num_return_sequences=G``.
+* ``vision_paths``: the vision tower alone over 16 images (448 px: 16,384 patches; tiny:
+  4 images), forward under each attention implementation (``xla``; ``cudnn``, whose
+  full-attention blocks take an N x N mask; ``pallas``, which takes segment ids: the Triton
+  kernel on a GPU), its time and its program's peak bytes.
+* ``jax_train_save_dots``: the train step with remat "save_dots" (matmul outputs kept for
+  the backward pass, not recomputed): more memory, fewer FLOPs per step than "full".
 * ``jax_train_7b``: the train step with Qwen2.5-VL-7B's decoder (and vision tower), G = 4,
   where the device has the memory (not in --tiny mode).
+* ``jax_train_pallas``: the 3B train step under ``--attention pallas`` (the Triton kernel on
+  a GPU, segment ids, no mask), to set against ``jax_train``'s cuDNN (not in --tiny mode).
 
 Each section runs in its own interpreter (``--section``), so that its device memory is
 returned when it ends (JAX's allocator keeps what it took; PyTorch then gets the whole device)
@@ -266,8 +274,9 @@ def build_model(config, dtype=jnp.bfloat16, remat: str = "none"):
 TRAIN_REMAT = "full"
 
 
-def jax_train(config, workload: memory.Workload, repeats: int, peaks: dict, with_hlo: bool) -> dict[str, Any]:
-    graphdef, params = build_model(config, remat=TRAIN_REMAT)
+def jax_train(config, workload: memory.Workload, repeats: int, peaks: dict, with_hlo: bool,
+              remat: str = TRAIN_REMAT) -> dict[str, Any]:
+    graphdef, params = build_model(config, remat=remat)
     batch = jax.tree.map(jnp.asarray, memory.example_batch(config, workload))
     grpo_config = grpo.GRPOConfig(group_size=workload.group_size, reward_objective_index=((0,),),
                                   sft_objective_index=(-1,))
@@ -297,8 +306,38 @@ def jax_train(config, workload: memory.Workload, repeats: int, peaks: dict, with
                model_flops_text=flops["text"], tokens_per_step=tokens, tokens_per_s=tokens / seconds,
                peak_flops=peaks["flops"],
                mfu=None if not peaks["flops"] else flops["total"] / (seconds * peaks["flops"]),
-               param_bytes=param_bytes(holder["state"].params), attention=_used())
+               param_bytes=param_bytes(holder["state"].params), attention=_used(), remat=remat)
     return row
+
+
+VISION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
+
+
+def vision_paths(config, images: int, image_size: int, repeats: int) -> dict[str, Any]:
+    """The vision tower's forward over ``images`` square images under each attention
+    implementation: seconds, the program's peak bytes and what ran (each in its own guard)."""
+    from recap_jax.models.qwen2_5_vl.vision import vision_inputs
+
+    side = image_size // config.vision.patch_size
+    grid = np.asarray([[1, side, side]] * images)
+    patches = int(grid.prod(-1).sum())
+    inputs = jax.tree.map(jnp.asarray, vision_inputs(grid, config.vision))
+    pixels = jnp.asarray(np.random.default_rng(0).normal(size=(patches, config.vision.patch_dim)), jnp.bfloat16)
+    graphdef, state = build_model(config)
+    forward = lambda s, p, i: nnx.merge(graphdef, s).visual(p, i)  # noqa: E731
+    rows: dict[str, Any] = {"images": images, "image_size": image_size, "patches": patches}
+
+    def one(impl):
+        attention.set_implementation(impl)
+        before = attention.USED.copy()
+        compiled = jax.jit(forward).lower(state, pixels, inputs).compile()
+        used = {f"{use}:{name}": n for (use, name), n in (attention.USED - before).items()}
+        seconds = median_time(lambda: compiled(state, pixels, inputs), repeats)
+        return {"forward_s": seconds, "peak_bytes_program": compiled_bytes(compiled), "attention": used}
+
+    for impl in VISION_IMPLEMENTATIONS:
+        rows[impl] = guarded(f"vision_paths:{impl}", lambda impl=impl: one(impl))
+    return rows
 
 
 def _used() -> dict[str, int]:
@@ -538,20 +577,35 @@ def table(results: dict) -> str:
                  f"{_fmt(g('torch_train', 'peak_bytes'), scale=1e9)} | |")
     lines.append(f"| peak memory, generate (GB) | {_fmt(g('jax_decode', 'peak_bytes_program'), scale=1e9)} | "
                  f"{_fmt(g('torch_generate', 'peak_bytes'), scale=1e9)} | |")
-    if "jax_train_7b" in r:
-        m7 = g("jax_train_7b", "mfu")
-        lines.append(f"| 7B train step (s) / MFU | {_fmt(g('jax_train_7b', 'step_s'))} / "
-                     f"{'n/a' if m7 is None else f'{100 * m7:.1f}%'} | | |")
+    variants = (("jax_train_save_dots", "train step, remat save_dots"), ("jax_train_pallas", "train step, Pallas"),
+                ("jax_train_7b", "7B train step (G = 4)"))
+    for name, label in variants:
+        if name in r:
+            m = g(name, "mfu")
+            lines.append(f"| {label} (s) / MFU / peak GB | {_fmt(g(name, 'step_s'))} / "
+                         f"{'n/a' if m is None else f'{100 * m:.1f}%'} / "
+                         f"{_fmt(g(name, 'peak_bytes_program'), scale=1e9)} | | |")
+    vision = r.get("vision_paths", {})
+    for impl in VISION_IMPLEMENTATIONS:
+        if impl in vision:
+            row = vision[impl]
+            lines.append(f"| vision tower, {vision.get('images')} images, {impl} (ms / peak GB) | "
+                         f"{_fmt(row.get('forward_s'), scale=1e-3)} / "
+                         f"{_fmt(row.get('peak_bytes_program'), scale=1e9)} | | |")
     upcasts = {name: {k: len(v) for k, v in row.get("hlo", {}).items() if k.endswith("upcasts")}
                for name, row in r.items() if isinstance(row, dict) and "hlo" in row}
     lines.append(f"| bf16 -> f32 matmul upcasts (traced / compiled) | {upcasts} | | |")
     errors = [name for name, row in r.items() if isinstance(row, dict) and "error" in row]
+    errors += [f"vision_paths:{impl}" for impl in VISION_IMPLEMENTATIONS if "error" in vision.get(impl, {})]
     if errors or r.get("skipped"):
         lines.append(f"| errors / skipped | {errors} / {r.get('skipped')} | | |")
     return "\n".join(lines)
 
 
-SECTIONS = ("jax_train", "jax_generation", "decode_step", "torch", "jax_train_7b")
+# in order of importance: the budget skips the last ones first
+SECTIONS = ("jax_train", "jax_generation", "decode_step", "torch", "vision_paths", "jax_train_save_dots",
+            "jax_train_7b", "jax_train_pallas")
+FULL_SIZE_ONLY = ("jax_train_7b", "jax_train_pallas")  # not run in --tiny mode
 
 
 def run_section(name: str, tiny: bool, peaks: dict, budget: Budget) -> dict[str, Any]:
@@ -577,6 +631,13 @@ def run_section(name: str, tiny: bool, peaks: dict, budget: Budget) -> dict[str,
         if "error" in row:
             rows["torch"] = row
         return rows
+    if name == "vision_paths":
+        return {"vision_paths": vision_paths(config, 4 if tiny else 16, shp.gen_image_size, shp.repeats)}
+    if name == "jax_train_save_dots":
+        return {name: guarded(name, lambda: jax_train(config, shp.train, shp.repeats, peaks, False, "save_dots"))}
+    if name == "jax_train_pallas":
+        attention.set_implementation("pallas")
+        return {name: guarded(name, lambda: jax_train(config, shp.train, shp.repeats, peaks, False))}
     if name == "jax_train_7b":  # G = 4: the 7B step's activations without remat fit one H200
         workload = dataclasses.replace(shp.train, group_size=4)
         return {"jax_train_7b": guarded(name, lambda: jax_train(model_config(False, "7b"), workload, shp.repeats,
@@ -657,7 +718,8 @@ def main(argv=None) -> dict:
             json.dump(results, f, indent=1, default=str)
 
     sections = [name for name in SECTIONS
-                if not (name == "torch" and args.no_torch) and not (name == "jax_train_7b" and (tiny or args.no_7b))
+                if not (name == "torch" and args.no_torch) and not (name in FULL_SIZE_ONLY and tiny)
+                and not (name == "jax_train_7b" and args.no_7b)
                 and not (name == "decode_step" and not tiny)]  # on a GPU, jax_decode's report covers decoding
     for name in sections:
         if not budget.allows(name):

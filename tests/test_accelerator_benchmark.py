@@ -32,9 +32,24 @@ def table(tmp_path_factory):
 
 
 def test_every_section_ran_without_error(table):
-    for name in ("jax_train", "jax_prefill", "jax_decode", "decode_step", "torch_train", "torch_generate"):
+    for name in ("jax_train", "jax_prefill", "jax_decode", "decode_step", "torch_train", "torch_generate",
+                 "jax_train_save_dots"):
         assert name in table and "error" not in table[name], (name, table.get(name))
+    for impl in ("xla", "cudnn", "pallas"):
+        assert "error" not in table["vision_paths"][impl], (impl, table["vision_paths"][impl])
     assert table["skipped"] == [] and table["tiny"] is True
+
+
+def test_vision_paths_record_what_ran_and_save_dots_keeps_more_for_the_backward(table):
+    """On a CPU: cuDNN's row fell back to the reference, the Pallas row's frames went through
+    the kernel with segment ids (interpret mode); save_dots keeps matmul outputs, so its program
+    needs more memory than remat "full"."""
+    vision = table["vision_paths"]
+    assert vision["patches"] == 4 * (56 // 14) ** 2
+    assert set(vision["cudnn"]["attention"]) == {"segment:xla"}
+    assert vision["pallas"]["attention"] == {"segment:pallas-tpu": 2}  # the full and the window blocks' trace
+    assert table["jax_train_save_dots"]["remat"] == "save_dots" and table["jax_train"]["remat"] == "full"
+    assert table["jax_train_save_dots"]["peak_bytes_program"] > table["jax_train"]["peak_bytes_program"]
 
 
 def test_mfu_is_model_flops_over_time_times_peak(table):

@@ -4,10 +4,13 @@ sizes as segments, decoding over a partly filled cache; then the whole model und
 
 "cudnn" cannot run on a CPU; `attention.EMULATE_CUDNN` sends the very arguments cuDNN would
 get (layout, GQA heads, masks) through jax.nn's XLA implementation, which checks everything
-but cuDNN itself. "pallas" runs the TPU flash-attention kernel in interpret mode.
+but cuDNN itself. "pallas" runs the TPU flash-attention kernel in interpret mode, and
+"pallas-gpu" the GPU (Triton) kernel in interpret mode (`attention.PALLAS_KERNEL_OFF_ACCELERATOR`).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +26,27 @@ from recap_jax.models.qwen2_5_vl import config as config_lib
 from recap_jax.models.qwen2_5_vl import model as model_lib
 from recap_jax.models.qwen2_5_vl.vision import window_attention
 
-IMPLS = ("xla", "cudnn", "pallas")
+IMPLS = ("xla", "cudnn", "pallas", "pallas-gpu")
 # cuDNN takes bf16 only: its path is checked in bf16 (tolerance of bf16 inputs), the others in f32
-DTYPES = {"xla": jnp.float32, "cudnn": jnp.bfloat16, "pallas": jnp.float32}
-ATOL = {"xla": 1e-5, "cudnn": 3e-2, "pallas": 1e-5}
+DTYPES = {"xla": jnp.float32, "cudnn": jnp.bfloat16, "pallas": jnp.float32, "pallas-gpu": jnp.float32}
+ATOL = {"xla": 1e-5, "cudnn": 3e-2, "pallas": 1e-5, "pallas-gpu": 1e-5}
+# what `attention.USED` records for each
+LABEL = {"xla": "xla", "cudnn": "cudnn", "pallas": "pallas-tpu", "pallas-gpu": "pallas-gpu"}
+
+
+@contextlib.contextmanager
+def implementation(impl: str):
+    """Runs the block under ``impl`` (one of IMPLS); yields the name `attention` takes."""
+    kernel = attention.PALLAS_KERNEL_OFF_ACCELERATOR
+    previous, kernel["kernel"] = kernel["kernel"], "gpu" if impl == "pallas-gpu" else "tpu"
+    jax.clear_caches()  # the kernel is chosen at trace time
+    name = "pallas" if impl.startswith("pallas") else impl
+    try:
+        with attention.use_implementation(name):
+            yield name
+    finally:
+        kernel["kernel"] = previous
+        jax.clear_caches()
 
 
 @pytest.fixture(autouse=True)
@@ -48,9 +68,11 @@ def _run(fn, impl, *arrays, **kwargs):
     dtype = DTYPES[impl]
     cast = [jnp.asarray(a, dtype) if np.asarray(a).dtype.kind == "f" else jnp.asarray(a) for a in arrays]
     before = attention.USED.copy()
-    out = jax.jit(lambda *a: fn(*a, implementation=impl, **kwargs))(*cast)
+    with implementation(impl) as name:
+        out = jax.jit(lambda *a: fn(*a, implementation=name, **kwargs))(*cast)
     used = attention.USED - before
-    assert all(i == impl for (_, i) in used), f"{impl} fell back: {dict(used)}, {dict(attention.FALLBACKS)}"
+    assert used and all(i == LABEL[impl] for (_, i) in used), \
+        f"{impl} fell back: {dict(used)}, {dict(attention.FALLBACKS)}"
     return np.asarray(out.astype(jnp.float32))
 
 
@@ -131,23 +153,26 @@ def test_images_of_different_sizes_as_segments_equal_reference(impl, seed, sizes
     q, k, v = _qkv(rng, 1, total, total, heads=2, kv_heads=2, dtype=DTYPES[impl])
     ids = _image_segments(sizes, total)[None]
     expected = attention.numpy_attention(q, k, v, ids[:, None, :, None] == ids[:, None, None, :])
-    got = _run(attention.segment_attention, impl, q, k, v, ids, ids)
+    got = _run(attention.segment_attention, impl, q, k, v, ids)  # self-attention: the keys' ids are the queries'
     np.testing.assert_allclose(got, expected, atol=ATOL[impl])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_vision_window_blocks_equal_reference(impl):
     """`window_attention` (banded key blocks, segment ids per block) under each implementation
-    against float64 attention over all patches masked by window."""
+    against float64 attention over all patches masked by window. The GPU Pallas kernel takes
+    one id array, so the banded blocks (queries and keys of different lengths) go to cuDNN."""
     rng = np.random.default_rng(3)
     block, windows = 8, [8, 4, 8, 6, 8]
     ids = _image_segments(windows, 40)
     q, k, v = (x[0] for x in _qkv(rng, 1, 40, 40, heads=2, kv_heads=2, dtype=DTYPES[impl]))
     same_window = ids[None, None, :, None] == ids[None, None, None]
     expected = attention.numpy_attention(q[None], k[None], v[None], same_window)[0]
-    with attention.use_implementation(impl):
+    before = attention.USED.copy()
+    with implementation(impl):
         got = jax.jit(lambda q, k, v: window_attention(q, k, v, jnp.asarray(ids), block))(
             *(jnp.asarray(x, DTYPES[impl]) for x in (q, k, v)))
+    assert set(i for _, i in attention.USED - before) == {"cudnn" if impl == "pallas-gpu" else LABEL[impl]}
     real = ids >= 0
     np.testing.assert_allclose(np.asarray(got.astype(jnp.float32))[real], expected[real], atol=ATOL[impl])
 
@@ -194,7 +219,7 @@ def _prompts(config, rng, batch=2, length=16):
     return ids, mask
 
 
-@pytest.mark.parametrize("impl", ["cudnn", "pallas"])
+@pytest.mark.parametrize("impl", ["cudnn", "pallas", "pallas-gpu"])
 def test_policy_logprobs_and_gradients_equal_reference(tiny_model, impl):
     """The trainer's log-probs of G completions after a shared, left-padded prompt
     (`TextModel.with_shared_prefix`) and their gradients, under each path vs xla."""
@@ -217,7 +242,7 @@ def test_policy_logprobs_and_gradients_equal_reference(tiny_model, impl):
 
     results = {}
     for name in ("xla", impl):
-        with attention.use_implementation(name):
+        with implementation(name):
             (_, logp), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
         results[name] = (np.asarray(logp), jax.tree.map(np.asarray, grads))
     tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
@@ -228,8 +253,9 @@ def test_policy_logprobs_and_gradients_equal_reference(tiny_model, impl):
         assert np.abs(got.astype(np.float32) - want.astype(np.float32)).max() <= tol * 5 * scale
 
 
-def test_generation_with_fused_prefill_and_chunked_decode_equals_reference(tiny_model):
-    """Greedy sampling: the prefill through the Pallas kernel and decoding through the
+@pytest.mark.parametrize("impl", ["pallas", "pallas-gpu"])
+def test_generation_with_fused_prefill_and_chunked_decode_equals_reference(tiny_model, impl):
+    """Greedy sampling: the prefill through each Pallas kernel and decoding through the
     chunked cache reader give the reference's tokens and log-probs."""
     config = tiny_model.config
     rng = np.random.default_rng(1)
@@ -238,11 +264,11 @@ def test_generation_with_fused_prefill_and_chunked_decode_equals_reference(tiny_
     params = sampling.SamplingParams(max_new_tokens=40, temperature=0.0, num_samples=2)
     inputs = sampling.prepare_prompts(tiny_model, ids, mask, prompt_buckets=(16,))
     outputs = {}
-    for name in ("xla", "pallas"):
-        with attention.use_implementation(name):
+    for name in ("xla", impl):
+        with implementation(name):
             outputs[name] = sampling.generate_prepared(graphdef, state, inputs, params, jax.random.key(0))
-    np.testing.assert_array_equal(outputs["pallas"].tokens, outputs["xla"].tokens)
-    np.testing.assert_allclose(outputs["pallas"].logprobs, outputs["xla"].logprobs, atol=1e-4)
+    np.testing.assert_array_equal(outputs[impl].tokens, outputs["xla"].tokens)
+    np.testing.assert_allclose(outputs[impl].logprobs, outputs["xla"].logprobs, atol=1e-4)
 
 
 def test_vision_tower_with_images_of_different_sizes_equals_reference(tiny_model):
@@ -255,11 +281,12 @@ def test_vision_tower_with_images_of_different_sizes_equals_reference(tiny_model
     inputs = jax.tree.map(jnp.asarray, vision_inputs(grid, config.vision, num_patches=128))
     pixels = jnp.concatenate([pixels, jnp.zeros((128 - pixels.shape[0], pixels.shape[1]))])
     outs = {}
-    for name in ("xla", "cudnn", "pallas"):
+    for name in IMPLS:
         dtype = DTYPES[name]
         model = model_lib.init_model(config, seed=0, dtype=dtype)
-        with attention.use_implementation(name):
+        with implementation(name):
             outs[name] = np.asarray(jax.jit(lambda p, i, m=model: m.visual(p, i))(pixels, inputs).astype(jnp.float32))
     real = int(grid.prod(-1).sum()) // config.vision.merge_unit
     np.testing.assert_allclose(outs["pallas"][:real], outs["xla"][:real], atol=1e-4)
+    np.testing.assert_allclose(outs["pallas-gpu"][:real], outs["xla"][:real], atol=1e-4)
     np.testing.assert_allclose(outs["cudnn"][:real], outs["xla"][:real], atol=0.1, rtol=0.05)

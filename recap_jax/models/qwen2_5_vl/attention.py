@@ -22,10 +22,13 @@ traced, so a change clears jit caches):
   lengths even when a mask is given; GQA natively in the [B, S, H, D] layout). Masks are
   passed as boolean [B, 1, Sq, Sk] (cuDNN turns them into a bias). Anything cuDNN rejects
   at trace time falls back to ``"xla"`` (counted in `FALLBACKS`).
-* ``"pallas"``: the Pallas TPU flash-attention kernel
-  (``jax.experimental.pallas.ops.tpu.flash_attention``) with segment ids and causal
-  masking; key/value heads are repeated for GQA and lengths padded to multiples of 128. Off
-  TPU it runs in interpret mode (slow; for tests).
+* ``"pallas"``: the backend's Pallas flash-attention kernel, taking segment ids instead of
+  a mask (`pallas_kernel`): on TPU ``jax.experimental.pallas.ops.tpu.flash_attention``; on
+  GPU the Triton kernel ``jax.experimental.pallas.ops.gpu.attention.mha``, which takes one
+  segment-id array for queries and keys, so it serves self-attention (causal, the shared
+  prefix with placeholder queries, the vision tower's frames) and the window blocks' banded
+  keys go to cuDNN. Key/value heads are repeated for GQA and lengths padded to multiples of
+  128. Off TPU and GPU it runs in interpret mode (slow; for tests).
 * ``"auto"`` (default): ``"cudnn"`` on GPU, ``"pallas"`` on TPU, ``"xla"`` elsewhere.
 
 Decoding: with ``"cudnn"`` or ``"pallas"`` named explicitly (and ``"auto"`` on TPU),
@@ -58,9 +61,12 @@ _setting = {"implementation": "auto"}
 # Tests only: run the "cudnn" branch off GPU through jax.nn's XLA implementation with the very
 # arguments cuDNN would get (layout, GQA, masks), instead of falling back to the reference.
 EMULATE_CUDNN = {"on": False}
-# (use, requested implementation, reason) -> times a trace fell back to "xla"
+# Tests only: which Pallas kernel "pallas" runs in interpret mode off TPU and GPU ("tpu" or "gpu").
+PALLAS_KERNEL_OFF_ACCELERATOR = {"kernel": "tpu"}
+# (use, requested implementation, reason) -> times a trace fell back to another implementation
 FALLBACKS: collections.Counter = collections.Counter()
-# (use, implementation) -> times a trace used it (what actually ran; benchmarks report it)
+# (use, implementation) -> times a trace used it (what actually ran; benchmarks report it).
+# The Pallas kernels are told apart: "pallas-tpu", "pallas-gpu".
 USED: collections.Counter = collections.Counter()
 
 
@@ -105,12 +111,21 @@ def resolve(name: str | None = None, backend: str | None = None) -> str:
     return {"gpu": "cudnn", "cuda": "cudnn", "tpu": "pallas"}.get(backend, "xla")
 
 
-def _fallback(use: str, implementation: str, reason: str) -> str:
+def pallas_kernel() -> str:
+    """The Pallas kernel ``"pallas"`` runs here: ``"tpu"`` (flash_attention) or ``"gpu"``
+    (the Triton ``mha``); off both, `PALLAS_KERNEL_OFF_ACCELERATOR` (interpret mode)."""
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return "tpu"
+    return "gpu" if _on_gpu() else PALLAS_KERNEL_OFF_ACCELERATOR["kernel"]
+
+
+def _fallback(use: str, implementation: str, reason: str, to: str = "xla") -> str:
     key = (use, implementation, reason)
     if not FALLBACKS[key]:
-        warnings.warn(f"attention ({use}): {implementation} unavailable ({reason}); using xla", stacklevel=3)
+        warnings.warn(f"attention ({use}): {implementation} unavailable ({reason}); using {to}", stacklevel=3)
     FALLBACKS[key] += 1
-    return "xla"
+    return to
 
 
 # ---------------------------------------------------------------------------- masks
@@ -172,6 +187,41 @@ def _pad_to(x: jax.Array, length: int, axis: int, value) -> jax.Array:
 
 
 def _pallas(q, k, v, q_segments, kv_segments, causal: bool) -> jax.Array:
+    """The backend's Pallas kernel (`pallas_kernel`) on [B, S, H, D] with segment ids [B, S].
+    The GPU kernel takes one id array: callers route only self-attention there, where
+    ``q_segments`` equals ``kv_segments``."""
+    if pallas_kernel() == "gpu":
+        return _pallas_gpu(q, k, v, kv_segments, causal)
+    return _pallas_tpu(q, k, v, q_segments, kv_segments, causal)
+
+
+def _pallas_gpu(q, k, v, segments, causal: bool) -> jax.Array:
+    """Pallas's GPU (Triton) flash attention on q, k, v [B, S, H(kv), D] with one segment-id
+    array [B, S] for queries and keys and top-left causal masking; interpret mode off GPU.
+    Returns [B, S, Hq, D].
+
+    No mask is materialised: the kernel compares ids per block. The length is padded up to a
+    multiple of 128 (its block) with an id no real token has, so added queries attend only to
+    added keys and are dropped.
+    """
+    from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+
+    length = q.shape[1]
+    padded = -(-length // 128) * 128
+    segments = _pad_to(segments.astype(jnp.int32), padded, 1, _PALLAS_PAD_SEGMENT)
+    q, k, v = (_pad_to(x, padded, 1, 0) for x in (q, k, v))
+    groups = q.shape[2] // k.shape[2]
+    k, v = (jnp.repeat(x, groups, axis=2) for x in (k, v))
+    if not _on_gpu():
+        from jax.experimental.pallas import tpu as pltpu
+
+        pltpu.set_tpu_interpret_mode(None)  # undo `_pallas_tpu`'s, which would interpret this kernel as a TPU's
+    out = gpu_attention.mha(q, k, v, segments, sm_scale=q.shape[-1] ** -0.5, causal=causal,
+                            interpret=not _on_gpu())
+    return out[:, :length]
+
+
+def _pallas_tpu(q, k, v, q_segments, kv_segments, causal: bool) -> jax.Array:
     """The Pallas TPU flash-attention kernel on [B, S, H, D] inputs with segment ids [B, S]
     (int32) and top-left causal masking; interpret mode off TPU. Returns [B, Sq, Hq, D].
 
@@ -202,17 +252,20 @@ def _pallas(q, k, v, q_segments, kv_segments, causal: bool) -> jax.Array:
     return out.transpose(0, 2, 1, 3)[:, :q_len]
 
 
-def _choose(use: str, q, q_len: int, kv_len: int, implementation: str | None) -> str:
-    """The implementation this call runs: the resolved setting, or ``xla`` where the fused
-    kernel would reject queries like ``q`` (dtype, head_dim) with these lengths."""
+def _choose(use: str, q, q_len: int, kv_len: int, implementation: str | None, self_attention: bool = True) -> str:
+    """The implementation this call runs: the resolved setting, or another where the kernel
+    would reject the call: the GPU Pallas kernel anything but self-attention (to cuDNN),
+    cuDNN queries like ``q`` (dtype, head_dim) with these lengths (to ``xla``)."""
     impl = resolve(implementation)
-    check = {"cudnn": _cudnn_unsupported}.get(impl, lambda *_: None)
-    why = check(q.dtype, q.shape[-1], q_len, kv_len)
-    if impl == "cudnn" and why is None and not _on_gpu() and not EMULATE_CUDNN["on"]:
-        why = f"backend {jax.default_backend()}"
-    if why is not None:
-        impl = _fallback(use, impl, why)
-    USED[(use, impl)] += 1
+    if impl == "pallas" and pallas_kernel() == "gpu" and not self_attention:
+        impl = _fallback(use, impl, "the GPU kernel takes one segment-id array for queries and keys", to="cudnn")
+    if impl == "cudnn":
+        why = _cudnn_unsupported(q.dtype, q.shape[-1], q_len, kv_len)
+        if why is None and not _on_gpu() and not EMULATE_CUDNN["on"]:
+            why = f"backend {jax.default_backend()}"
+        if why is not None:
+            impl = _fallback(use, impl, why)
+    USED[(use, f"pallas-{pallas_kernel()}" if impl == "pallas" else impl)] += 1
     return impl
 
 
@@ -233,15 +286,18 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array,
     return layers.dot_product_attention(q, k, v, causal_mask(valid))
 
 
-def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segments: jax.Array, kv_segments: jax.Array, *,
-                      implementation: str | None = None) -> jax.Array:
+def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segments: jax.Array,
+                      kv_segments: jax.Array | None = None, *, implementation: str | None = None) -> jax.Array:
     """Non-causal attention between equal segment ids.
 
-    q [B, Sq, Hq, D]; k, v [B, Sk, Hkv, D]; q_segments [B, Sq], kv_segments [B, Sk] int.
-    Every query must share its id with at least one key (true of self-attention); equals the
-    reference on every row.
+    q [B, Sq, Hq, D]; k, v [B, Sk, Hkv, D]; q_segments [B, Sq], kv_segments [B, Sk] int, or
+    None for self-attention (Sq = Sk, the keys' ids are the queries': what the GPU Pallas
+    kernel takes). Every query must share its id with at least one key (true of
+    self-attention); equals the reference on every row.
     """
-    impl = _choose("segment", q, q.shape[1], k.shape[1], implementation)
+    self_attention = kv_segments is None
+    kv_segments = q_segments if self_attention else kv_segments
+    impl = _choose("segment", q, q.shape[1], k.shape[1], implementation, self_attention=self_attention)
     if impl == "cudnn":
         return _cudnn(q, k, v, segment_mask(q_segments, kv_segments, causal=False))
     if impl == "pallas":

@@ -194,9 +194,10 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
 
     q, k, v: [N, heads, head_dim]; segment_ids: [N]. The full-attention blocks' path
     (segments = frames, of any length): `attention.segment_attention` with the segment ids
-    (the reference computes all N x N scores and masks them; the fused kernels take the ids).
+    (the reference computes all N x N scores and masks them, cuDNN takes an N x N mask, the
+    Pallas kernels take the ids).
     """
-    return attention.segment_attention(q[None], k[None], v[None], segment_ids[None], segment_ids[None])[0]
+    return attention.segment_attention(q[None], k[None], v[None], segment_ids[None])[0]
 
 
 # Segment ids of the padding `window_attention` adds: the tail that rounds N up to whole
