@@ -27,12 +27,15 @@ run goes on), skipped once ``--budget-s`` is spent:
   4 images), forward under each attention implementation (``xla``; ``cudnn``, whose
   full-attention blocks take an N x N mask; ``pallas``, which takes segment ids: the Triton
   kernel on a GPU), its time and its program's peak bytes.
+* ``jax_decode_split``: ``jax_decode`` with the decoder weights copied out of their layer
+  stack once before the loop (`sampling.SPLIT_DECODER_WEIGHTS`, the CPU default) instead of
+  sliced per step: whether slicing inside the loop costs a GPU a copy of every weight per step.
 * ``jax_train_save_dots``: the train step with remat "save_dots" (matmul outputs kept for
   the backward pass, not recomputed): more memory, fewer FLOPs per step than "full".
 * ``jax_train_7b``: the train step with Qwen2.5-VL-7B's decoder (and vision tower), G = 4,
   where the device has the memory (not in --tiny mode).
 * ``jax_train_pallas``: the 3B train step under ``--attention pallas`` (the Triton kernel on
-  a GPU, segment ids, no mask), to set against ``jax_train``'s cuDNN (not in --tiny mode).
+  a GPU, segment ids, no mask), to set against ``jax_train``'s cuDNN.
 
 Each section runs in its own interpreter (``--section``), so that its device memory is
 returned when it ends (JAX's allocator keeps what it took; PyTorch then gets the whole device)
@@ -297,9 +300,11 @@ def jax_train(config, workload: memory.Workload, repeats: int, peaks: dict, with
 
     def run():
         holder["state"], metrics = compiled(holder["state"], batch, weights)
+        holder.setdefault("first", metrics)  # the warm-up call's: the same across implementations
         return metrics
 
     seconds = median_time(run, repeats)
+    row["first_step"] = {k: float(holder["first"][k]) for k in ("loss", "grad_norm")}
     flops = train_flops(config, workload)
     tokens = workload.batch * (workload.prompt_len + workload.group_size * workload.completion_len)
     row.update(step_s=seconds, model_flops=flops["total"], model_flops_vision=flops["vision"],
@@ -362,7 +367,7 @@ def jax_generation(config, shp: Shapes, peaks: dict, with_hlo: bool) -> tuple[di
     params = sampling.SamplingParams(max_new_tokens=shp.gen_new_tokens, temperature=1.0, eos_token_id=(),
                                      num_samples=shp.gen_samples).validate()
     generate = sampling._generate_jit  # the jitted sampler behind generate_prepared
-    lowered = generate.lower(graphdef, state, inputs, params, jax.random.key(0))
+    lowered = generate.lower(graphdef, state, inputs, params, jax.random.key(0), sampling._split_weights_once())
     compiled = lowered.compile()
     decode: dict[str, Any] = {"peak_bytes_program": compiled_bytes(compiled)}
     if with_hlo:
@@ -577,6 +582,11 @@ def table(results: dict) -> str:
                  f"{_fmt(g('torch_train', 'peak_bytes'), scale=1e9)} | |")
     lines.append(f"| peak memory, generate (GB) | {_fmt(g('jax_decode', 'peak_bytes_program'), scale=1e9)} | "
                  f"{_fmt(g('torch_generate', 'peak_bytes'), scale=1e9)} | |")
+    if "jax_decode_split" in r:
+        frac = g("jax_decode_split", "roofline_fraction")
+        lines.append(f"| decode step, weights split once (ms) / roofline | "
+                     f"{_fmt(g('jax_decode_split', 'step_s'), scale=1e-3)} / "
+                     f"{'n/a' if frac is None else f'{100 * frac:.1f}%'} | | |")
     variants = (("jax_train_save_dots", "train step, remat save_dots"), ("jax_train_pallas", "train step, Pallas"),
                 ("jax_train_7b", "7B train step (G = 4)"))
     for name, label in variants:
@@ -603,9 +613,9 @@ def table(results: dict) -> str:
 
 
 # in order of importance: the budget skips the last ones first
-SECTIONS = ("jax_train", "jax_generation", "decode_step", "torch", "vision_paths", "jax_train_save_dots",
-            "jax_train_7b", "jax_train_pallas")
-FULL_SIZE_ONLY = ("jax_train_7b", "jax_train_pallas")  # not run in --tiny mode
+SECTIONS = ("jax_train", "jax_generation", "decode_step", "torch", "jax_decode_split", "vision_paths",
+            "jax_train_save_dots", "jax_train_7b", "jax_train_pallas")
+FULL_SIZE_ONLY = ("jax_train_7b",)  # not run in --tiny mode
 
 
 def run_section(name: str, tiny: bool, peaks: dict, budget: Budget) -> dict[str, Any]:
@@ -631,11 +641,16 @@ def run_section(name: str, tiny: bool, peaks: dict, budget: Budget) -> dict[str,
         if "error" in row:
             rows["torch"] = row
         return rows
+    if name == "jax_decode_split":
+        sampling.SPLIT_DECODER_WEIGHTS["mode"] = "always"
+        return {name: guarded(name, lambda: jax_generation(config, shp, peaks, False)[1])}
     if name == "vision_paths":
         return {"vision_paths": vision_paths(config, 4 if tiny else 16, shp.gen_image_size, shp.repeats)}
     if name == "jax_train_save_dots":
         return {name: guarded(name, lambda: jax_train(config, shp.train, shp.repeats, peaks, False, "save_dots"))}
     if name == "jax_train_pallas":
+        # off accelerators: the GPU kernel in interpret mode (the TPU kernel's interpreter cannot run under remat)
+        attention.PALLAS_KERNEL_OFF_ACCELERATOR["kernel"] = "gpu"
         attention.set_implementation("pallas")
         return {name: guarded(name, lambda: jax_train(config, shp.train, shp.repeats, peaks, False))}
     if name == "jax_train_7b":  # G = 4: the 7B step's activations without remat fit one H200

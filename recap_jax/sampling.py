@@ -10,7 +10,8 @@ is updated in place, the rotary tables of every step are computed once, tokens a
 inverting the CDF (`sample_categorical`) rather than with V Gumbel draws, and on CPU the
 decoder weights are sliced out of their layer stack once before the loop
 (`TextModel.split_layers`: a transient copy of the decoder weights, which halves the bytes a
-CPU decode step reads; accelerators, where the copy would cost scarce memory, slice per step).
+CPU decode step reads; accelerators, where the copy would cost scarce memory, slice per step;
+`SPLIT_DECODER_WEIGHTS` chooses).
 
 Log-probs. By default the returned per-token log-probs are ``log_softmax(logits)`` of the
 model's raw logits: the distribution at temperature 1 without top-k/top-p truncation, whatever
@@ -204,10 +205,20 @@ def first_completion_position(inputs: ModelInputs) -> jax.Array:
     return real + inputs.rope_deltas.astype(jnp.int32)
 
 
+# "auto" (split on CPU only), "always" or "never": whether the decode loop reads each decoder
+# layer's weights from a copy made once before the loop. Read at trace time; the accelerator
+# benchmark times both on a GPU (`benchmarks.accelerator`, section jax_decode_split).
+# (`generate_prepared` reads it per call.)
+SPLIT_DECODER_WEIGHTS = {"mode": "auto"}
+
+
 def _split_weights_once() -> bool:
-    """Whether to copy the decoder layers out of their stack before the decode loop (CPU only,
-    see the module docstring)."""
-    return jax.default_backend() == "cpu"
+    """Whether to copy the decoder layers out of their stack before the decode loop (on CPU by
+    default, see the module docstring; `SPLIT_DECODER_WEIGHTS`)."""
+    mode = SPLIT_DECODER_WEIGHTS["mode"]
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"SPLIT_DECODER_WEIGHTS: mode {mode!r} is not one of auto, always, never")
+    return mode == "always" or (mode == "auto" and jax.default_backend() == "cpu")
 
 
 def _is_eos(tokens: jax.Array, eos: tuple[int, ...]) -> jax.Array:
@@ -217,8 +228,10 @@ def _is_eos(tokens: jax.Array, eos: tuple[int, ...]) -> jax.Array:
     return hit
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _generate_jit(graphdef, state, inputs: ModelInputs, params: SamplingParams, rng: jax.Array):
+@functools.partial(jax.jit, static_argnums=(0, 3, 5))
+def _generate_jit(graphdef, state, inputs: ModelInputs, params: SamplingParams, rng: jax.Array,
+                  split_weights: bool):
+    """The sampler; ``split_weights``: `_split_weights_once` (static, so that a change retraces)."""
     model = nnx.merge(graphdef, state)
     batch, prompt_len = inputs.input_ids.shape
     samples = params.num_samples
@@ -226,7 +239,7 @@ def _generate_jit(graphdef, state, inputs: ModelInputs, params: SamplingParams, 
     steps = params.max_new_tokens
 
     text = model.language_model
-    layers = text.split_layers() if _split_weights_once() else None
+    layers = text.split_layers() if split_weights else None
     # the prompt's cache, kept once per prompt and shared by its G samples (the decode prefix)
     prompt_cache = text_lib.init_cache(model.config.text, batch, prompt_len, model.dtype)
     hidden, prompt_cache = text(model.embed(inputs), inputs.position_ids, inputs.attention_mask, prompt_cache,
@@ -296,7 +309,8 @@ def generate_prepared(graphdef, state, inputs: ModelInputs, params: SamplingPara
                       rng: jax.Array) -> GenerationOutput:
     """`generate` on prompts already prepared by `prepare_prompts`, for a model split into
     (graphdef, state): the form a training loop holds (the state is its params)."""
-    return _generate_jit(graphdef, state, jax.tree.map(jnp.asarray, inputs), params.validate(), rng)
+    return _generate_jit(graphdef, state, jax.tree.map(jnp.asarray, inputs), params.validate(), rng,
+                         _split_weights_once())
 
 
 # ----------------------------------------------------------------------------- scoring

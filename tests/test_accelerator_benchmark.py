@@ -33,11 +33,21 @@ def table(tmp_path_factory):
 
 def test_every_section_ran_without_error(table):
     for name in ("jax_train", "jax_prefill", "jax_decode", "decode_step", "torch_train", "torch_generate",
-                 "jax_train_save_dots"):
+                 "jax_train_save_dots", "jax_decode_split", "jax_train_pallas"):
         assert name in table and "error" not in table[name], (name, table.get(name))
     for impl in ("xla", "cudnn", "pallas"):
         assert "error" not in table["vision_paths"][impl], (impl, table["vision_paths"][impl])
     assert table["skipped"] == [] and table["tiny"] is True
+
+
+def test_the_pallas_train_step_runs_the_gpu_kernel_and_matches_the_reference_step(table):
+    """The 3B-shaped step's code path under --attention pallas (off GPU: the Triton kernel in
+    interpret mode, inside remat): the warm-up step's gradient norm equals the reference
+    step's (same weights, same batch) up to bf16 rounding."""
+    pallas, reference = table["jax_train_pallas"], table["jax_train"]
+    assert {"causal:pallas-gpu", "prefix:pallas-gpu", "segment:pallas-gpu"} <= set(pallas["attention"])
+    assert pallas["first_step"]["grad_norm"] == pytest.approx(reference["first_step"]["grad_norm"], rel=0.02)
+    assert pallas["first_step"]["grad_norm"] > 0
 
 
 def test_vision_paths_record_what_ran_and_save_dots_keeps_more_for_the_backward(table):

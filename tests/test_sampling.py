@@ -32,8 +32,11 @@ PROMPTS = {
 }
 
 
+@pytest.mark.parametrize("split", ["auto", "never"])  # on CPU "auto" copies the layers out once
 @pytest.mark.parametrize("case", list(PROMPTS))
-def test_greedy_equals_transformers_generate(models, case):
+def test_greedy_equals_transformers_generate(models, case, split, monkeypatch):
+    """Both ways the decode loop reads the decoder weights (`sampling.SPLIT_DECODER_WEIGHTS`)."""
+    monkeypatch.setitem(sampling.SPLIT_DECODER_WEIGHTS, "mode", split)
     cfg, hf, ours = models
     ids, mask, pixels, grid, token_type = build_batch(cfg, PROMPTS[case], np.random.default_rng(4))
     new = 10
@@ -233,6 +236,12 @@ def test_inverse_cdf_draws_over_many_blocks_follow_the_distribution():
     assert np.all(freq[p == 0] == 0)
     tolerance = 4.5 * np.sqrt(p * (1 - p) / n) + 1e-9  # fails only on a real difference
     assert np.all(np.abs(freq - p) <= tolerance), np.abs(freq - p).max()
+
+
+def test_a_bad_weight_split_mode_is_an_error(monkeypatch):
+    monkeypatch.setitem(sampling.SPLIT_DECODER_WEIGHTS, "mode", "sometimes")
+    with pytest.raises(ValueError, match="sometimes"):
+        sampling._split_weights_once()
 
 
 def test_invalid_sampling_parameters_name_the_field():
