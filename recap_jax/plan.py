@@ -32,6 +32,7 @@ from recap_jax import grpo, lora, recap, run_config
 from recap_jax.data.replay import MODOMODO_SHARES, ReplayConfig, epoch_steps
 from recap_jax.data.tasks import get_task, styled_task_name, unstyled_task_name
 from recap_jax.metrics_log import WandbConfig
+from recap_jax.models.qwen2_5_vl import attention
 from recap_jax.parallel import MeshConfig, parse_mesh_spec
 from recap_jax.precision import PrecisionConfig
 from recap_jax.run_config import ConfigError
@@ -130,8 +131,14 @@ class ModelPlan:
     remat: str
     logits_chunk: int
     freeze_vision: bool
+    attention: str = "auto"  # one of attention.IMPLEMENTATIONS; build_run sets it
     lora: lora.LoraConfig | None = None  # model.lora (None: rank 0, full fine-tuning)
     lora_merge_on_export: bool = True
+
+    def __post_init__(self):
+        if self.attention not in attention.IMPLEMENTATIONS:
+            raise ValueError(f"ModelPlan.attention={self.attention!r} is invalid; allowed: "
+                             f"{' | '.join(attention.IMPLEMENTATIONS)}")
 
     @property
     def precision(self) -> PrecisionConfig:

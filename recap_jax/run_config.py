@@ -136,6 +136,10 @@ def base_config() -> ml_collections.ConfigDict:
         rope_theta=10000.0,
         param_dtype="float32", compute_dtype="float32",  # see recap_jax.precision
         remat="none",  # none | full | save_dots
+        # attention kernels (recap_jax.models.qwen2_5_vl.attention): auto (cuDNN on GPU, Pallas
+        # on TPU, xla elsewhere) | xla | cudnn | pallas (segment ids, no mask: TPU flash
+        # attention, or Triton's on GPU)
+        attention="auto",
         # train step: completion positions per chunk of the output projection (0 = all at
         # once); chunks are recomputed in the backward pass instead of keeping [rows, C, V]
         # logits, the largest buffers of long completions with Qwen's 152k vocabulary

@@ -70,6 +70,7 @@ from recap_jax.data.run_sources import WarmStartTargets, open_sources
 from recap_jax.data.tasks import get_task
 from recap_jax.evaluator import Evaluator
 from recap_jax.metrics_log import MetricsLog
+from recap_jax.models.qwen2_5_vl import attention
 from recap_jax.preemption import Preempted, PreemptionHandler
 from recap_jax.reward_pool import RewardPool
 from recap_jax.tools import memory
@@ -153,6 +154,8 @@ class Run:
 def build_run(plan: plan_lib.RunPlan, workdir: str) -> Run:
     """Mesh, tokenizer, model, sources, evaluator, checkpoints and metrics of a plan."""
     mesh = parallel.make_mesh(plan.mesh) if plan.mesh is not None else None
+    attention.set_implementation(plan.model.attention)  # read when each step is traced
+    _log.info("attention: %s -> %s on %s", plan.model.attention, attention.resolve(), jax.default_backend())
     processor = policy.build_processor(plan, workdir)
     model_config = policy.build_model_config(plan.model)
     policy.check_tokenizer_matches(processor, model_config)

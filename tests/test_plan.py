@@ -196,3 +196,22 @@ def test_user_feature_fields_reach_their_types():
     assert (built.wandb.enabled, built.wandb.project, built.wandb.mode) == (True, "p", "disabled")
     with pytest.raises(ConfigError, match="config.rl.tis_cap"):  # TIS needs recomputed log-probs
         plan.build_plan(short_config(rl__tis_cap=2.0))
+
+
+def test_model_attention_is_checked_and_set_by_the_run(tmp_path, caplog):
+    """model.attention: a name outside attention.IMPLEMENTATIONS names the field; a valid one
+    is what `train.build_run` sets for every later trace (and logs, with what it resolves to)."""
+    from recap_jax import train
+    from recap_jax.models.qwen2_5_vl import attention
+
+    with pytest.raises(ConfigError, match="config.model.attention='flash'.*auto \\| xla \\| cudnn \\| pallas"):
+        plan.build_plan(short_config(model__attention="flash"))
+    built = plan.build_plan(short_config(model__attention="xla"))
+    assert built.model.attention == "xla"
+    try:
+        with caplog.at_level("INFO", logger="recap_jax.train"):
+            train.build_run(built, str(tmp_path))
+        assert attention.get_implementation() == "xla"
+        assert "attention: xla -> xla" in caplog.text
+    finally:
+        attention.set_implementation("auto")
