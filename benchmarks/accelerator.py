@@ -27,6 +27,8 @@ run goes on), skipped once ``--budget-s`` is spent:
   4 images), forward under each attention implementation (``xla``; ``cudnn``, whose
   full-attention blocks take an N x N mask; ``pallas``, which takes segment ids: the Triton
   kernel on a GPU), its time and its program's peak bytes.
+* ``decode_floor``: the decode step's matmuls alone (`decode_matmul_floor`): the fraction of
+  the roofline XLA's matmuls reach at the decode's row count, the bound for ``jax_decode``.
 * ``jax_decode_split``: ``jax_decode`` with the decoder weights copied out of their layer
   stack once before the loop (`sampling.SPLIT_DECODER_WEIGHTS`, the CPU default) instead of
   sliced per step: whether slicing inside the loop costs a GPU a copy of every weight per step.
@@ -385,6 +387,39 @@ def jax_generation(config, shp: Shapes, peaks: dict, with_hlo: bool) -> tuple[di
     return prefill, decode
 
 
+def decode_matmul_floor(config, rows: int, steps: int, peaks: dict, repeats: int) -> dict[str, Any]:
+    """What the decode step's matmuls alone reach: every decoder layer's projections (q, k, v,
+    o, gate, up, down; separate bf16 arrays, none sliced from a stack) and the output
+    projection on [rows, hidden] activations, ``steps`` steps in one jitted loop, no attention,
+    cache, norms or sampling. Its fraction of the HBM roofline bounds what the model's decode
+    step can reach with XLA's matmuls; the gap to ``jax_decode`` is the rest of the step."""
+    t = config.text
+    d, f = t.hidden_size, t.intermediate_size
+    q_dim, kv_dim = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    keys = iter(jax.random.split(jax.random.key(0), 7 * t.num_hidden_layers + 2))
+    weight = jax.jit(lambda key, shape: jax.random.normal(key, shape, jnp.bfloat16) * 0.02, static_argnums=1)
+    shapes_ = dict(q=(d, q_dim), k=(d, kv_dim), v=(d, kv_dim), o=(q_dim, d), gate=(d, f), up=(d, f), down=(f, d))
+    layers = [{name: weight(next(keys), shape) for name, shape in shapes_.items()} for _ in range(t.num_hidden_layers)]
+    lm_head = weight(next(keys), (d, t.vocab_size))
+
+    def norm(x):
+        return x * jax.lax.rsqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), -1, keepdims=True) + 1e-6).astype(x.dtype)
+
+    def step(_, x):
+        for w in layers:
+            kv = (x @ w["k"]).sum(-1, keepdims=True) + (x @ w["v"]).sum(-1, keepdims=True)
+            x = norm(x + (x @ w["q"]) @ w["o"] + 1e-3 * kv)
+            x = norm(x + (jax.nn.silu(x @ w["gate"]) * (x @ w["up"])) @ w["down"])
+        return norm(x + 1e-3 * (x @ lm_head)[:, :d])
+
+    run = jax.jit(lambda x: jax.lax.fori_loop(0, steps, step, x))
+    x = jax.random.normal(next(keys), (rows, d), jnp.bfloat16)
+    step_s = median_time(lambda: run(x), repeats) / steps
+    weight_bytes = param_bytes((layers, lm_head))
+    return {"rows": rows, "step_s": step_s, "bytes_per_step": weight_bytes, "peak_bandwidth": peaks["bandwidth"],
+            "roofline_fraction": None if not peaks["bandwidth"] else weight_bytes / step_s / peaks["bandwidth"]}
+
+
 def decode_step_hlo(config) -> dict[str, Any]:
     """The HLO report of ONE decode step (the text model over a cache with a shared prefix)."""
     graphdef, state = build_model(config)
@@ -582,6 +617,11 @@ def table(results: dict) -> str:
                  f"{_fmt(g('torch_train', 'peak_bytes'), scale=1e9)} | |")
     lines.append(f"| peak memory, generate (GB) | {_fmt(g('jax_decode', 'peak_bytes_program'), scale=1e9)} | "
                  f"{_fmt(g('torch_generate', 'peak_bytes'), scale=1e9)} | |")
+    if "decode_floor" in r:
+        frac = g("decode_floor", "roofline_fraction")
+        lines.append(f"| decode matmuls alone, no attention (ms) / roofline | "
+                     f"{_fmt(g('decode_floor', 'step_s'), scale=1e-3)} / "
+                     f"{'n/a' if frac is None else f'{100 * frac:.1f}%'} | | |")
     if "jax_decode_split" in r:
         frac = g("jax_decode_split", "roofline_fraction")
         lines.append(f"| decode step, weights split once (ms) / roofline | "
@@ -613,8 +653,8 @@ def table(results: dict) -> str:
 
 
 # in order of importance: the budget skips the last ones first
-SECTIONS = ("jax_train", "jax_generation", "decode_step", "torch", "jax_decode_split", "vision_paths",
-            "jax_train_save_dots", "jax_train_7b", "jax_train_pallas")
+SECTIONS = ("jax_train", "jax_generation", "decode_step", "torch", "decode_floor", "jax_decode_split",
+            "vision_paths", "jax_train_save_dots", "jax_train_pallas", "jax_train_7b")
 FULL_SIZE_ONLY = ("jax_train_7b",)  # not run in --tiny mode
 
 
@@ -641,6 +681,10 @@ def run_section(name: str, tiny: bool, peaks: dict, budget: Budget) -> dict[str,
         if "error" in row:
             rows["torch"] = row
         return rows
+    if name == "decode_floor":
+        rows = shp.gen_prompts * shp.gen_samples
+        return {name: guarded(name, lambda: decode_matmul_floor(config, rows, shp.gen_new_tokens, peaks,
+                                                                shp.repeats))}
     if name == "jax_decode_split":
         sampling.SPLIT_DECODER_WEIGHTS["mode"] = "always"
         return {name: guarded(name, lambda: jax_generation(config, shp, peaks, False)[1])}

@@ -33,7 +33,7 @@ def table(tmp_path_factory):
 
 def test_every_section_ran_without_error(table):
     for name in ("jax_train", "jax_prefill", "jax_decode", "decode_step", "torch_train", "torch_generate",
-                 "jax_train_save_dots", "jax_decode_split", "jax_train_pallas"):
+                 "jax_train_save_dots", "jax_decode_split", "jax_train_pallas", "decode_floor"):
         assert name in table and "error" not in table[name], (name, table.get(name))
     for impl in ("xla", "cudnn", "pallas"):
         assert "error" not in table["vision_paths"][impl], (impl, table["vision_paths"][impl])
@@ -75,6 +75,12 @@ def test_decode_roofline_fraction_is_bytes_over_time_over_bandwidth(table):
         decode["bytes_per_step"] / decode["step_s"] / decode["peak_bandwidth"], rel=1e-9)
     assert decode["tokens_per_s"] == pytest.approx(decode["rows"] / decode["step_s"], rel=1e-9)
     assert table["jax_prefill"]["tokens_per_s"] > 0 and table["torch_generate"]["tokens_per_s"] > 0
+    floor = table["decode_floor"]
+    assert floor["roofline_fraction"] == pytest.approx(
+        floor["bytes_per_step"] / floor["step_s"] / floor["peak_bandwidth"], rel=1e-9)
+    # the floor's weights are the decoder's projections and the output projection: what the
+    # model's decode step reads, less the norms, the embedding and the KV cache
+    assert 0.8 * decode["bytes_per_step"] < floor["bytes_per_step"] < decode["bytes_per_step"]
 
 
 def test_bf16_train_and_decode_steps_have_no_upcast_matmuls(table):
