@@ -206,9 +206,9 @@ def first_completion_position(inputs: ModelInputs) -> jax.Array:
 
 
 # "auto" (split on CPU only), "always" or "never": whether the decode loop reads each decoder
-# layer's weights from a copy made once before the loop. Read at trace time; the accelerator
-# benchmark times both on a GPU (`benchmarks.accelerator`, section jax_decode_split).
-# (`generate_prepared` reads it per call.)
+# layer's weights from a copy made once before the loop. `generate_prepared` reads it at each
+# call (a change compiles the sampler anew); the accelerator benchmark times both on a GPU
+# (`benchmarks.accelerator`, section jax_decode_split).
 SPLIT_DECODER_WEIGHTS = {"mode": "auto"}
 
 
