@@ -41,8 +41,9 @@ run goes on), skipped once ``--budget-s`` is spent:
 
 Each section runs in its own interpreter (``--section``), so that its device memory is
 returned when it ends (JAX's allocator keeps what it took; PyTorch then gets the whole device)
-and a crash loses that section only. If PyTorch's train step runs out of memory, it is
-retried with gradient checkpointing (as TRL / EasyR1 train), recorded in its row.
+and a crash loses that section only. PyTorch trains with gradient checkpointing (as TRL /
+EasyR1 train, and as our step's remat "full"); the reference is `benchmarks.accelerator_torch`,
+the bf16 check `benchmarks.hlo_check`.
 
 Peak figures by device name (`PEAKS`); a CPU has none ("n/a", MFU not computed) unless
 --peak-tflops / --peak-gbs are given. The JSON written to --out holds every row.
@@ -57,7 +58,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave memory 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -68,6 +68,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks import accelerator_torch  # noqa: E402
+from benchmarks.hlo_check import hlo_report  # noqa: E402
 from benchmarks.mfu import train_flops  # noqa: E402
 from recap_jax import grpo, sampling  # noqa: E402
 from recap_jax.models.qwen2_5_vl import attention  # noqa: E402
@@ -105,98 +107,6 @@ def device_peaks(device, peak_tflops: float | None = None, peak_gbs: float | Non
     if peak_gbs:
         bandwidth = peak_gbs * 1e9
     return {"name": name, "platform": device.platform, "flops": flops, "bandwidth": bandwidth, "source": source}
-
-
-# ----------------------------------------------------------------------------- HLO check
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\w+)\[[^\]]*\](?:\{[^}]*\})?\s+([\w\-]+)\((.*)$")
-_PASS_THROUGH = {"reshape", "transpose", "bitcast", "copy", "broadcast", "slice", "dynamic-slice", "concatenate",
-                 "pad", "get-tuple-element"}
-_MATMULS = {"dot", "convolution"}
-_LOW = {"bf16", "f16"}
-
-
-def _operand_names(rest: str) -> list[str]:
-    """The operand names of an instruction from the text after ``opcode(``: printed with their
-    types (``f32[4,8]{1,0} %x``) or without (``x``), depending on the jax version."""
-    depth, end = 0, len(rest)
-    for i, char in enumerate(rest):  # the operand list ends at the matching ')'
-        depth += char in "([{"
-        if char in ")]}":
-            if depth == 0:
-                end = i
-                break
-            depth -= 1
-    listed = re.sub(r"\[[^\]]*\]|\{[^}]*\}", "", rest[:end])
-    return [piece.split()[-1].lstrip("%") for piece in listed.split(",") if piece.strip()]
-
-
-def _instructions(hlo_text: str) -> dict[str, tuple[str, str, list[str], str]]:
-    """name -> (result dtype, opcode, operand names, line) of every HLO instruction."""
-    table = {}
-    for line in hlo_text.splitlines():
-        match = _INSTRUCTION.match(line)
-        if match:
-            name, dtype, opcode, rest = match.groups()
-            table[name] = (dtype, opcode, _operand_names(rest), line.strip())
-    return table
-
-
-def _dtype(name: str, table) -> str | None:
-    return table[name][0] if name in table else None
-
-
-def _from_low_precision(name: str, table, depth: int = 0) -> bool:
-    """Whether the value ``name`` is a 16-bit float converted up (through shape-only ops)."""
-    if name not in table or depth > 12:
-        return False
-    _, opcode, operands, _ = table[name]
-    if opcode == "convert":
-        return bool(operands) and _dtype(operands[0], table) in _LOW
-    if opcode in _PASS_THROUGH:
-        return any(_from_low_precision(operand, table, depth + 1) for operand in operands)
-    if opcode == "fusion":  # compiled programs fuse the convert: 16-bit in, f32 out
-        return any(_dtype(operand, table) in _LOW for operand in operands)
-    return False
-
-
-def upcast_matmuls(hlo_text: str) -> list[str]:
-    """The f32 matmuls of an HLO module whose inputs are bf16/f16 values converted to f32.
-
-    A matmul (``dot``, ``convolution``, or a cuBLAS gemm custom-call) with an f32 operand that
-    is a 16-bit value run through ``convert`` (and shape-only ops) computes in f32 what the
-    model meant to compute in bf16: at an eighth to a fifteenth of the matrix units' rate on
-    a GPU. Matmuls that take bf16 operands and accumulate into f32 (scores, the output
-    projection) are not upcasts; f32 values that never were bf16 (optimizer, loss, softmax
-    statistics) are not either. Returns the offending instruction lines.
-    """
-    table = _instructions(hlo_text)
-    found = []
-    for dtype, opcode, operands, line in table.values():
-        is_gemm = opcode == "custom-call" and ("gemm" in line or "matmul" in line)
-        if dtype != "f32" or not (opcode in _MATMULS or is_gemm):
-            continue
-        if any(_dtype(operand, table) == "f32" and _from_low_precision(operand, table) for operand in operands):
-            found.append(line[:300])
-    return found
-
-
-def matmul_dtypes(hlo_text: str) -> dict[str, int]:
-    """Counts of matmul instructions by their operand dtypes (e.g. "bf16,bf16->f32": 12)."""
-    counts: dict[str, int] = {}
-    table = _instructions(hlo_text)
-    for dtype, opcode, operands, line in table.values():
-        if opcode in _MATMULS or (opcode == "custom-call" and ("gemm" in line or "matmul" in line)):
-            key = ",".join(str(_dtype(operand, table)) for operand in operands[:2]) + "->" + dtype
-            counts[key] = counts.get(key, 0) + 1
-    return counts
-
-
-def hlo_report(lowered) -> dict[str, Any]:
-    """Upcasts in the program as traced (the model's own code) and as compiled (what runs)."""
-    traced = lowered.as_text(dialect="hlo")
-    compiled = lowered.compile().as_text()
-    return {"traced_upcasts": upcast_matmuls(traced), "compiled_upcasts": upcast_matmuls(compiled),
-            "compiled_matmul_dtypes": matmul_dtypes(compiled)}
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -296,9 +206,7 @@ def jax_train(config, workload: memory.Workload, repeats: int, peaks: dict, with
     row: dict[str, Any] = {"compile_s": time.perf_counter() - compile_start,
                            "peak_bytes_program": compiled_bytes(compiled)}
     if with_hlo:
-        row["hlo"] = {"traced_upcasts": upcast_matmuls(lowered.as_text(dialect="hlo")),
-                      "compiled_upcasts": upcast_matmuls(compiled.as_text()),
-                      "compiled_matmul_dtypes": matmul_dtypes(compiled.as_text())}
+        row["hlo"] = hlo_report(lowered, compiled)
 
     def run():
         holder["state"], metrics = compiled(holder["state"], batch, weights)
@@ -338,7 +246,7 @@ def vision_paths(config, images: int, image_size: int, repeats: int) -> dict[str
         attention.set_implementation(impl)
         before = attention.USED.copy()
         compiled = jax.jit(forward).lower(state, pixels, inputs).compile()
-        used = {f"{use}:{name}": n for (use, name), n in (attention.USED - before).items()}
+        used = _used(since=before)
         seconds = median_time(lambda: compiled(state, pixels, inputs), repeats)
         return {"forward_s": seconds, "peak_bytes_program": compiled_bytes(compiled), "attention": used}
 
@@ -347,8 +255,10 @@ def vision_paths(config, images: int, image_size: int, repeats: int) -> dict[str
     return rows
 
 
-def _used() -> dict[str, int]:
-    return {f"{use}:{impl}": n for (use, impl), n in attention.USED.items()}
+def _used(since=None) -> dict[str, int]:
+    """"use:implementation" -> traces, of what ran (since the ``since`` copy of attention.USED)."""
+    used = attention.USED if since is None else attention.USED - since
+    return {f"{use}:{impl}": n for (use, impl), n in used.items()}
 
 
 def gen_inputs(config, shp: Shapes):
@@ -373,8 +283,7 @@ def jax_generation(config, shp: Shapes, peaks: dict, with_hlo: bool) -> tuple[di
     compiled = lowered.compile()
     decode: dict[str, Any] = {"peak_bytes_program": compiled_bytes(compiled)}
     if with_hlo:
-        decode["hlo"] = {"traced_upcasts": upcast_matmuls(lowered.as_text(dialect="hlo")),
-                         "compiled_upcasts": upcast_matmuls(compiled.as_text())}
+        decode["hlo"] = hlo_report(lowered, compiled)
     total_s = median_time(lambda: sampling.generate_prepared(graphdef, state, inputs, params, jax.random.key(0)),
                           shp.repeats)
     rows = shp.gen_prompts * shp.gen_samples
@@ -398,8 +307,9 @@ def decode_matmul_floor(config, rows: int, steps: int, peaks: dict, repeats: int
     q_dim, kv_dim = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
     keys = iter(jax.random.split(jax.random.key(0), 7 * t.num_hidden_layers + 2))
     weight = jax.jit(lambda key, shape: jax.random.normal(key, shape, jnp.bfloat16) * 0.02, static_argnums=1)
-    shapes_ = dict(q=(d, q_dim), k=(d, kv_dim), v=(d, kv_dim), o=(q_dim, d), gate=(d, f), up=(d, f), down=(f, d))
-    layers = [{name: weight(next(keys), shape) for name, shape in shapes_.items()} for _ in range(t.num_hidden_layers)]
+    projections = dict(q=(d, q_dim), k=(d, kv_dim), v=(d, kv_dim), o=(q_dim, d), gate=(d, f), up=(d, f), down=(f, d))
+    layers = [{name: weight(next(keys), shape) for name, shape in projections.items()}
+              for _ in range(t.num_hidden_layers)]
     lm_head = weight(next(keys), (d, t.vocab_size))
 
     def norm(x):
@@ -441,119 +351,17 @@ def decode_step_hlo(config) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- PyTorch sections
-def torch_model(config, device):
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    hf_config = transformers.Qwen2_5_VLConfig(**config.to_hf_dict())
-    hf_config._attn_implementation = "sdpa"
-    with torch.device(device):
-        model = transformers.Qwen2_5_VLForConditionalGeneration(hf_config).to(torch.bfloat16)
-    return model
-
-
-def _torch_sync(device):
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _torch_time(fn, repeats, device) -> float:
-    fn()
-    _torch_sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _torch_sync(device)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def _torch_peak(device):
-    import torch
-
-    return int(torch.cuda.max_memory_allocated()) if device == "cuda" else None
-
-
 def torch_sections(config, shp: Shapes, device: str, results: dict, budget: "Budget") -> None:
     """transformers' train step and generate on the same workloads (rows into ``results``)."""
-    import torch
-
-    model = torch_model(config, device)
-    workload = shp.train
+    model = accelerator_torch.torch_model(config, device)
     if budget.allows("torch_train"):
-        def train_row():
-            batch = memory.example_batch(config, workload)
-            prompt = batch["prompt"]
-            ids = np.concatenate([np.repeat(prompt.input_ids, workload.group_size, 0), batch["completions"]], 1)
-            pixels = np.repeat(prompt.pixel_values.reshape(workload.batch, -1, prompt.pixel_values.shape[-1]),
-                               workload.group_size, 0).reshape(-1, prompt.pixel_values.shape[-1])
-            grid = np.repeat(np.asarray([workload.grid(config)] * workload.batch), workload.group_size, 0)
-            t = lambda x, dtype=None: torch.tensor(np.asarray(x), device=device, dtype=dtype)  # noqa: E731
-            ids_t = t(ids.astype(np.int64))
-            kwargs = dict(input_ids=ids_t, attention_mask=torch.ones_like(ids_t),
-                          pixel_values=t(pixels, torch.bfloat16), image_grid_thw=t(grid.astype(np.int64)),
-                          mm_token_type_ids=t((ids == config.image_token_id).astype(np.int64)))
-            completion = workload.completion_len
-            adv = t(batch["rewards"][:, 0] - batch["rewards"].mean(), torch.float32)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-            model.train()
-            model.gradient_checkpointing_enable()  # as TRL / EasyR1 train, and as TRAIN_REMAT
-
-            def step():
-                logits = model(**kwargs, logits_to_keep=completion + 1).logits[:, :-1].float()
-                logp = torch.log_softmax(logits, -1).gather(-1, ids_t[:, -completion:, None])[..., 0]
-                ratio = torch.exp(logp - logp.detach())
-                loss = -torch.minimum(ratio * adv[:, None], torch.clamp(ratio, 0.8, 1.2) * adv[:, None]).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-
-            checkpointing = True
-            seconds = _torch_time(step, shp.repeats, device)
-            del optimizer
-            return {"step_s": seconds, "peak_bytes": _torch_peak(device), "gradient_checkpointing": checkpointing,
-                    "what": "TRL-style: prompt repeated per completion, logits at the completion positions"}
-
-        results["torch_train"] = guarded("torch_train", train_row)
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        results["torch_train"] = guarded("torch_train", lambda: accelerator_torch.train_row(
+            model, config, shp.train, device, shp.repeats))
+    accelerator_torch.reset_peak_memory(device)
     if budget.allows("torch_generate"):
-        def generate_row():
-            prompt = gen_inputs(config, shp)
-            side = shp.gen_image_size // config.vision.patch_size
-            t = lambda x, dtype=None: torch.tensor(np.asarray(x), device=device, dtype=dtype)  # noqa: E731
-            kwargs = dict(input_ids=t(prompt.input_ids.astype(np.int64)),
-                          attention_mask=t(prompt.attention_mask.astype(np.int64)),
-                          pixel_values=t(prompt.pixel_values, torch.bfloat16),
-                          image_grid_thw=t(np.asarray([[1, side, side]] * shp.gen_prompts, np.int64)),
-                          mm_token_type_ids=t((prompt.input_ids == config.image_token_id).astype(np.int64)))
-            model.eval()
-            model.generation_config.eos_token_id = None
-
-            def prefill():
-                with torch.no_grad():
-                    model(**kwargs, logits_to_keep=1)
-
-            def generate():
-                with torch.no_grad():
-                    model.generate(**kwargs, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                                   max_new_tokens=shp.gen_new_tokens, min_new_tokens=shp.gen_new_tokens,
-                                   num_return_sequences=shp.gen_samples, pad_token_id=config.pad_token_id)
-
-            prefill_s = _torch_time(prefill, shp.repeats, device)
-            total_s = _torch_time(generate, max(1, shp.repeats - 1), device)
-            rows = shp.gen_prompts * shp.gen_samples
-            step_s = max(total_s - prefill_s, 1e-9) / shp.gen_new_tokens
-            return {"prefill_s": prefill_s, "prefill_tokens_per_s": shp.gen_prompts * shp.gen_prompt_len / prefill_s,
-                    "generate_s": total_s, "step_s": step_s, "tokens_per_s": rows / step_s,
-                    "peak_bytes": _torch_peak(device)}
-
-        results["torch_generate"] = guarded("torch_generate", generate_row)
+        results["torch_generate"] = guarded("torch_generate", lambda: accelerator_torch.generate_row(
+            model, config, gen_inputs(config, shp), device, shp.gen_image_size, shp.gen_samples,
+            shp.gen_new_tokens, shp.repeats))
 
 
 # ----------------------------------------------------------------------------- running
@@ -655,7 +463,6 @@ def table(results: dict) -> str:
 # in order of importance: the budget skips the last ones first
 SECTIONS = ("jax_train", "jax_generation", "decode_step", "torch", "decode_floor", "jax_decode_split",
             "vision_paths", "jax_train_save_dots", "jax_train_pallas", "jax_train_7b")
-FULL_SIZE_ONLY = ("jax_train_7b",)  # not run in --tiny mode
 
 
 def run_section(name: str, tiny: bool, peaks: dict, budget: Budget) -> dict[str, Any]:
@@ -777,8 +584,7 @@ def main(argv=None) -> dict:
             json.dump(results, f, indent=1, default=str)
 
     sections = [name for name in SECTIONS
-                if not (name == "torch" and args.no_torch) and not (name in FULL_SIZE_ONLY and tiny)
-                and not (name == "jax_train_7b" and args.no_7b)
+                if not (name == "torch" and args.no_torch) and not (name == "jax_train_7b" and (tiny or args.no_7b))
                 and not (name == "decode_step" and not tiny)]  # on a GPU, jax_decode's report covers decoding
     for name in sections:
         if not budget.allows(name):

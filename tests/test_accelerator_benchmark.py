@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks.accelerator import upcast_matmuls
+from benchmarks.hlo_check import upcast_matmuls
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

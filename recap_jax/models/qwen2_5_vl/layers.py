@@ -133,7 +133,7 @@ def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     Why: autodiff of an einsum with ``preferred_element_type=float32`` on bf16 operands meets
     a float32 cotangent and promotes the other operand to float32, so the backward of the
     attention scores and of the output projection ran as float32 matmuls (a sixteenth of a
-    GPU's bf16 rate), found by `benchmarks.accelerator.upcast_matmuls`. Here the cotangent is
+    GPU's bf16 rate), found by `benchmarks.hlo_check.upcast_matmuls`. Here the cotangent is
     rounded to the operands' dtype first (as a bf16 model's every other gradient is); for
     float32 operands this is exactly the plain einsum's gradient.
     """
