@@ -195,6 +195,22 @@ def _pallas(q, k, v, q_segments, kv_segments, causal: bool) -> jax.Array:
     return _pallas_tpu(q, k, v, q_segments, kv_segments, causal)
 
 
+def _interpret_off_accelerators(kernel: str) -> None:
+    """Off TPU and GPU, sets jax's process-wide TPU interpret mode for the ``kernel`` about to
+    be traced: on for the TPU kernel (the only way it runs off TPU; process-wide, not a
+    context, because its backward kernels are traced later, outside any context around the
+    call), off for the GPU kernel (which the TPU mode would interpret as a TPU's; it takes
+    its own ``interpret`` flag)."""
+    if jax.default_backend() == "tpu" or _on_gpu():
+        return
+    from jax.experimental.pallas import tpu as pltpu
+
+    if kernel == "tpu":
+        pltpu.set_tpu_interpret_mode()
+    else:
+        pltpu.set_tpu_interpret_mode(None)
+
+
 def _pallas_gpu(q, k, v, segments, causal: bool) -> jax.Array:
     """Pallas's GPU (Triton) flash attention on q, k, v [B, S, H(kv), D] with one segment-id
     array [B, S] for queries and keys and top-left causal masking; interpret mode off GPU.
@@ -212,10 +228,7 @@ def _pallas_gpu(q, k, v, segments, causal: bool) -> jax.Array:
     q, k, v = (_pad_to(x, padded, 1, 0) for x in (q, k, v))
     groups = q.shape[2] // k.shape[2]
     k, v = (jnp.repeat(x, groups, axis=2) for x in (k, v))
-    if not _on_gpu():
-        from jax.experimental.pallas import tpu as pltpu
-
-        pltpu.set_tpu_interpret_mode(None)  # undo `_pallas_tpu`'s, which would interpret this kernel as a TPU's
+    _interpret_off_accelerators("gpu")
     out = gpu_attention.mha(q, k, v, segments, sm_scale=q.shape[-1] ** -0.5, causal=causal,
                             interpret=not _on_gpu())
     return out[:, :length]
@@ -228,7 +241,6 @@ def _pallas_tpu(q, k, v, q_segments, kv_segments, causal: bool) -> jax.Array:
     Lengths are padded up to multiples of 128: added keys take a segment id no query has;
     added queries take key 0's id (so that each has a key, causal or not) and are dropped.
     """
-    from jax.experimental.pallas import tpu as pltpu
     from jax.experimental.pallas.ops.tpu import flash_attention as fa
 
     q_len, kv_len = q.shape[1], k.shape[1]
@@ -243,10 +255,7 @@ def _pallas_tpu(q, k, v, q_segments, kv_segments, causal: bool) -> jax.Array:
     sizes = fa.BlockSizes(block_q=bq, block_k_major=bk, block_k=bk, block_b=1, block_q_major_dkv=bq,
                           block_k_major_dkv=bk, block_k_dkv=bk, block_q_dkv=bq, block_k_major_dq=bk,
                           block_k_dq=bk, block_q_dq=bq)
-    if jax.default_backend() != "tpu":
-        # process-wide, not a context: the backward kernels are traced later, outside any
-        # context around this call; TPU kernels cannot run off TPU any other way anyway
-        pltpu.set_tpu_interpret_mode()
+    _interpret_off_accelerators("tpu")
     out = fa.flash_attention(q.transpose(0, 2, 1, 3), k, v, segment_ids=fa.SegmentIds(q=q_segments, kv=kv_segments),
                              causal=causal, sm_scale=q.shape[-1] ** -0.5, block_sizes=sizes)
     return out.transpose(0, 2, 1, 3)[:, :q_len]
