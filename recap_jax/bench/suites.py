@@ -30,9 +30,7 @@ options (``"generate"``, for a file without them); `recap_jax.bench.circular`.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -45,6 +43,8 @@ from recap_jax.bench import circular as circular_lib
 from recap_jax.bench import ocrbench_v2, ocrbench_v2_text
 from recap_jax.bench.circular import CIRCULAR_MODES, circular_views
 from recap_jax.bench.readers import read_hf_split, read_json_rows
+from recap_jax.bench.row_fields import format_options, letter_of, optional_text, string_list, text_field
+from recap_jax.bench.scoring import LETTERS
 from recap_jax.data import files as files_lib
 from recap_jax.data.records import BadRecord, SkipCounter, decode_image
 from recap_jax.data.tasks import GROUNDING_QUESTION
@@ -53,7 +53,6 @@ from recap_jax.models.qwen2_5_vl import processor as processor_lib
 __all__ = ["BenchItem", "CIRCULAR_MODES", "MULTI_IMAGE_MODES", "SUITES", "Suite", "SuiteKind", "circular_views",
            "format_options", "mmmu_images", "open_suite", "parse_suite_spec", "read_hf_split", "suite_kind"]
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # lmms-eval's VizWiz instruction (the answer "unanswerable" is among the references)
 VIZWIZ_SUFFIX = ("\nWhen the provided information is insufficient, respond with 'Unanswerable'. "
                  "Answer the question using a single word or phrase.")
@@ -135,66 +134,6 @@ class SuiteKind:
     multi_image: bool = False
 
 
-# --------------------------------------------------------------------------- row helpers
-
-
-def _text(row: dict, *keys: str, what: str = "question") -> str:
-    for key in keys:
-        value = row.get(key)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            text = str(value).strip()
-            if text and text.lower() != "nan":
-                return text
-    raise BadRecord(f"text: no {what} (looked for {', '.join(keys)})", "text")
-
-
-def _optional_text(row: dict, key: str) -> str:
-    value = row.get(key)
-    if isinstance(value, float) and math.isnan(value):
-        return ""
-    return str(value).strip() if value is not None and str(value).strip().lower() != "nan" else ""
-
-
-def _string_list(value: Any, what: str, strip: bool = True) -> list[str]:
-    """A list of strings from a list, or from the string repr of a Python list (MMMU);
-    each stripped unless ``strip`` is False."""
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                raise BadRecord(f"schema: {what} is not a list: {text[:80]!r}") from None
-        else:
-            value = [text] if text else []
-    if value is None:
-        return []
-    if not isinstance(value, (list, tuple)):
-        raise BadRecord(f"schema: {what} is a {type(value).__name__}, not a list")
-    return [str(v).strip() if strip else str(v) for v in value if v is not None]
-
-
-def format_options(choices: Sequence[str], style: str = "A. ") -> str:
-    """Option lines: style "A. " gives "A. text", style "(A) " gives "(A) text"."""
-    if len(choices) > len(LETTERS):
-        raise BadRecord(f"schema: {len(choices)} options (at most {len(LETTERS)})")
-    prefix = (lambda k: f"({LETTERS[k]}) ") if style == "(A) " else (lambda k: f"{LETTERS[k]}. ")
-    return "\n".join(prefix(k) + str(choice) for k, choice in enumerate(choices))
-
-
-def _letter_of(answer: Any, count: int) -> str:
-    """An option letter from a letter ("B", "(B)") or a 0-based index (int or "1")."""
-    text = str(answer).strip().strip("()").strip()
-    if text.isdigit():
-        index = int(text)
-        if not 0 <= index < count:
-            raise BadRecord(f"text: answer index {index} outside {count} options", "text")
-        return LETTERS[index]
-    if len(text) == 1 and text.upper() in LETTERS[:max(count, 1)]:
-        return text.upper()
-    raise BadRecord(f"text: answer {answer!r} is not an option letter or index", "text")
-
-
 # --------------------------------------------------------------------------- adapters
 
 
@@ -202,18 +141,18 @@ def mathvista_row(row: dict) -> dict:
     """AI4Math/MathVista: pid, question, image (path), decoded_image, choices, unit, precision,
     answer, question_type (multi_choice | free_form), answer_type, query (the official prompt
     with its hint and choices, used as the question)."""
-    choices = _string_list(row.get("choices"), "choices")
-    question = _optional_text(row, "query")
+    choices = string_list(row.get("choices"), "choices")
+    question = optional_text(row, "query")
     if not question:
-        question = _text(row, "question")
+        question = text_field(row, "question")
         if choices:
             question += "\nChoices:\n" + format_options(choices, "(A) ")
     precision = row.get("precision")
     return dict(id=str(row.get("pid", "")), question=question,
                 image=row.get("decoded_image") or row.get("image"),
-                answer=_text(row, "answer", what="answer"), choices=tuple(choices),
-                meta=dict(question_type=_text(row, "question_type", what="question_type"),
-                          answer_type=_text(row, "answer_type", what="answer_type"),
+                answer=text_field(row, "answer", what="answer"), choices=tuple(choices),
+                meta=dict(question_type=text_field(row, "question_type", what="question_type"),
+                          answer_type=text_field(row, "answer_type", what="answer_type"),
                           precision=None if precision is None or precision != precision
                           else float(precision)))
 
@@ -221,25 +160,25 @@ def mathvista_row(row: dict) -> dict:
 def mathverse_row(row: dict) -> dict:
     """AI4Math/MathVerse (testmini): sample_index, problem_version, question (choices written
     in it for multi-choice), image, answer (a letter for multi-choice), question_type."""
-    multiple = _text(row, "question_type", what="question_type") == "multi-choice"
-    answer = _text(row, "answer", what="answer")
+    multiple = text_field(row, "question_type", what="question_type") == "multi-choice"
+    answer = text_field(row, "answer", what="answer")
     if multiple:
-        answer = _letter_of(answer, len(LETTERS))
-    return dict(id=str(row.get("sample_index", "")), question=_text(row, "question"),
+        answer = letter_of(answer, len(LETTERS))
+    return dict(id=str(row.get("sample_index", "")), question=text_field(row, "question"),
                 image=row.get("image"), answer=answer,
                 meta=dict(multiple_choice=multiple,
-                          problem_version=_optional_text(row, "problem_version")))
+                          problem_version=optional_text(row, "problem_version")))
 
 
 def mathvision_row(row: dict) -> dict:
     """MathLLMs/MathVision: id, question (``<image1>`` tags removed), options, image (path),
     decoded_image, answer (a letter when there are options), solution, level, subject."""
-    options = _string_list(row.get("options"), "options")
-    question = _IMAGE_TAG.sub("", _text(row, "question")).strip()
-    answer = _text(row, "answer", what="answer")
+    options = string_list(row.get("options"), "options")
+    question = _IMAGE_TAG.sub("", text_field(row, "question")).strip()
+    answer = text_field(row, "answer", what="answer")
     if options:
         question += "\nChoices:\n" + format_options(options, "(A) ")
-        answer = _letter_of(answer, len(options))
+        answer = letter_of(answer, len(options))
     return dict(id=str(row.get("id", "")), question=question,
                 image=row.get("decoded_image") or row.get("image"), answer=answer,
                 choices=tuple(options),
@@ -289,13 +228,13 @@ def mmmu_row(row: dict) -> dict:
     Images: those the ``<image i>`` tags of the question and options reference, in the order
     of i (`mmmu_images`); they are shown before the text, and the tags stay in the text,
     renumbered to the position of their image when the referenced numbers skip one."""
-    options = _string_list(row.get("options"), "options")
+    options = string_list(row.get("options"), "options")
     if "question" not in row:  # MMMU_Pro vision
         if row.get("image") is None:
             raise BadRecord("image: no image", "image")
         images, question = [row["image"]], MMMU_PRO_VISION_QUESTION
     else:
-        question = _text(row, "question")
+        question = text_field(row, "question")
         images, numbers = mmmu_images(row, [question, *options])
         if numbers:
             question = _renumber_image_tags(question, numbers)
@@ -304,9 +243,9 @@ def mmmu_row(row: dict) -> dict:
     if multiple:
         if "question" in row:
             question += "\n" + format_options(options, "(A) ")
-        answer = _letter_of(_text(row, "answer", what="answer"), len(options))
+        answer = letter_of(text_field(row, "answer", what="answer"), len(options))
     else:
-        answer = _string_list(row.get("answer"), "answer")
+        answer = string_list(row.get("answer"), "answer")
         if not answer:
             raise BadRecord("text: no answer", "text")
     return dict(id=str(row.get("id", "")), question=question, images=images, answer=answer,
@@ -318,11 +257,11 @@ def mmmu_row(row: dict) -> dict:
 def ai2d_row(row: dict) -> dict:
     """lmms-lab/ai2d: question, options (list), answer (the 0-based option index as text),
     image."""
-    options = _string_list(row.get("options"), "options")
+    options = string_list(row.get("options"), "options")
     if not options:
         raise BadRecord("schema: no options")
-    return dict(id="", question=_text(row, "question") + "\n" + format_options(options),
-                image=row.get("image"), answer=_letter_of(row.get("answer"), len(options)),
+    return dict(id="", question=text_field(row, "question") + "\n" + format_options(options),
+                image=row.get("image"), answer=letter_of(row.get("answer"), len(options)),
                 choices=tuple(options))
 
 
@@ -336,18 +275,18 @@ def mmbench_row(row: dict) -> dict:
     group, rotation = circular_lib.group_of(index)
     options = []
     for letter in "ABCD":
-        text = _optional_text(row, letter)
+        text = optional_text(row, letter)
         if not text:
             break
         options.append(text)
     if len(options) < 2:
         raise BadRecord(f"schema: {len(options)} options", "schema")
-    hint = _optional_text(row, "hint")
-    question = (hint + "\n" if hint else "") + _text(row, "question")
+    hint = optional_text(row, "hint")
+    question = (hint + "\n" if hint else "") + text_field(row, "question")
     return dict(id=str(row.get("index", "")), question=question + "\n" + format_options(options),
                 image=row.get("image"),
-                answer=_letter_of(_text(row, "answer", what="answer"), len(options)),
-                choices=tuple(options), meta=dict(category=_optional_text(row, "category"),
+                answer=letter_of(text_field(row, "answer", what="answer"), len(options)),
+                choices=tuple(options), meta=dict(category=optional_text(row, "category"),
                                                   group=group, rotation=rotation))
 
 
@@ -356,52 +295,52 @@ def scienceqa_row(row: dict) -> dict:
     questions, skipped), question, choices, answer (0-based index), hint."""
     if row.get("image") is None:
         raise BadRecord("image: text-only question (no image)", "image")
-    choices = _string_list(row.get("choices"), "choices")
+    choices = string_list(row.get("choices"), "choices")
     if not choices:
         raise BadRecord("schema: no choices")
-    hint = _optional_text(row, "hint")
-    question = (f"Context: {hint}\n" if hint else "") + _text(row, "question")
+    hint = optional_text(row, "hint")
+    question = (f"Context: {hint}\n" if hint else "") + text_field(row, "question")
     return dict(id="", question=question + "\n" + format_options(choices), image=row["image"],
-                answer=_letter_of(row.get("answer"), len(choices)), choices=tuple(choices))
+                answer=letter_of(row.get("answer"), len(choices)), choices=tuple(choices))
 
 
 def chartqa_row(row: dict) -> dict:
     """lmms-lab/ChartQA: type (human_test | augmented_test), question, answer, image
     (HuggingFaceM4/ChartQA's query / label list also read)."""
     answer = row.get("answer", row.get("label"))
-    answers = _string_list(answer, "answer")
+    answers = string_list(answer, "answer")
     if not answers:
         raise BadRecord("text: no answer", "text")
-    return dict(id="", question=_text(row, "question", "query"), image=row.get("image"),
-                answer=answers, meta=dict(type=_optional_text(row, "type")))
+    return dict(id="", question=text_field(row, "question", "query"), image=row.get("image"),
+                answer=answers, meta=dict(type=optional_text(row, "type")))
 
 
 def infovqa_row(row: dict) -> dict:
     """lmms-lab/DocVQA, config InfographicVQA: questionId, question, answers (list), image."""
-    answers = _string_list(row.get("answers"), "answers")
+    answers = string_list(row.get("answers"), "answers")
     if not answers:
         raise BadRecord("text: no answers (the test split has none)", "text")
-    return dict(id=str(row.get("questionId", "")), question=_text(row, "question"),
+    return dict(id=str(row.get("questionId", "")), question=text_field(row, "question"),
                 image=row.get("image"), answer=answers)
 
 
 def vizwiz_row(row: dict) -> dict:
     """lmms-lab/VizWiz-VQA: question_id, image, question, answers (10), category."""
-    answers = _string_list(row.get("answers"), "answers")
+    answers = string_list(row.get("answers"), "answers")
     if not answers:
         raise BadRecord("text: no answers (the test split has none)", "text")
-    return dict(id=str(row.get("question_id", "")), question=_text(row, "question") + VIZWIZ_SUFFIX,
+    return dict(id=str(row.get("question_id", "")), question=text_field(row, "question") + VIZWIZ_SUFFIX,
                 image=row.get("image"), answer=answers)
 
 
 def ocrbench_row(row: dict) -> dict:
     """echo840/OCRBench: dataset, question, question_type, answer (list), image."""
-    answers = _string_list(row.get("answer"), "answer")
+    answers = string_list(row.get("answer"), "answer")
     if not answers:
         raise BadRecord("text: no answer", "text")
-    return dict(id="", question=_text(row, "question"), image=row.get("image"), answer=answers,
-                meta=dict(dataset=_optional_text(row, "dataset"),
-                          question_type=_optional_text(row, "question_type")))
+    return dict(id="", question=text_field(row, "question"), image=row.get("image"), answer=answers,
+                meta=dict(dataset=optional_text(row, "dataset"),
+                          question_type=optional_text(row, "question_type")))
 
 
 def _spotting_reference(row: dict) -> tuple[list[list[int]], list[str]]:
@@ -411,7 +350,7 @@ def _spotting_reference(row: dict) -> tuple[list[list[int]], list[str]]:
         boxes = [] if raw_boxes is None else [[int(v) for v in box] for box in raw_boxes]
     except (TypeError, ValueError):
         raise BadRecord(f"schema: bbox_list is not a list of integer boxes: {str(raw_boxes)[:80]}") from None
-    contents = [] if raw_content is None else _string_list(list(raw_content), "content", strip=False)
+    contents = [] if raw_content is None else string_list(list(raw_content), "content", strip=False)
     return boxes, contents
 
 
@@ -423,9 +362,9 @@ def ocrbench_v2_row(row: dict) -> dict:
     (`ocrbench_v2.UNSCORED_TYPES`) are BadRecord "unscored"; a text translation row with an
     empty answer is "ignored" (the published evaluation leaves it out); a reference its
     type's rule cannot use (`ocrbench_v2.check_reference`) is "schema"."""
-    task_type = _text(row, "type", what="type")
-    question = _text(row, "question")
-    method = _optional_text(row, "eval")
+    task_type = text_field(row, "type", what="type")
+    question = text_field(row, "question")
+    method = optional_text(row, "eval")
     method = "" if method == "None" else method     # the upload script wrote str(None)
     try:
         scored = ocrbench_v2.is_scored(task_type, question)
@@ -439,7 +378,7 @@ def ocrbench_v2_row(row: dict) -> dict:
     # the text, parsing and spotting metrics see the reference as written (spaces count)
     as_written = task_type not in ocrbench_v2.CONTAINMENT_TYPES
     answers = contents if task_type == "text spotting en" else \
-        _string_list(row.get("answers"), "answers", strip=not as_written)
+        string_list(row.get("answers"), "answers", strip=not as_written)
     if ocrbench_v2.is_ignored(task_type, answers):
         raise BadRecord("ignored: text translation cn with an empty answer", "ignored")
     if not answers:
@@ -449,7 +388,7 @@ def ocrbench_v2_row(row: dict) -> dict:
     except ValueError as error:
         raise BadRecord(f"schema: {error}") from None
     box = row.get("bbox")
-    meta = dict(type=task_type, eval=method, dataset=_optional_text(row, "dataset_name"),
+    meta = dict(type=task_type, eval=method, dataset=optional_text(row, "dataset_name"),
                 bbox=None if box is None else [int(v) for v in box])
     if task_type == "text spotting en":
         meta.update(bbox_list=boxes, content=contents)
@@ -483,7 +422,7 @@ def rec_row(row: dict) -> dict:
     question = row.get("problem") or human
     if not question and isinstance(row.get("normal_caption"), str):
         question = GROUNDING_QUESTION.format(phrase=row["normal_caption"].strip().rstrip("."))
-    question = _text({"q": str(question or "").replace("<image>", "")}, "q")
+    question = text_field({"q": str(question or "").replace("<image>", "")}, "q")
     value = row.get("solution", gpt)
     box = parse_box(value) if isinstance(value, str) else (
         parse_box(value) if isinstance(value, (list, tuple)) and len(value) == 4 else None)
