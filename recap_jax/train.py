@@ -155,7 +155,8 @@ def build_run(plan: plan_lib.RunPlan, workdir: str) -> Run:
     """Mesh, tokenizer, model, sources, evaluator, checkpoints and metrics of a plan."""
     mesh = parallel.make_mesh(plan.mesh) if plan.mesh is not None else None
     attention.set_implementation(plan.model.attention)  # read when each step is traced
-    _log.info("attention: %s -> %s on %s", plan.model.attention, attention.resolve(), jax.default_backend())
+    if jax.process_index() == 0 and (plan.model.attention != "auto" or jax.default_backend() != "cpu"):
+        print(f"attention: {plan.model.attention} -> {attention.resolve()} on {jax.default_backend()}", flush=True)
     processor = policy.build_processor(plan, workdir)
     model_config = policy.build_model_config(plan.model)
     policy.check_tokenizer_matches(processor, model_config)
